@@ -1,0 +1,24 @@
+"""collider-kernels: tensors in, tensors out.
+
+The backward GEMMs of token-filtered training, restricted to kept rows, plus the masked
+attention backward. Every op takes ``backend="auto" | "torch" | "triton" | "cupy"`` and has a
+dense reference in :mod:`collider_kernels.reference`.
+"""
+
+from collider_kernels.backends import available_backends, resolve_backend
+from collider_kernels.gather_matmul import gather_matmul
+from collider_kernels.gathered_weight_grad import gathered_weight_grad
+from collider_kernels.masked_attention import masked_attention_backward, sequence_offsets
+from collider_kernels.scatter_add_rows import scatter_add_rows
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "available_backends",
+    "gather_matmul",
+    "gathered_weight_grad",
+    "masked_attention_backward",
+    "resolve_backend",
+    "scatter_add_rows",
+    "sequence_offsets",
+]

@@ -1,0 +1,90 @@
+"""Backend registry: which implementation of an op runs for a given device.
+
+Each op module registers its torch implementation; the Triton and CuPy packages register
+theirs when they import cleanly. ``backend="auto"`` picks, per op and device, the first
+registered backend in :data:`AUTO_ORDER` that supports the device.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("torch", "triton", "cupy")
+# Preference of ``backend="auto"`` on CUDA; CPU always resolves to "torch".
+AUTO_ORDER_CUDA = ("triton", "cupy", "torch")
+
+
+@dataclass(frozen=True)
+class _Impl:
+    fn: Callable
+    devices: tuple[str, ...]  # device types this implementation accepts
+
+
+_REGISTRY: dict[str, dict[str, _Impl]] = {}
+_OPTIONAL_LOADED = False
+
+
+def register(op: str, backend: str, devices: tuple[str, ...] = ("cpu", "cuda")):
+    """Decorator registering ``fn`` as ``backend``'s implementation of ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, devices)
+        return fn
+
+    return deco
+
+
+def _load_optional() -> None:
+    # Importing a backend package registers its ops; a missing dependency just leaves it out.
+    global _OPTIONAL_LOADED
+    if _OPTIONAL_LOADED:
+        return
+    _OPTIONAL_LOADED = True
+    for name in ("collider_kernels.triton", "collider_kernels.cupy"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+def available_backends(op: str, device: torch.device | str) -> list[str]:
+    """Backends that implement ``op`` on ``device`` (in ``auto`` preference order)."""
+    _load_optional()
+    dev = torch.device(device).type
+    impls = _REGISTRY.get(op, {})
+    order = AUTO_ORDER_CUDA if dev == "cuda" else ("torch", "triton", "cupy")
+    return [b for b in order if b in impls and dev in impls[b].devices]
+
+
+def resolve_backend(op: str, backend: str, device: torch.device | str) -> Callable:
+    """Return the implementation of ``op`` for ``backend`` on ``device``.
+
+    ``"auto"`` means the torch backend on CPU and the first available of
+    ``AUTO_ORDER_CUDA`` on CUDA. An explicit backend that cannot run there is an error.
+    """
+    _load_optional()
+    dev = torch.device(device).type
+    impls = _REGISTRY.get(op)
+    if impls is None:
+        raise KeyError(f"unknown op {op!r}")
+    if backend == "auto":
+        if dev != "cuda":
+            return impls["torch"].fn
+        return impls[available_backends(op, device)[0]].fn
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    impl = impls.get(backend)
+    if impl is None:
+        raise RuntimeError(
+            f"backend {backend!r} is not available for {op} (is its package installed?); "
+            f"available on {dev}: {available_backends(op, device)}"
+        )
+    if dev not in impl.devices:
+        raise RuntimeError(f"backend {backend!r} of {op} does not run on device {dev!r}")
+    return impl.fn

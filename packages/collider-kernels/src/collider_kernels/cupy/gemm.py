@@ -1,0 +1,1 @@
+"""CuPy gather/scatter kernels and cuBLAS GEMMs over kept rows."""

@@ -1,0 +1,138 @@
+"""Masked attention backward over kept tokens (DESIGN.md §2, "restore-Q").
+
+Given the dense causal forward (output and logsumexp) and the output gradient of the kept
+query rows only, compute
+
+* dQ for kept queries, summing over **all** causally visible keys (kept and filtered);
+* dK, dV for kept keys only, summing over kept queries only (the keys and values of
+  filtered positions are detached), reduced over the query heads of each KV group.
+
+Kept tokens are given as a sorted flat index into the ``B*T`` token grid; every sequence may
+keep a different number of tokens, including none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from collider_kernels._checks import FLOAT_DTYPES, check_index, check_tensor
+from collider_kernels.backends import register, resolve_backend
+
+
+def sequence_offsets(index: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """(B+1,) int64 offsets of each sequence's kept tokens in a sorted flat ``index``.
+
+    Sequence ``b`` owns ``index[offsets[b]:offsets[b+1]]`` (the cu_seqlens convention).
+    """
+    counts = torch.bincount(index // seqlen, minlength=batch)  # (B,)
+    offsets = torch.zeros(batch + 1, dtype=torch.int64, device=index.device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return offsets
+
+
+def masked_attention_backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    offsets: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal attention backward restricted to kept tokens.
+
+    Args:
+        q: (B, T, Hq, D) queries of the forward (after rotary), any strides.
+        k, v: (B, T, Hkv, D) keys and values; ``Hq % Hkv == 0`` (grouped-query attention).
+        out: (B, T, Hq, D) forward output.
+        lse: (B, Hq, T) float32 natural-log logsumexp of the scaled, masked scores.
+        grad_out: (n, Hq, D) output gradient of the kept rows, in ``index`` order.
+        index: (n,) sorted flat token index ``b * T + t`` of the kept rows.
+        offsets: optional (B+1,) :func:`sequence_offsets` of ``index`` (computed if omitted).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        validate: check index range and order (costs a device sync on CUDA).
+
+    Returns:
+        ``(dq, dk, dv)`` of shapes (n, Hq, D), (n, Hkv, D), (n, Hkv, D) for the kept rows,
+        in ``q.dtype``.
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    B, T, Hq, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4, dtypes=(q.dtype,), device=q.device)
+        if t.shape[0] != B or t.shape[1] != T or t.shape[3] != D:
+            raise ValueError(f"{name} must be ({B}, {T}, Hkv, {D}), got {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Hkv = k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv})")
+    check_tensor("out", out, ndim=4, dtypes=(q.dtype,), device=q.device)
+    if out.shape != q.shape:
+        raise ValueError(f"out must have q's shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    check_tensor("lse", lse, ndim=3, dtypes=(torch.float32, torch.float64), device=q.device)
+    if tuple(lse.shape) != (B, Hq, T):
+        raise ValueError(f"lse must be ({B}, {Hq}, {T}), got {tuple(lse.shape)}")
+    check_index("index", index, B * T, q.device, validate=validate)
+    n = index.shape[0]
+    check_tensor("grad_out", grad_out, ndim=3, dtypes=(q.dtype,), device=q.device)
+    if tuple(grad_out.shape) != (n, Hq, D):
+        raise ValueError(f"grad_out must be ({n}, {Hq}, {D}) (kept rows), got {tuple(grad_out.shape)}")
+    if validate and n > 1 and not bool((index[1:] > index[:-1]).all()):
+        raise ValueError("index must be strictly increasing (sorted, no repeats)")
+    if offsets is None:
+        offsets = sequence_offsets(index, B, T)
+    elif tuple(offsets.shape) != (B + 1,):
+        raise ValueError(f"offsets must be ({B + 1},), got {tuple(offsets.shape)}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    fn = resolve_backend("masked_attention_backward", backend, q.device)
+    return fn(q, k, v, out, lse, grad_out, index, offsets, scale)
+
+
+@register("masked_attention_backward", "torch")
+def _masked_attention_backward_torch(q, k, v, out, lse, grad_out, index, offsets, scale):
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    group = Hq // Hkv
+    n = index.shape[0]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq = grad_out.new_empty((n, Hq, D))
+    dk = grad_out.new_empty((n, Hkv, D))
+    dv = grad_out.new_empty((n, Hkv, D))
+    bounds = offsets.tolist()
+    for b in range(B):
+        s, e = bounds[b], bounds[b + 1]
+        if s == e:
+            continue
+        pos = index[s:e] - b * T  # (m,) kept positions, increasing
+        L = int(pos[-1]) + 1  # keys beyond the last kept query are never visible
+        qb = q[b].index_select(0, pos).transpose(0, 1).to(acc)  # (Hq, m, D)
+        ob = out[b].index_select(0, pos).transpose(0, 1).to(acc)  # (Hq, m, D)
+        dob = grad_out[s:e].transpose(0, 1).to(acc)  # (Hq, m, D)
+        kb = k[b, :L].transpose(0, 1).to(acc).repeat_interleave(group, 0)  # (Hq, L, D)
+        vb = v[b, :L].transpose(0, 1).to(acc).repeat_interleave(group, 0)  # (Hq, L, D)
+        lb = lse[b].index_select(1, pos).to(acc)  # (Hq, m)
+        visible = torch.arange(L, device=q.device)[None, :] <= pos[:, None]  # (m, L)
+        scores = scale * (qb @ kb.transpose(1, 2))  # (Hq, m, L)
+        p = torch.exp(scores - lb[..., None]).masked_fill(~visible, 0.0)  # (Hq, m, L)
+        dp = dob @ vb.transpose(1, 2)  # (Hq, m, L)
+        delta = (dob * ob).sum(-1, keepdim=True)  # (Hq, m, 1)
+        ds = p * (dp - delta)  # (Hq, m, L)
+        dq[s:e] = (scale * (ds @ kb)).transpose(0, 1).to(dq.dtype)  # (m, Hq, D)
+        ds_kept = ds.index_select(2, pos)  # (Hq, m_q, m_k): kept queries x kept keys
+        p_kept = p.index_select(2, pos)
+        dk_b = scale * (ds_kept.transpose(1, 2) @ qb)  # (Hq, m, D)
+        dv_b = p_kept.transpose(1, 2) @ dob  # (Hq, m, D)
+        m = e - s
+        dk[s:e] = dk_b.view(Hkv, group, m, D).sum(1).transpose(0, 1).to(dk.dtype)
+        dv[s:e] = dv_b.view(Hkv, group, m, D).sum(1).transpose(0, 1).to(dv.dtype)
+    return dq, dk, dv

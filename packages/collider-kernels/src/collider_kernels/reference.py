@@ -1,0 +1,68 @@
+"""Dense references of every op: the plain definition, used by tests and benchmarks alike.
+
+Each reference computes in the dtype of its inputs; callers upcast for an fp32/fp64 truth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def gather_matmul_reference(x, index, weight, bias=None):
+    """``x[index] @ weightᵀ (+ bias)``; (M, K), (n,), (N, K) → (n, N)."""
+    rows = x if index is None else x[index]
+    y = rows @ weight.t()
+    return y if bias is None else y + bias
+
+
+def gathered_weight_grad_reference(grad_out, x, index):
+    """``grad_outᵀ @ x[index]``; (n, N), (M, K), (n,) → (N, K)."""
+    rows = x if index is None else x[index]
+    return grad_out.t() @ rows
+
+
+def scatter_add_rows_reference(src, index, num_rows):
+    """Dense one-hot product: ``onehot(index)ᵀ @ src``; (n, F), (n,) → (num_rows, F)."""
+    onehot = torch.zeros(src.shape[0], num_rows, dtype=src.dtype, device=src.device)
+    onehot[torch.arange(src.shape[0], device=src.device), index] = 1
+    return onehot.t() @ src
+
+
+def attention_forward_reference(q, k, v, scale=None):
+    """Causal attention by its definition; (B, T, Hq, D), (B, T, Hkv, D) → out, lse (B, Hq, T)."""
+    B, T, Hq, D = q.shape
+    group = Hq // k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    qh = q.transpose(1, 2)  # (B, Hq, T, D)
+    kh = k.transpose(1, 2).repeat_interleave(group, 1)  # (B, Hq, T, D)
+    vh = v.transpose(1, 2).repeat_interleave(group, 1)
+    scores = scale * qh @ kh.transpose(-1, -2)  # (B, Hq, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    lse = torch.logsumexp(scores, -1)  # (B, Hq, T)
+    out = torch.exp(scores - lse[..., None]) @ vh  # (B, Hq, T, D)
+    return out.transpose(1, 2), lse
+
+
+def masked_attention_backward_reference(q, k, v, grad_out, keep, scale=None):
+    """Dense gradients of the contract: K and V rows of filtered positions detached.
+
+    Args:
+        q, k, v: (B, T, H*, D) forward inputs.
+        grad_out: (B, T, Hq, D) dense output gradient (zero rows where ``keep`` is False).
+        keep: (B, T) bool.
+
+    Returns:
+        Dense ``(dq, dk, dv)`` with the shapes of ``q, k, v``.
+    """
+    q = q.detach().requires_grad_()
+    k = k.detach().requires_grad_()
+    v = v.detach().requires_grad_()
+    m = keep[..., None, None]
+    k_eff = torch.where(m, k, k.detach())
+    v_eff = torch.where(m, v, v.detach())
+    out, _ = attention_forward_reference(q, k_eff, v_eff, scale)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
+    return dq, dk, dv

@@ -1,0 +1,1 @@
+"""Triton masked attention backward (restore-Q) over kept tokens."""

@@ -1,0 +1,1 @@
+"""Triton gather-GEMM, gathered weight-gradient GEMM and row scatter-add kernels."""
