@@ -1,0 +1,130 @@
+"""Triton backend of the GEMM/scatter ops against the dense references.
+
+On CPU the kernels run under Triton's interpreter (small fp32/fp16 cases); the ``gpu`` tests
+cover bf16/fp16/fp32 on CUDA with the error rule
+``max|out - ref32| <= 2 max|out_torch - ref32| + atol``.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import collider_kernels as ck
+
+pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+CPU_DTYPES = (torch.float32, torch.float16)
+GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+small = st.integers(1, 70)
+kinds = st.sampled_from(("none", "sorted_subset", "random_repeats", "empty", "full", "single"))
+
+
+def test_triton_backend_is_registered():
+    for op in ("gather_matmul", "gathered_weight_grad", "scatter_add_rows"):
+        assert "triton" in ck.available_backends(op, DEVICE)
+
+
+@settings(deadline=None, max_examples=25)
+@given(M=small, K=small, N=small, n=small, kind=kinds, has_bias=st.booleans(),
+       row_pad=st.sampled_from((0, 3)), dtype=st.sampled_from(CPU_DTYPES), seed=st.integers(0, 2**16))
+def test_gather_matmul(kc, M, K, N, n, kind, has_bias, row_pad, dtype, seed):
+    kc.gather_matmul("triton", M=M, K=K, N=N, n=n, kind=kind, has_bias=has_bias, row_pad=row_pad,
+                     dtype=dtype, device=DEVICE, seed=seed)
+
+
+@settings(deadline=None, max_examples=25)
+@given(M=small, K=small, N=small, n=small, kind=kinds, row_pad=st.sampled_from((0, 5)),
+       dtype=st.sampled_from(CPU_DTYPES), accumulate=st.booleans(), seed=st.integers(0, 2**16))
+def test_gathered_weight_grad(kc, M, K, N, n, kind, row_pad, dtype, accumulate, seed):
+    kc.weight_grad("triton", M=M, K=K, N=N, n=n, kind=kind, row_pad=row_pad, dtype=dtype,
+                   device=DEVICE, seed=seed, out_dtype=torch.float32 if accumulate else None)
+
+
+def test_gathered_weight_grad_split_reduction(kc, monkeypatch):
+    """A small output with a long reduction splits it over programs (atomic fp32 adds)."""
+    from collider_kernels.triton import gemm
+
+    monkeypatch.setattr(gemm, "_num_sms", lambda device: 64)
+    assert gemm._split_k(24, 20, 2100, torch.device(DEVICE)) > 1
+    for out_dtype in (None, torch.float32, torch.float16):
+        kc.weight_grad("triton", M=2500, K=20, N=24, n=2100, kind="random_repeats", row_pad=2,
+                       dtype=torch.float16, device=DEVICE, seed=7, out_dtype=out_dtype)
+
+
+@settings(deadline=None, max_examples=25)
+@given(n=st.integers(0, 60), R=st.integers(1, 12), F=st.integers(1, 90), deterministic=st.booleans(),
+       src_dtype=st.sampled_from(CPU_DTYPES), out_dtype=st.sampled_from(CPU_DTYPES),
+       row_pad=st.sampled_from((0, 4)), seed=st.integers(0, 2**16))
+def test_scatter_add_rows(kc, n, R, F, deterministic, src_dtype, out_dtype, row_pad, seed):
+    kc.scatter("triton", n=n, R=R, F=F, deterministic=deterministic, src_dtype=src_dtype,
+               out_dtype=out_dtype, device=DEVICE, seed=seed, row_pad=row_pad)
+
+
+def test_fp64_falls_back_to_torch(kc):
+    kc.gather_matmul("triton", M=9, K=7, N=5, n=4, kind="random_repeats", has_bias=True, row_pad=0,
+                     dtype=torch.float32, device=DEVICE, seed=1)
+    x = torch.randn(9, 7, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(5, 7, dtype=torch.float64, device=DEVICE)
+    idx = torch.tensor([0, 8, 3], device=DEVICE)
+    torch.testing.assert_close(ck.gather_matmul(x, idx, w, backend="triton"), x[idx] @ w.t())
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+def _poison_allocator():
+    """Leave NaN-filled blocks in the CUDA caching allocator so unwritten outputs show up."""
+    torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
+    torch.cuda.synchronize()
+
+
+GPU_SHAPES = [  # (M, K, N, n)
+    (300, 200, 260, 170),
+    (2049, 1024, 768, 1300),
+    (4096, 2048, 256, 2500),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("kind", ("sorted_subset", "random_repeats", "none"))
+def test_gpu_gather_matmul(kc, dtype, shape, kind):
+    M, K, N, n = shape
+    for has_bias in (False, True):
+        _poison_allocator()
+        kc.gather_matmul("triton", M=M, K=K, N=N, n=n, kind=kind, has_bias=has_bias, row_pad=8,
+                         dtype=dtype, device="cuda", seed=M + N)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("shape", GPU_SHAPES)
+@pytest.mark.parametrize("out_dtype", (None, torch.float32))
+def test_gpu_gathered_weight_grad(kc, dtype, shape, out_dtype):
+    M, K, N, n = shape
+    _poison_allocator()
+    kc.weight_grad("triton", M=M, K=K, N=N, n=n, kind="sorted_subset", row_pad=8, dtype=dtype,
+                   device="cuda", seed=K, out_dtype=out_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("src_dtype", GPU_DTYPES)
+@pytest.mark.parametrize("out_dtype", (torch.float32, torch.bfloat16))
+@pytest.mark.parametrize("deterministic", (False, True))
+def test_gpu_scatter_add_rows(kc, src_dtype, out_dtype, deterministic):
+    kc.scatter("triton", n=5000, R=300, F=2048, deterministic=deterministic, src_dtype=src_dtype,
+               out_dtype=out_dtype, device="cuda", seed=3, row_pad=16)
+
+
+@pytest.mark.gpu
+def test_gpu_edge_index_sets(kc):
+    for kind in kc.INDEX_KINDS:
+        kc.gather_matmul("triton", M=513, K=320, N=130, n=77, kind=kind, has_bias=True, row_pad=0,
+                         dtype=torch.bfloat16, device="cuda", seed=5)
+        kc.weight_grad("triton", M=513, K=320, N=130, n=77, kind=kind, row_pad=0,
+                       dtype=torch.bfloat16, device="cuda", seed=5, out_dtype=torch.float32)
