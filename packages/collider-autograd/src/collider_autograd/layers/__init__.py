@@ -1,0 +1,18 @@
+"""Layer Functions and Modules: dense gradient in → ordinary backward; sparse in → kept rows only."""
+
+from collider_autograd.layers.attention import CausalAttentionFunction, causal_attention
+from collider_autograd.layers.gelu import GeluNewFunction, gelu_new
+from collider_autograd.layers.layer_norm import LayerNorm, LayerNormFunction, layer_norm
+from collider_autograd.layers.embedding import Embedding, EmbeddingFunction, embedding
+from collider_autograd.layers.linear import Linear, LinearFunction, linear
+from collider_autograd.layers.lm_head_loss import LinearCrossEntropyFunction, linear_cross_entropy
+from collider_autograd.layers.rms_norm import RMSNorm, RMSNormFunction, rms_norm
+from collider_autograd.layers.rotary import RotaryFunction, apply_rotary, rotary_tables
+from collider_autograd.layers.swiglu import SwiGLUFunction, swiglu
+
+__all__ = [
+    "CausalAttentionFunction", "Embedding", "EmbeddingFunction", "GeluNewFunction", "LayerNorm",
+    "LayerNormFunction", "gelu_new", "layer_norm", "Linear", "LinearCrossEntropyFunction",
+    "LinearFunction", "RMSNorm", "RMSNormFunction", "RotaryFunction", "SwiGLUFunction", "apply_rotary",
+    "causal_attention", "embedding", "linear", "linear_cross_entropy", "rms_norm", "rotary_tables", "swiglu",
+]

@@ -1,0 +1,111 @@
+"""Fused LM head + per-token cross-entropy: hidden states → (B, T) float32 token losses.
+
+The (B, T, V) logits are never stored: the forward computes them in row chunks and keeps
+only each row's logsumexp; the backward recomputes logits for the rows it needs — the kept
+rows of a sparse gradient (a gather-GEMM), or all rows of a dense one.
+"""
+
+from __future__ import annotations
+
+import torch
+from collider_kernels import gather_matmul, gathered_weight_grad
+
+from collider_autograd.sparse_grad import TokenSparseTensor
+
+# Rows per chunk are chosen so a chunk of fp32 logits stays near this many elements.
+_CHUNK_ELEMENTS = 1 << 27
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // vocab)
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """hidden (*tokens, H), weight (V, H), bias (V,)|None, labels (*tokens,) → loss (*tokens,) fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ignore_index):
+        h2d = hidden.reshape(-1, hidden.shape[-1])  # (M, H)
+        lab = labels.reshape(-1)  # (M,)
+        M, V = h2d.shape[0], weight.shape[0]
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32, or fp64 for fp64 models
+        loss = torch.zeros(M, dtype=acc, device=hidden.device)
+        lse = torch.zeros(M, dtype=acc, device=hidden.device)
+        step = _chunk_rows(V)
+        for s in range(0, M, step):
+            logits = torch.nn.functional.linear(h2d[s : s + step], weight, bias).to(acc)  # (c, V)
+            lse[s : s + step] = torch.logsumexp(logits, -1)
+            lab_c = lab[s : s + step]
+            valid = lab_c != ignore_index
+            picked = logits.gather(1, lab_c.clamp(0, V - 1)[:, None]).squeeze(1)
+            loss[s : s + step] = torch.where(valid, lse[s : s + step] - picked, 0.0)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.ignore_index = ignore_index
+        return loss.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        h2d = hidden.reshape(-1, hidden.shape[-1])  # (M, H)
+        lab = labels.reshape(-1)
+        V = weight.shape[0]
+        sparse = isinstance(grad, TokenSparseTensor)
+        if sparse:
+            rows, g = grad.index, grad.values.reshape(-1).to(lse.dtype)  # (n,), (n,)
+        else:
+            rows, g = None, grad.reshape(-1).to(lse.dtype)  # all M rows
+        n = g.shape[0]
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dh = h2d.new_empty((n, h2d.shape[1])) if need_h else None
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        db = torch.zeros(V, dtype=acc, device=weight.device) if (need_b and bias is not None) else None
+        step = _chunk_rows(V)
+        for s in range(0, n, step):
+            idx = rows[s : s + step] if sparse else torch.arange(s, min(s + step, n), device=h2d.device)
+            logits = gather_matmul(h2d, idx, weight, bias, validate=False).to(lse.dtype)  # (c, V)
+            lab_c = lab.index_select(0, idx)
+            scale = torch.where(lab_c != ctx.ignore_index, g[s : s + step], 0.0)  # (c,)
+            dlogits = torch.exp(logits - lse.index_select(0, idx)[:, None])  # softmax (c, V)
+            dlogits[torch.arange(idx.numel(), device=idx.device), lab_c.clamp(0, V - 1)] -= 1.0
+            dlogits = (dlogits * scale[:, None]).to(weight.dtype)  # (c, V)
+            if need_h:
+                dh[s : s + step] = dlogits @ weight  # (c, H)
+            if need_w:
+                gathered_weight_grad(dlogits, h2d, idx, out=dw, validate=False)
+            if db is not None:
+                db += dlogits.sum(0, dtype=acc)
+        if need_h:
+            dh = grad.with_values(dh).view(hidden.shape) if sparse else dh.view(hidden.shape)
+        dw = dw.to(weight.dtype) if need_w else None
+        db = db.to(bias.dtype) if db is not None else None
+        return dh, dw, db, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Per-token cross-entropy of ``hidden @ weightᵀ (+ bias)`` against ``labels``.
+
+    Args:
+        hidden: (*tokens, H) final hidden states.
+        weight: (V, H) LM head weight.
+        labels: (*tokens,) int64 targets aligned with positions; ``ignore_index`` → loss 0.
+        bias: optional (V,) LM head bias.
+
+    Returns:
+        (*tokens,) float32 losses (float64 for float64 inputs); the backward accepts a dense or a token-sparse gradient.
+    """
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), got {tuple(labels.shape)}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    V = weight.shape[0]
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        raise IndexError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    return LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, ignore_index)

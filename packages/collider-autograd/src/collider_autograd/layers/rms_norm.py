@@ -1,0 +1,65 @@
+"""RMSNorm (Llama/Qwen convention: normalise in fp32, cast, then scale by the weight)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from collider_autograd._dtypes import upcast
+from collider_autograd.sparse_grad import TokenSparseTensor
+
+
+def _rms_normalize(x32: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+    return x32 * rstd, rstd
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """``weight * (x / rms(x)).to(x.dtype)`` over the last dimension."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        xhat, _ = _rms_normalize(upcast(x), eps)
+        return weight * xhat.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        dim = x.shape[-1]
+        x2d = x.reshape(-1, dim)
+        sparse = isinstance(grad, TokenSparseTensor)
+        if sparse:
+            rows = x2d.index_select(0, grad.index)  # (n, dim)
+            g = grad.values.reshape(-1, dim)
+        else:
+            rows, g = x2d, grad.reshape(-1, dim)
+        xhat, rstd = _rms_normalize(upcast(rows), ctx.eps)  # (n, dim), (n, 1)
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = (upcast(g) * upcast(xhat.to(x.dtype))).sum(0).to(weight.dtype)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dxhat = upcast(g) * upcast(weight)  # (n, dim)
+            dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+            dx = dx.to(x.dtype)
+            dx = grad.with_values(dx).view(x.shape) if sparse else dx.view(x.shape)
+        return dx, dw, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Functional form of :class:`RMSNorm`."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale; parameter name ``weight`` (HF convention)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return RMSNormFunction.apply(x, self.weight, self.eps)

@@ -1,0 +1,72 @@
+"""Rotary position embedding (rotate-half convention), optionally on the first ``rot_dim`` dims."""
+
+from __future__ import annotations
+
+import torch
+
+from collider_autograd.sparse_grad import TokenSparseTensor
+
+
+def rotary_tables(
+    positions: torch.Tensor, rot_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (T, rot_dim) for integer ``positions`` (T,), computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64, device=positions.device).float() / rot_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, rot_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, rot_dim)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _rotate_half_transposed(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([x[..., half:], -x[..., :half]], dim=-1)
+
+
+def _apply(x, cos, sin, transposed):
+    # x: (..., H, D); cos/sin: (..., rot_dim) broadcast over heads.
+    rot_dim = cos.shape[-1]
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., 1, rot_dim)
+    xr = x[..., :rot_dim]
+    if transposed:
+        out = xr * c + _rotate_half_transposed(xr * s)
+    else:
+        out = xr * c + _rotate_half(xr) * s
+    if rot_dim == x.shape[-1]:
+        return out
+    return torch.cat([out, x[..., rot_dim:]], dim=-1)
+
+
+class RotaryFunction(torch.autograd.Function):
+    """(B, T, H, D) with tables (T, rot_dim) → (B, T, H, D)."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        ctx.seqlen = x.shape[1]
+        return _apply(x, cos, sin, transposed=False)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        if isinstance(grad, TokenSparseTensor):
+            pos = grad.index % ctx.seqlen  # (n,) position of each kept row
+            g = grad.values.view((grad.index.numel(),) + tuple(grad.shape[2:]))  # (n, H, D)
+            dx = _apply(g, cos.index_select(0, pos), sin.index_select(0, pos), transposed=True)
+            return grad.with_values(dx).view(grad.shape), None, None
+        return _apply(grad, cos, sin, transposed=True), None, None
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of each head of ``x`` (B, T, H, D)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be (B, T, H, D), got shape {tuple(x.shape)}")
+    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] != x.shape[1]:
+        raise ValueError(f"cos and sin must be ({x.shape[1]}, rot_dim), got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.shape[1] > x.shape[-1] or cos.shape[1] % 2:
+        raise ValueError(f"rot_dim must be even and <= head dim {x.shape[-1]}, got {cos.shape[1]}")
+    return RotaryFunction.apply(x, cos, sin)

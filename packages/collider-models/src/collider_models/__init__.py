@@ -1,0 +1,17 @@
+"""collider-models: TinyLlama, Qwen2.5 and Phi-1.5 built on collider-autograd."""
+
+from collider_models import llama, phi, qwen2  # noqa: F401  (register architectures)
+from collider_models.blocks import CausalLM
+from collider_models.config import ModelConfig
+from collider_models.presets import PRESETS, preset_config
+from collider_models.registry import from_config
+
+
+def from_preset(name: str):
+    """Randomly initialised model of a named preset (see :data:`PRESETS`)."""
+    return from_config(preset_config(name))
+
+
+__version__ = "0.1.0"
+
+__all__ = ["PRESETS", "CausalLM", "ModelConfig", "from_config", "from_preset", "preset_config"]

@@ -1,0 +1,160 @@
+"""Shared building blocks: attention, MLPs, decoder layers and the causal LM around them.
+
+Parameter names follow the Hugging Face checkpoints of each architecture (the ``names``
+of :class:`ModelConfig`-driven blocks), so ``state_dict()`` keys equal checkpoint keys.
+"""
+
+from __future__ import annotations
+
+import torch
+from collider_autograd import (
+    Embedding, LayerNorm, Linear, RMSNorm, apply_rotary, causal_attention, gelu_new, linear_cross_entropy,
+    rotary_tables, swiglu,
+)
+from torch import nn
+
+from collider_models.config import ModelConfig
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    if cfg.norm == "layer":
+        return LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    raise ValueError(f"norm must be 'rms' or 'layer', got {cfg.norm!r}")
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with rotary on the first ``rot_dim`` dims."""
+
+    def __init__(self, cfg: ModelConfig, out_name: str = "o_proj"):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.out_name = out_name
+        setattr(self, out_name, Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, Hq, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = causal_attention(q, k, v)  # (B, T, Hq, D)
+        return getattr(self, self.out_name)(out.view(B, T, -1))  # (B, T, hidden)
+
+
+class SwiGLUMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` (Llama, Qwen2)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class GeluMLP(nn.Module):
+    """``fc2(gelu_new(fc1(x)))`` (Phi)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(gelu_new(self.fc1(x)))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: sequential (attn then MLP, two norms) or parallel (one shared norm)."""
+
+    def __init__(self, cfg: ModelConfig, attn_out_name: str = "o_proj"):
+        super().__init__()
+        self.parallel = cfg.parallel_block
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, out_name=attn_out_name)
+        self.mlp = SwiGLUMLP(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
+        if not self.parallel:
+            self.post_attention_layernorm = make_norm(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            h = self.input_layernorm(x)
+            return x + self.self_attn(h, cos, sin) + self.mlp(h)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers and final norm (the checkpoint's ``model.`` prefix)."""
+
+    def __init__(self, cfg: ModelConfig, final_norm_name: str = "norm", attn_out_name: str = "o_proj"):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attn_out_name) for _ in range(cfg.num_layers))
+        self.final_norm_name = final_norm_name
+        setattr(self, final_norm_name, make_norm(cfg))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        positions = torch.arange(T, device=input_ids.device)
+        cos, sin = rotary_tables(positions, self.cfg.rot_dim, self.cfg.rope_theta, x.dtype)  # (T, rot_dim)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return getattr(self, self.final_norm_name)(x)
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head. ``forward`` gives logits; ``token_loss`` the per-position CE."""
+
+    def __init__(self, cfg: ModelConfig, final_norm_name: str = "norm", attn_out_name: str = "o_proj"):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, final_norm_name, attn_out_name)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=cfg.lm_head_bias)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Random init as Hugging Face does: normal(0, initializer_range), zero biases, unit norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (RMSNorm, LayerNorm)):
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids → (B, T, V) logits."""
+        return self.lm_head(self.model(_check_ids(input_ids, self.config.vocab_size)))
+
+    def token_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """(B, T) float32 cross-entropy of position t against ``labels[:, t]``; ignored → 0."""
+        hidden = self.model(_check_ids(input_ids, self.config.vocab_size))  # (B, T, hidden)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        return linear_cross_entropy(hidden, self.lm_head.weight, labels, self.lm_head.bias, ignore_index)
+
+
+def _check_ids(input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must be an int64/int32 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise IndexError(f"input_ids must lie in [0, {vocab})")
+    return input_ids

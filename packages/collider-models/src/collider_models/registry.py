@@ -1,0 +1,34 @@
+"""``model_type`` → architecture builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+ARCHITECTURES: dict[str, Callable[[dict], nn.Module]] = {}
+
+
+def register_architecture(model_type: str):
+    """Decorator registering a builder ``(hf_config_dict) -> model`` for ``model_type``."""
+
+    def deco(fn):
+        ARCHITECTURES[model_type] = fn
+        return fn
+
+    return deco
+
+
+def from_config(cfg: dict) -> nn.Module:
+    """Build a randomly initialised model from a Hugging Face config dict.
+
+    Args:
+        cfg: as ``transformers``' ``config.to_dict()`` produces it or a checkpoint's
+            ``config.json`` holds it; ``model_type`` selects the architecture.
+    """
+    if not isinstance(cfg, dict):
+        raise TypeError(f"cfg must be a dict (a Hugging Face config), got {type(cfg).__name__}")
+    model_type = cfg.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"unknown model_type {model_type!r}; supported: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[model_type](cfg)
