@@ -1,1 +1,480 @@
-"""Triton masked attention backward (restore-Q) over kept tokens."""
+"""Triton masked attention backward (restore-Q) over kept tokens (DESIGN.md §2).
+
+Inputs are the dense causal forward (``q, k, v, out, lse``) and the output gradient of the kept
+query rows only. Kept rows are read in place through ``index`` (no gathered copies), and the
+output gradient of filtered queries is never touched. Three launches:
+
+1. ``_attn_bwd_preprocess``: ``delta_i = rowsum(dO_i * O_i)`` for kept rows (and, in the
+   ``"atomic"`` strategy, zeroes the fp32 dQ accumulator).
+2. ``_attn_bwd_dkdv``: one program per (sequence, KV head, block of kept keys); it loops over
+   the query heads of the group and the kept queries of the sequence from the key block on (kept
+   queries at positions >= the keys'), accumulating dK, dV in fp32. Filtered keys never enter.
+   With ``ATOMIC_DQ`` it also adds ``dS @ K`` of these kept keys into the fp32 dQ accumulator.
+3. ``_attn_bwd_dq``: one program per (sequence, query head, block of kept queries). Strategy
+   ``"separate"`` loops over every key at positions ``0..max query position`` of the block;
+   strategy ``"atomic"`` loops over the *filtered* keys only (kept keys already came in through
+   the atomics) and finishes the accumulator. Either way dQ sums over all causally visible keys.
+
+Causality is by original positions. Among kept rows of one sequence (sorted), "query position >=
+key position" is the same as "query row >= key row", so the dK/dV pass masks in row space and
+needs no search. All arithmetic accumulates in fp32; probabilities and dS enter the matrix
+products in the input dtype, as in FlashAttention. Under ``TRITON_INTERPRET=1`` loaded tiles are
+cast to fp32 (the interpreter's bf16/fp16 arithmetic is not trustworthy) and one small fixed block
+configuration runs; on the GPU the block shapes are autotuned.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from collider_kernels.backends import register
+from collider_kernels.masked_attention import _masked_attention_backward_torch
+from collider_kernels.triton import DEVICES
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# COLLIDER_TRITON_AUTOTUNE=0 runs one fixed GPU configuration instead of tuning.
+AUTOTUNE = not INTERPRET and os.environ.get("COLLIDER_TRITON_AUTOTUNE", "1") != "0"
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# How dQ gets the kept keys' terms: "separate" (dQ pass over all visible keys) or "atomic"
+# (the dK/dV pass adds them atomically; the dQ pass visits filtered keys only).
+DQ_STRATEGY = os.environ.get("COLLIDER_ATTN_DQ_STRATEGY", "separate")
+_STRATEGIES = ("separate", "atomic")
+
+# Block shapes under the interpreter (and when autotuning is off on the GPU).
+INTERPRET_BLOCKS = {"dkdv": (32, 16), "dq": (16, 16)}  # (BLOCK_N, BLOCK_M), (BLOCK_M, BLOCK_N)
+_FIXED_GPU_BLOCKS = {"dkdv": (128, 32, 4, 3), "dq": (128, 32, 4, 3)}  # + (num_warps, num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["n", "T", "NUM_HEADS"])
+def _attn_bwd_preprocess(
+    O, DO, DELTA, DQ_ACC, INDEX,
+    n, T, NUM_HEADS,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_don, stride_doh, stride_dod,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ZERO_DQ: tl.constexpr,
+):
+    # grid (cdiv(n, BLOCK_M), Hq); DELTA (Hq, n) fp32; DQ_ACC (n, Hq, HEAD_DIM) fp32
+    h = tl.program_id(1)
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    mrow = rows < n
+    d = tl.arange(0, BLOCK_D)
+    m2 = mrow[:, None] & (d < HEAD_DIM)[None, :]
+    tok = tl.load(INDEX + rows, mask=mrow, other=0).to(tl.int64)
+    b = tok // T
+    t = tok - b * T
+    o = tl.load(O + b[:, None] * stride_ob + t[:, None] * stride_ot + h * stride_oh
+                + d[None, :] * stride_od, mask=m2, other=0.0).to(tl.float32)
+    do = tl.load(DO + rows[:, None] * stride_don + h * stride_doh + d[None, :] * stride_dod,
+                 mask=m2, other=0.0).to(tl.float32)
+    tl.store(DELTA + h.to(tl.int64) * n + rows, tl.sum(o * do, axis=1), mask=mrow)
+    if ZERO_DQ:
+        tl.store(DQ_ACC + rows[:, None] * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :],
+                 tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=m2)
+
+
+@triton.jit
+def _dkdv_step(
+    dk, dv, k, v,
+    q_base, do_base, lse_base, delta_base, dq_base, INDEX,
+    tok0, start_m, e, rk, d, md, qk_scale,
+    stride_qt, stride_qd, stride_don, stride_dod, stride_lt, stride_dqn,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    # One block of BLOCK_M kept queries (rows start_m..) against the program's BLOCK_N kept keys.
+    rq = start_m + tl.arange(0, BLOCK_M)  # (BM,) kept rows
+    mq = rq < e
+    rq64 = rq.to(tl.int64)
+    qpos = tl.load(INDEX + rq64, mask=mq, other=0).to(tl.int64) - tok0  # (BM,) positions
+    mqd = mq[:, None] & md[None, :]
+    q = tl.load(q_base + qpos[:, None] * stride_qt + d[None, :] * stride_qd, mask=mqd, other=0.0)
+    do = tl.load(do_base + rq64[:, None] * stride_don + d[None, :] * stride_dod, mask=mqd, other=0.0)
+    # Rows past the sequence get lse = +inf, so their probabilities are exactly 0.
+    lse = tl.load(lse_base + qpos * stride_lt, mask=mq, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_base + rq64, mask=mq, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    qkT = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BN, BM)
+    pT = tl.exp2(qkT * qk_scale - lse[None, :])
+    if MASK:
+        pT = tl.where(rq[None, :] >= rk[:, None], pT, 0.0)
+    dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BN, BM)
+    dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+    dk += tl.dot(dsT, q, input_precision=PREC)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(dsT), k, input_precision=PREC)  # (BM, BD), unscaled
+        tl.atomic_add(dq_base + rq64[:, None] * stride_dqn + d[None, :], dq, mask=mqd, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["n", "T", "GROUP", "NUM_KV_HEADS"])
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, INDEX, OFFSETS,
+    qk_scale, scale, n, T, GROUP, NUM_KV_HEADS,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_don, stride_doh, stride_dod,
+    stride_lb, stride_lh, stride_lt,
+    stride_dkn, stride_dkh, stride_dvn, stride_dvh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # grid (B * Hkv, cdiv(T, BLOCK_N)): the key-block axis is the slow one, so the programs with
+    # the most work (first key blocks) start first. BLOCK_N % BLOCK_M == 0.
+    pid_bh = tl.program_id(0)
+    b = pid_bh // NUM_KV_HEADS
+    hkv = pid_bh % NUM_KV_HEADS
+    s = tl.load(OFFSETS + b).to(tl.int32)
+    e = tl.load(OFFSETS + b + 1).to(tl.int32)
+    start_n = s + tl.program_id(1) * BLOCK_N
+    if start_n < e:
+        b64 = b.to(tl.int64)
+        tok0 = b64 * T
+        rk = start_n + tl.arange(0, BLOCK_N)  # (BN,) kept rows
+        mk = rk < e
+        rk64 = rk.to(tl.int64)
+        kpos = tl.load(INDEX + rk64, mask=mk, other=0).to(tl.int64) - tok0
+        d = tl.arange(0, BLOCK_D)
+        md = d < HEAD_DIM
+        mkd = mk[:, None] & md[None, :]
+        k = tl.load(K + b64 * stride_kb + hkv * stride_kh + kpos[:, None] * stride_kt
+                    + d[None, :] * stride_kd, mask=mkd, other=0.0)
+        v = tl.load(V + b64 * stride_vb + hkv * stride_vh + kpos[:, None] * stride_vt
+                    + d[None, :] * stride_vd, mask=mkd, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        end_diag = tl.minimum(start_n + BLOCK_N, e)
+        for g in range(GROUP):
+            h = hkv * GROUP + g
+            q_base = Q + b64 * stride_qb + h * stride_qh
+            do_base = DO + h * stride_doh
+            lse_base = LSE + b64 * stride_lb + h * stride_lh
+            delta_base = DELTA + h.to(tl.int64) * n
+            dq_base = DQ_ACC + h * HEAD_DIM
+            stride_dqn = GROUP * NUM_KV_HEADS * HEAD_DIM
+            # Queries in the key block's own rows: causal mask (row order = position order).
+            for start_m in range(start_n, end_diag, BLOCK_M):
+                dk, dv = _dkdv_step(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX,
+                    tok0, start_m, e, rk, d, md, qk_scale,
+                    stride_qt, stride_qd, stride_don, stride_dod, stride_lt, stride_dqn,
+                    BLOCK_M, True, ATOMIC_DQ, UPCAST, PREC)
+            # Later kept queries see every key of the block.
+            for start_m in range(end_diag, e, BLOCK_M):
+                dk, dv = _dkdv_step(
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX,
+                    tok0, start_m, e, rk, d, md, qk_scale,
+                    stride_qt, stride_qd, stride_don, stride_dod, stride_lt, stride_dqn,
+                    BLOCK_M, False, ATOMIC_DQ, UPCAST, PREC)
+        dk = dk * scale
+        tl.store(DK + rk64[:, None] * stride_dkn + hkv * stride_dkh + d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=mkd)
+        tl.store(DV + rk64[:, None] * stride_dvn + hkv * stride_dvh + d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=mkd)
+
+
+@triton.jit
+def _dq_step(
+    dq, q, do, lse, delta, qpos,
+    k_base, v_base, kpos, mk, d, md, qk_scale,
+    stride_kt, stride_kd, stride_vt, stride_vd,
+    MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    # One block of BLOCK_N keys at positions kpos against the program's kept queries.
+    mkd = mk[:, None] & md[None, :]
+    k = tl.load(k_base + kpos[:, None] * stride_kt + d[None, :] * stride_kd, mask=mkd, other=0.0)
+    v = tl.load(v_base + kpos[:, None] * stride_vt + d[None, :] * stride_vd, mask=mkd, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BM, BN)
+    p = tl.exp2(qk * qk_scale - lse[:, None])
+    if MASK:
+        p = tl.where((kpos[None, :] <= qpos[:, None]) & mk[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # (BM, BN)
+    ds = (p * (dp - delta[:, None])).to(k.dtype)
+    dq += tl.dot(ds, k, input_precision=PREC)
+    return dq
+
+
+@triton.jit(do_not_specialize=["n", "T", "GROUP", "NUM_HEADS"])
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ, DQ_ACC, INDEX, OFFSETS, FPOS,
+    qk_scale, scale, n, T, GROUP, NUM_HEADS,
+    stride_qb, stride_qt, stride_qh, stride_qd,
+    stride_kb, stride_kt, stride_kh, stride_kd,
+    stride_vb, stride_vt, stride_vh, stride_vd,
+    stride_don, stride_doh, stride_dod,
+    stride_lb, stride_lh, stride_lt,
+    stride_dqn, stride_dqh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FILTERED_KEYS: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # grid (B * Hq, cdiv(T, BLOCK_M)); query blocks run last-first (the later, the more keys).
+    pid_bh = tl.program_id(0)
+    b = pid_bh // NUM_HEADS
+    h = pid_bh % NUM_HEADS
+    hkv = h // GROUP
+    s = tl.load(OFFSETS + b).to(tl.int32)
+    e = tl.load(OFFSETS + b + 1).to(tl.int32)
+    start_m = s + (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
+    if start_m < e:
+        b64 = b.to(tl.int64)
+        tok0 = b64 * T
+        rq = start_m + tl.arange(0, BLOCK_M)
+        mq = rq < e
+        rq64 = rq.to(tl.int64)
+        qpos = tl.load(INDEX + rq64, mask=mq, other=0).to(tl.int64) - tok0  # (BM,)
+        r_last = tl.minimum(start_m + BLOCK_M, e) - 1
+        qpos_min = (tl.load(INDEX + start_m) - tok0).to(tl.int32)
+        qpos_max = (tl.load(INDEX + r_last) - tok0).to(tl.int32)
+        d = tl.arange(0, BLOCK_D)
+        md = d < HEAD_DIM
+        mqd = mq[:, None] & md[None, :]
+        q = tl.load(Q + b64 * stride_qb + h * stride_qh + qpos[:, None] * stride_qt
+                    + d[None, :] * stride_qd, mask=mqd, other=0.0)
+        do = tl.load(DO + rq64[:, None] * stride_don + h * stride_doh + d[None, :] * stride_dod,
+                     mask=mqd, other=0.0)
+        lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + qpos * stride_lt, mask=mq,
+                      other=float("inf")) * 1.4426950408889634
+        delta = tl.load(DELTA + h.to(tl.int64) * n + rq64, mask=mq, other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        k_base = K + b64 * stride_kb + hkv * stride_kh
+        v_base = V + b64 * stride_vb + hkv * stride_vh
+        acc_ptrs = DQ_ACC + rq64[:, None] * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :]
+        if FILTERED_KEYS:
+            # Kept keys' terms are already in DQ_ACC; add the filtered keys (FPOS row b lists
+            # the sequence's filtered positions first, increasing).
+            dq = tl.load(acc_ptrs, mask=mqd, other=0.0)
+            f_base = FPOS + b64 * T
+            n_vis = qpos_max - (r_last - s)  # filtered keys at positions <= qpos_max
+            n_full = ((qpos_min - (start_m - s)) // BLOCK_N) * BLOCK_N  # ... < qpos_min
+            for start_n in range(0, n_full, BLOCK_N):
+                kr = start_n + tl.arange(0, BLOCK_N)
+                kpos = tl.load(f_base + kr)
+                dq = _dq_step(dq, q, do, lse, delta, qpos, k_base, v_base, kpos, kr >= 0, d, md,
+                              qk_scale, stride_kt, stride_kd, stride_vt, stride_vd,
+                              False, UPCAST, PREC)
+            for start_n in range(n_full, n_vis, BLOCK_N):
+                kr = start_n + tl.arange(0, BLOCK_N)
+                mk = kr < n_vis
+                kpos = tl.load(f_base + kr, mask=mk, other=0)
+                dq = _dq_step(dq, q, do, lse, delta, qpos, k_base, v_base, kpos, mk, d, md,
+                              qk_scale, stride_kt, stride_kd, stride_vt, stride_vd,
+                              True, UPCAST, PREC)
+        else:
+            dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            n_full = ((qpos_min + 1) // BLOCK_N) * BLOCK_N  # keys visible to every query
+            for start_n in range(0, n_full, BLOCK_N):
+                kpos = start_n + tl.arange(0, BLOCK_N)
+                dq = _dq_step(dq, q, do, lse, delta, qpos, k_base, v_base, kpos, kpos >= 0, d, md,
+                              qk_scale, stride_kt, stride_kd, stride_vt, stride_vd,
+                              False, UPCAST, PREC)
+            for start_n in range(n_full, qpos_max + 1, BLOCK_N):
+                kpos = start_n + tl.arange(0, BLOCK_N)
+                dq = _dq_step(dq, q, do, lse, delta, qpos, k_base, v_base, kpos, kpos <= qpos_max,
+                              d, md, qk_scale, stride_kt, stride_kd, stride_vt, stride_vd,
+                              True, UPCAST, PREC)
+        dq = dq * scale
+        tl.store(DQ + rq64[:, None] * stride_dqn + h * stride_dqh + d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=mqd)
+
+
+# ----------------------------------------------------------------------------------------------
+# autotuning
+# ----------------------------------------------------------------------------------------------
+
+# (BLOCK_N keys, BLOCK_M queries, num_warps, num_stages) for the dK/dV pass.
+_DKDV_CONFIGS = {
+    64: [(128, 32, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)],
+    128: [(128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 2)],
+}
+# (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) for the dQ pass.
+_DQ_CONFIGS = {
+    64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+    128: [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+}
+
+
+def _dkdv_config_list():
+    seen, out = set(), []
+    for cfgs in _DKDV_CONFIGS.values():
+        for bn, bm, w, st in cfgs:
+            if (bn, bm, w, st) not in seen:
+                seen.add((bn, bm, w, st))
+                out.append(triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=st))
+    return out
+
+
+def _dq_config_list():
+    seen, out = set(), []
+    for cfgs in _DQ_CONFIGS.values():
+        for bm, bn, w, st in cfgs:
+            if (bm, bn, w, st) not in seen:
+                seen.add((bm, bn, w, st))
+                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st))
+    return out
+
+
+def _head_dim_class(kwargs, named_args) -> int:
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    return 64 if bd <= 64 else 128
+
+
+def _prune_dkdv(configs, named_args, **kwargs):
+    want = set(_DKDV_CONFIGS[_head_dim_class(kwargs, named_args)])
+    keep = [c for c in configs
+            if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in want]
+    return keep or configs[:1]
+
+
+def _prune_dq(configs, named_args, **kwargs):
+    want = set(_DQ_CONFIGS[_head_dim_class(kwargs, named_args)])
+    keep = [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+    return keep or configs[:1]
+
+
+if AUTOTUNE:
+    _dkdv_kernel = triton.autotune(
+        configs=_dkdv_config_list(),
+        key=["HEAD_DIM", "GROUP", "ATOMIC_DQ"],
+        prune_configs_by={"early_config_prune": _prune_dkdv},
+        restore_value=["DQ_ACC"],  # tuning runs add into the accumulator: undo them
+    )(_attn_bwd_dkdv)
+    _dq_kernel = triton.autotune(
+        configs=_dq_config_list(),
+        key=["HEAD_DIM", "GROUP", "FILTERED_KEYS"],
+        prune_configs_by={"early_config_prune": _prune_dq},
+    )(_attn_bwd_dq)
+else:
+    _dkdv_kernel = _attn_bwd_dkdv
+    _dq_kernel = _attn_bwd_dq
+
+
+def _fixed_meta(which: str) -> dict:
+    if INTERPRET:
+        a, c = INTERPRET_BLOCKS[which]
+        meta = {}
+    else:
+        a, c, w, st = _FIXED_GPU_BLOCKS[which]
+        meta = {"num_warps": w, "num_stages": st}
+    if which == "dkdv":
+        meta.update(BLOCK_N=a, BLOCK_M=c)
+    else:
+        meta.update(BLOCK_M=a, BLOCK_N=c)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _filtered_positions(index: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """(B, T) int64: row b lists sequence b's filtered positions first (increasing), then its kept."""
+    kept = torch.zeros(B * T, dtype=torch.int8, device=index.device)
+    kept[index] = 1
+    return torch.argsort(kept.view(B, T), dim=1, stable=True)
+
+
+def masked_attention_backward_triton(
+    q, k, v, out, lse, grad_out, index, offsets, scale, *,
+    dq_strategy: str | None = None, dq=None, dk=None, dv=None,
+):
+    """Launch the Triton backward; shapes as :func:`collider_kernels.masked_attention_backward`.
+
+    ``dq_strategy`` overrides :data:`DQ_STRATEGY`; ``dq``/``dk``/``dv`` are optional
+    preallocated outputs (n, Hq, D), (n, Hkv, D), (n, Hkv, D) (every row is overwritten).
+    """
+    if q.dtype not in _KERNEL_DTYPES:
+        return _masked_attention_backward_torch(q, k, v, out, lse, grad_out, index, offsets, scale)
+    strategy = DQ_STRATEGY if dq_strategy is None else dq_strategy
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"dq_strategy must be one of {_STRATEGIES}, got {strategy!r}")
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    group = Hq // Hkv
+    n = index.shape[0]
+    if dq is None:
+        dq = grad_out.new_empty((n, Hq, D))
+    if dk is None:
+        dk = grad_out.new_empty((n, Hkv, D))
+    if dv is None:
+        dv = grad_out.new_empty((n, Hkv, D))
+    for name, t, h in (("dq", dq, Hq), ("dk", dk, Hkv), ("dv", dv, Hkv)):
+        if tuple(t.shape) != (n, h, D) or t.stride(2) != 1:
+            raise ValueError(f"{name} must be ({n}, {h}, {D}) with unit last stride")
+    if n == 0:
+        return dq, dk, dv
+    dev = q.device
+    index = index.contiguous()
+    offsets = offsets.to(device=dev, dtype=torch.int64).contiguous()
+    if lse.dtype != torch.float32:
+        lse = lse.float()
+    atomic = strategy == "atomic"
+    block_d = max(16, triton.next_power_of_2(D))
+    upcast = INTERPRET and q.dtype != torch.float32
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_scale = float(scale) * 1.4426950408889634
+
+    delta = torch.empty((Hq, n), dtype=torch.float32, device=dev)
+    dq_acc = torch.empty((n, Hq, D), dtype=torch.float32, device=dev) if atomic else delta
+    fpos = _filtered_positions(index, B, T) if atomic and n < B * T else index
+
+    pre_m = 32 if INTERPRET else 64
+    _attn_bwd_preprocess[(triton.cdiv(n, pre_m), Hq)](
+        out, grad_out, delta, dq_acc, index,
+        n, T, Hq,
+        *out.stride(), *grad_out.stride(),
+        HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, ZERO_DQ=atomic,
+    )
+
+    common = (
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(),
+    )
+    meta_dkdv = {} if AUTOTUNE else _fixed_meta("dkdv")
+    _dkdv_kernel[lambda m: (B * Hkv, triton.cdiv(T, m["BLOCK_N"]))](
+        q, k, v, grad_out, lse, delta, dk, dv, dq_acc, index, offsets,
+        qk_scale, float(scale), n, T, group, Hkv,
+        *common,
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        HEAD_DIM=D, BLOCK_D=block_d, ATOMIC_DQ=atomic, UPCAST=upcast, PREC=prec,
+        **meta_dkdv,
+    )
+    meta_dq = {} if AUTOTUNE else _fixed_meta("dq")
+    _dq_kernel[lambda m: (B * Hq, triton.cdiv(T, m["BLOCK_M"]))](
+        q, k, v, grad_out, lse, delta, dq, dq_acc, index, offsets, fpos,
+        qk_scale, float(scale), n, T, group, Hq,
+        *common,
+        dq.stride(0), dq.stride(1),
+        HEAD_DIM=D, BLOCK_D=block_d, FILTERED_KEYS=atomic, UPCAST=upcast, PREC=prec,
+        **meta_dq,
+    )
+    return dq, dk, dv
+
+
+@register("masked_attention_backward", "triton", DEVICES)
+def _masked_attention_backward_triton(q, k, v, out, lse, grad_out, index, offsets, scale):
+    return masked_attention_backward_triton(q, k, v, out, lse, grad_out, index, offsets, scale)

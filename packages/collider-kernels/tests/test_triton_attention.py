@@ -1,0 +1,279 @@
+"""Triton masked attention backward against the dense reference of the contract (DESIGN.md §2).
+
+On CPU the kernels run under Triton's interpreter (small fp32/fp16 cases, both dQ strategies,
+preallocated outputs poisoned with NaN). The ``gpu`` tests run bf16 on CUDA with the rule
+``max|out - ref32| <= 2 max|out_torch_bf16 - ref32| + atol``, where ``ref32`` is the reference on
+fp32 upcasts and ``out_torch_bf16`` the torch backend on the same bf16 inputs.
+"""
+
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Must happen before anything imports triton (the package conftest does the same).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import collider_kernels as ck  # noqa: E402
+from collider_kernels.masked_attention import _masked_attention_backward_torch  # noqa: E402
+from collider_kernels.reference import (  # noqa: E402
+    attention_forward_reference,
+    masked_attention_backward_reference,
+)
+
+pytest.importorskip("triton")
+from collider_kernels.triton import attention_backward as tab  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+STRATEGIES = ("separate", "atomic")
+KEEP_KINDS = ("empty", "all", "one", "scattered", "runs")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def keep_row(kind: str, T: int, gen: torch.Generator) -> torch.Tensor:
+    """(T,) bool kept set of one sequence."""
+    if kind == "empty":
+        return torch.zeros(T, dtype=torch.bool)
+    if kind == "all":
+        return torch.ones(T, dtype=torch.bool)
+    if kind == "one":
+        row = torch.zeros(T, dtype=torch.bool)
+        row[int(torch.randint(0, T, (1,), generator=gen))] = True
+        return row
+    if kind == "scattered":
+        frac = float(torch.rand((), generator=gen)) * 0.9 + 0.05
+        return torch.rand(T, generator=gen) < frac
+    row = torch.zeros(T, dtype=torch.bool)  # contiguous runs
+    for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+        a = int(torch.randint(0, T, (1,), generator=gen))
+        row[a: a + int(torch.randint(1, max(2, T // 2), (1,), generator=gen))] = True
+    return row
+
+
+class Case:
+    """Random inputs in ``dtype`` (q/k/v strided views of one projection, ``out`` transposed like
+    SDPA's), the fp64 forward, and the fp32-or-better truth of the contract on the same values."""
+
+    def __init__(self, B, T, Hq, Hkv, D, kinds, dtype, seed, device=DEVICE, truth=torch.float64):
+        gen = torch.Generator().manual_seed(seed)
+        self.shape = (B, T, Hq, Hkv, D)
+        fused = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=gen).to(dtype).to(device)
+        self.q = fused[..., : Hq * D].view(B, T, Hq, D)
+        self.k = fused[..., Hq * D: (Hq + Hkv) * D].view(B, T, Hkv, D)
+        self.v = fused[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
+        self.keep = torch.stack([keep_row(kd, T, gen) for kd in kinds]).to(device)  # (B, T)
+        qt, kt, vt = (t.to(truth) for t in (self.q, self.k, self.v))
+        out, lse = attention_forward_reference(qt, kt, vt)  # out (B, T, Hq, D) transposed view
+        self.out = out.to(dtype)
+        self.lse = lse if dtype == torch.float64 else lse.float()  # (B, Hq, T)
+        grad = torch.randn(B, T, Hq, D, generator=gen).to(dtype).to(device)
+        self.index = self.keep.reshape(-1).nonzero().squeeze(1)  # (n,)
+        self.offsets = ck.sequence_offsets(self.index, B, T)
+        self.grad_out = grad.reshape(B * T, Hq, D)[self.index]  # (n, Hq, D)
+        dense_g = (grad.to(truth) * self.keep[..., None, None])
+        self.scale = 1.0 / math.sqrt(D)
+        ref = masked_attention_backward_reference(qt, kt, vt, dense_g, self.keep)
+        self.ref = [r.reshape(B * T, r.shape[2], D)[self.index] for r in ref]  # kept rows
+
+    def args(self):
+        return (self.q, self.k, self.v, self.out, self.lse, self.grad_out, self.index, self.offsets, self.scale)
+
+    def run(self, strategy, poison=True):
+        n = self.index.numel()
+        B, T, Hq, Hkv, D = self.shape
+        bufs = {}
+        if poison:
+            dt, dev = self.q.dtype, self.q.device
+            bufs = {"dq": torch.full((n, Hq, D), float("nan"), dtype=dt, device=dev),
+                    "dk": torch.full((n, Hkv, D), float("nan"), dtype=dt, device=dev),
+                    "dv": torch.full((n, Hkv, D), float("nan"), dtype=dt, device=dev)}
+        res = tab.masked_attention_backward_triton(*self.args(), dq_strategy=strategy, **bufs)
+        if poison:
+            assert all(r is bufs[k] for r, k in zip(res, ("dq", "dk", "dv")))
+        return res
+
+
+def assert_close_rel(res, ref, tol, what):
+    for name, a, r in zip(("dq", "dk", "dv"), res, ref):
+        assert a.shape == r.shape, f"{what} {name}: shape {tuple(a.shape)} != {tuple(r.shape)}"
+        assert torch.isfinite(a).all(), f"{what} {name}: non-finite values (unwritten rows?)"
+        if a.numel():
+            err = (a.double() - r.double()).abs().max().item()
+            scale = r.double().abs().max().item() + 1.0  # inputs are O(1): an absolute floor
+            assert err <= tol * scale, f"{what} {name}: max err {err:.3g} > {tol} * {scale:.3g}"
+
+
+def assert_rule(res, ref32, torch_res, what):
+    """``max|out - ref32| <= 2 max|out_torch - ref32| + atol``, atol one bf16 step of the result scale."""
+    for name, a, r, t in zip(("dq", "dk", "dv"), res, ref32, torch_res):
+        assert torch.isfinite(a).all(), f"{what} {name}: non-finite values (unwritten rows?)"
+        if not a.numel():
+            continue
+        err = (a.double() - r.double()).abs().max().item()
+        base = (t.double() - r.double()).abs().max().item()
+        atol = 2.0**-8 * r.double().abs().max().item() + 1e-6
+        assert err <= 2 * base + atol, f"{what} {name}: err {err:.3g} > 2 * {base:.3g} + {atol:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU (interpreter) and GPU: exactness in fp32
+# ----------------------------------------------------------------------------------------------
+
+
+def test_triton_backend_is_registered():
+    assert "triton" in ck.available_backends("masked_attention_backward", DEVICE)
+
+
+@settings(deadline=None, max_examples=10)
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 70),
+    Hkv=st.integers(1, 2),
+    group=st.sampled_from((1, 4, 6, 8)),
+    D=st.sampled_from((16, 24, 32)),
+    kinds=st.lists(st.sampled_from(KEEP_KINDS), min_size=3, max_size=3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_reference_fp32(B, T, Hkv, group, D, kinds, seed):
+    case = Case(B, T, Hkv * group, Hkv, D, kinds[:B], torch.float32, seed)
+    for strategy in STRATEGIES:
+        assert_close_rel(case.run(strategy), case.ref, 2e-5, f"fp32 {strategy}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("blocks", [{"dkdv": (16, 16), "dq": (16, 16)}, {"dkdv": (64, 16), "dq": (32, 64)}])
+def test_block_shapes(strategy, blocks, monkeypatch):
+    """Kept sets spanning several blocks, under other block shapes (interpreter only)."""
+    if CUDA:
+        pytest.skip("block shapes are autotuned on the GPU")
+    monkeypatch.setattr(tab, "INTERPRET_BLOCKS", blocks)
+    case = Case(2, 130, 4, 2, 16, ("scattered", "runs"), torch.float32, seed=7)
+    assert_close_rel(case.run(strategy), case.ref, 2e-5, f"blocks {blocks}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_public_api_and_edge_sets(strategy, monkeypatch):
+    monkeypatch.setattr(tab, "DQ_STRATEGY", strategy)
+    for kinds in (("all", "all"), ("empty", "empty"), ("one", "empty"), ("empty", "all")):
+        case = Case(2, 33, 8, 2, 16, kinds, torch.float32, seed=3)
+        res = ck.masked_attention_backward(*case.args()[:7], backend="triton")
+        assert_close_rel(res, case.ref, 2e-5, f"public api {kinds}")
+        assert all(r.dtype == torch.float32 for r in res)
+
+
+def test_all_kept_equals_dense_gradients():
+    """keep all-true: ordinary dense attention gradients."""
+    case = Case(2, 40, 4, 1, 16, ("all", "all"), torch.float32, seed=11)
+    q, k, v = (t.detach().double().requires_grad_() for t in (case.q, case.k, case.v))
+    out, _ = attention_forward_reference(q, k, v)
+    g = torch.zeros(out.shape, dtype=torch.float64)
+    g.view(-1, 4, 16)[case.index] = case.grad_out.double()
+    dense = torch.autograd.grad(out, (q, k, v), g)
+    for strategy in STRATEGIES:
+        res = case.run(strategy)
+        assert_close_rel(res, [d.reshape(80, -1, 16) for d in dense], 2e-5, f"dense {strategy}")
+
+
+def test_never_reads_unneeded_rows():
+    """Filtered queries' q/out/lse and keys after a sequence's last kept position are never read."""
+    case = Case(2, 50, 4, 2, 16, ("scattered", "runs"), torch.float32, seed=5)
+    B, T = 2, 50
+    q, k, v, out, lse = (t.clone() for t in (case.q, case.k, case.v, case.out, case.lse))
+    for b in range(B):
+        kept = case.keep[b]
+        q[b, ~kept] = float("nan")
+        out[b, ~kept] = float("nan")
+        lse[b][:, ~kept] = float("nan")
+        if kept.any():
+            last = int(kept.nonzero().max())
+            k[b, last + 1:] = float("nan")
+            v[b, last + 1:] = float("nan")
+        else:
+            k[b] = float("nan")
+            v[b] = float("nan")
+    for strategy in STRATEGIES:
+        res = tab.masked_attention_backward_triton(
+            q, k, v, out, lse, case.grad_out, case.index, case.offsets, case.scale, dq_strategy=strategy)
+        assert_close_rel(res, case.ref, 2e-5, f"poisoned unneeded rows {strategy}")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_fp16_upcast(strategy):
+    case = Case(2, 48, 8, 2, 32, ("scattered", "all"), torch.float16, seed=13)
+    res = case.run(strategy)
+    assert all(r.dtype == torch.float16 for r in res)
+    assert_close_rel(res, case.ref, 1e-2, f"fp16 {strategy}")
+
+
+def test_float64_falls_back_to_torch():
+    case = Case(1, 20, 2, 1, 16, ("scattered",), torch.float64, seed=1)
+    res = tab.masked_attention_backward_triton(*case.args())
+    assert_close_rel(res, case.ref, 1e-10, "fp64")
+
+
+def test_rejects_unknown_strategy():
+    case = Case(1, 8, 2, 1, 16, ("all",), torch.float32, seed=2)
+    with pytest.raises(ValueError, match="dq_strategy"):
+        tab.masked_attention_backward_triton(*case.args(), dq_strategy="nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: bf16 rule
+# ----------------------------------------------------------------------------------------------
+
+
+def _bf16_check(case, what):
+    """``case.ref`` must be the fp32 truth (``truth=torch.float32``) of the bf16 inputs."""
+    torch_res = _masked_attention_backward_torch(*case.args())
+    for strategy in STRATEGIES:
+        res = case.run(strategy)
+        assert all(r.dtype == torch.bfloat16 for r in res)
+        assert_rule(res, case.ref, torch_res, f"{what} {strategy}")
+
+
+@pytest.mark.gpu
+@settings(deadline=None, max_examples=8)
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 400),
+    Hkv=st.integers(1, 2),
+    group=st.sampled_from((1, 4, 6, 8)),
+    D=st.sampled_from((64, 128)),
+    kinds=st.lists(st.sampled_from(KEEP_KINDS), min_size=3, max_size=3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_gpu_bf16_rule(B, T, Hkv, group, D, kinds, seed):
+    case = Case(B, T, Hkv * group, Hkv, D, kinds[:B], torch.bfloat16, seed, truth=torch.float32)
+    _bf16_check(case, f"bf16 B{B} T{T} G{group} D{D}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Hq,Hkv,D", [(32, 4, 64), (12, 2, 128), (32, 32, 64)])
+def test_gpu_with_flash_sdpa_forward(Hq, Hkv, D):
+    """out/lse as PyTorch's flash SDPA returns them (lse convention, transposed out)."""
+    B, T = 2, 512
+    case = Case(B, T, Hq, Hkv, D, ("scattered", "runs"), torch.bfloat16, seed=Hq + D, truth=torch.float32)
+    qh, kh, vh = (t.transpose(1, 2) for t in (case.q, case.k, case.v))
+    g = Hq // Hkv
+    kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
+    r = torch.ops.aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, True, False, scale=case.scale)
+    case.out, case.lse = r[0].transpose(1, 2), r[1]
+    assert case.lse.shape == (B, Hq, T) and case.lse.dtype == torch.float32
+    _bf16_check(case, f"flash-sdpa {Hq}/{Hkv}/{D}")
+
+
+@pytest.mark.gpu
+def test_gpu_fp32_exact():
+    case = Case(2, 300, 8, 2, 64, ("scattered", "runs"), torch.float32, seed=21)
+    for strategy in STRATEGIES:
+        assert_close_rel(case.run(strategy), case.ref, 1e-4, f"gpu fp32 {strategy}")
