@@ -1,0 +1,208 @@
+"""Every layer Function: output equals the plain PyTorch op; gradients equal autograd of that op,
+for a dense gradient and for a token-sparse one (with the contract's K/V detach for attention)."""
+
+import math
+
+import pytest
+import torch
+from collider_kernels.reference import attention_forward_reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collider_autograd import (
+    TokenSparseTensor, apply_rotary, causal_attention, densify_counts, embedding, gelu_new, layer_norm,
+    linear, linear_cross_entropy, reset_densify_counts, rms_norm, rotary_tables, swiglu,
+)
+
+F64 = torch.float64
+
+
+def _sparse_grad(shape, gen, p):
+    B, T = shape[:2]
+    keep = torch.rand(B, T, generator=gen) < p
+    index = keep.reshape(-1).nonzero().squeeze(1)
+    values = torch.randn((index.numel(),) + tuple(shape[2:]), generator=gen, dtype=F64)
+    return TokenSparseTensor(values, index, (B, T)), keep
+
+
+def _grads(fn, inputs, grad):
+    leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+    out = fn(*leaves)
+    diff = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(out, diff, grad, allow_unused=True)
+    dense = [g.to_dense() if isinstance(g, TokenSparseTensor) else g for g in grads]
+    return out.detach(), dense
+
+
+def _check(collider_fn, reference_fn, inputs, out_shape, gen, p, reference_sparse_fn=None):
+    """Compare forward and input gradients for a dense and a sparse output gradient."""
+    dense_grad = torch.randn(out_shape, generator=gen, dtype=F64)
+    out_c, g_c = _grads(collider_fn, inputs, dense_grad)
+    out_r, g_r = _grads(reference_fn, inputs, dense_grad)
+    torch.testing.assert_close(out_c, out_r)
+    for a, b in zip(g_c, g_r, strict=True):
+        torch.testing.assert_close(a, b)
+    sparse, keep = _sparse_grad(out_shape, gen, p)
+    reset_densify_counts()
+    _, g_c = _grads(collider_fn, inputs, sparse)
+    assert densify_counts() == {}
+    ref = reference_sparse_fn(keep) if reference_sparse_fn else reference_fn
+    _, g_r = _grads(ref, inputs, sparse.to_dense())
+    for a, b in zip(g_c, g_r, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 12))
+fractions = st.sampled_from([0.0, 0.3, 0.7, 1.0])
+
+
+@settings(deadline=None, max_examples=15)
+@given(shape=shapes, out_features=st.integers(1, 10), bias=st.booleans(), p=fractions, seed=st.integers(0, 2**16))
+def test_linear(shape, out_features, bias, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, T, K = shape
+    x = torch.randn(B, T, K, generator=gen, dtype=F64)
+    w = torch.randn(out_features, K, generator=gen, dtype=F64)
+    b = torch.randn(out_features, generator=gen, dtype=F64)
+    if bias:
+        _check(linear, torch.nn.functional.linear, [x, w, b], (B, T, out_features), gen, p)
+    else:
+        _check(linear, torch.nn.functional.linear, [x, w], (B, T, out_features), gen, p)
+
+
+@settings(deadline=None, max_examples=15)
+@given(shape=shapes, vocab=st.integers(1, 6), p=fractions, seed=st.integers(0, 2**16))
+def test_embedding_with_repeated_ids(shape, vocab, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, T, H = shape
+    ids = torch.randint(0, vocab, (B, T), generator=gen)  # small vocab: ids repeat
+    w = torch.randn(vocab, H, generator=gen, dtype=F64)
+    _check(embedding, torch.nn.functional.embedding, [ids, w], (B, T, H), gen, p)
+
+
+def _rms_reference(x, w, eps=1e-6):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@settings(deadline=None, max_examples=15)
+@given(shape=shapes, p=fractions, seed=st.integers(0, 2**16))
+def test_norms(shape, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, T, H = shape
+    x = torch.randn(B, T, H, generator=gen, dtype=F64) * 3 + 1
+    w = torch.randn(H, generator=gen, dtype=F64)
+    b = torch.randn(H, generator=gen, dtype=F64)
+    _check(lambda x, w: rms_norm(x, w, 1e-6), _rms_reference, [x, w], (B, T, H), gen, p)
+    _check(lambda x, w, b: layer_norm(x, w, b, 1e-5),
+           lambda x, w, b: torch.nn.functional.layer_norm(x, (H,), w, b, 1e-5), [x, w, b], (B, T, H), gen, p)
+
+
+@settings(deadline=None, max_examples=15)
+@given(shape=shapes, p=fractions, seed=st.integers(0, 2**16))
+def test_activations(shape, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, T, H = shape
+    g, u = (torch.randn(B, T, H, generator=gen, dtype=F64) * 2 for _ in range(2))
+    _check(swiglu, lambda g, u: torch.nn.functional.silu(g) * u, [g, u], (B, T, H), gen, p)
+
+    def gelu_ref(x):  # gelu_new by its formula
+        return 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    _check(gelu_new, gelu_ref, [g], (B, T, H), gen, p)
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], -1)
+
+
+@settings(deadline=None, max_examples=15)
+@given(B=st.integers(1, 3), T=st.integers(1, 9), H=st.integers(1, 3), half=st.integers(1, 4),
+       partial=st.booleans(), p=fractions, seed=st.integers(0, 2**16))
+def test_rotary(B, T, H, half, partial, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    D = 4 * half
+    rot = D // 2 if partial else D
+    cos, sin = rotary_tables(torch.arange(T), rot, 10000.0, F64)
+    x = torch.randn(B, T, H, D, generator=gen, dtype=F64)
+
+    def reference(x):
+        c, s = cos[:, None, :], sin[:, None, :]
+        xr = x[..., :rot] * c + _rotate_half(x[..., :rot]) * s
+        return torch.cat([xr, x[..., rot:]], -1)
+
+    _check(lambda x: apply_rotary(x, cos, sin), reference, [x], (B, T, H, D), gen, p)
+
+
+@settings(deadline=None, max_examples=15)
+@given(B=st.integers(1, 3), T=st.integers(1, 10), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
+       D=st.sampled_from([4, 8]), p=fractions, seed=st.integers(0, 2**16))
+def test_causal_attention_restore_q(B, T, hkv, group, D, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    hq = hkv * group
+    q = torch.randn(B, T, hq, D, generator=gen, dtype=F64)
+    k, v = (torch.randn(B, T, hkv, D, generator=gen, dtype=F64) for _ in range(2))
+
+    def reference(q, k, v):
+        return attention_forward_reference(q, k, v)[0]
+
+    def reference_detached(keep):
+        def fn(q, k, v):
+            m = keep[..., None, None]
+            return reference(q, torch.where(m, k, k.detach()), torch.where(m, v, v.detach()))
+        return fn
+
+    _check(causal_attention, reference, [q, k, v], (B, T, hq, D), gen, p, reference_detached)
+
+
+@settings(deadline=None, max_examples=15)
+@given(shape=shapes, vocab=st.integers(2, 40), bias=st.booleans(), p=fractions, seed=st.integers(0, 2**16))
+def test_linear_cross_entropy(shape, vocab, bias, p, seed):
+    gen = torch.Generator().manual_seed(seed)
+    B, T, H = shape
+    h = torch.randn(B, T, H, generator=gen, dtype=F64)
+    w = torch.randn(vocab, H, generator=gen, dtype=F64)
+    b = torch.randn(vocab, generator=gen, dtype=F64) if bias else None
+    labels = torch.randint(0, vocab, (B, T), generator=gen)
+    labels[0, 0] = -100
+
+    def collider(h, w, *b):
+        return linear_cross_entropy(h, w, labels, b[0] if b else None)
+
+    def reference(h, w, *b):
+        logits = torch.nn.functional.linear(h, w, b[0] if b else None)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(B, T)
+
+    inputs = [h, w] + ([b] if bias else [])
+    _check(collider, reference, inputs, (B, T), gen, p)
+
+
+def test_lm_head_chunking_matches_unchunked(monkeypatch):
+    import collider_autograd.layers.lm_head_loss as mod
+
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 7, 5, generator=gen, dtype=F64)
+    w = torch.randn(11, 5, generator=gen, dtype=F64)
+    labels = torch.randint(0, 11, (2, 7), generator=gen)
+    ref = _grads(lambda h, w: linear_cross_entropy(h, w, labels), [h, w], torch.ones(2, 7, dtype=F64))
+    monkeypatch.setattr(mod, "_CHUNK_ELEMENTS", 11 * 3)  # 3 rows per chunk
+    got = _grads(lambda h, w: linear_cross_entropy(h, w, labels), [h, w], torch.ones(2, 7, dtype=F64))
+    torch.testing.assert_close(got[0], ref[0])
+    for a, b in zip(got[1], ref[1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(2, 3, 4, 8)
+    with pytest.raises(ValueError, match="query heads"):
+        causal_attention(torch.randn(2, 3, 3, 8), x[:, :, :2], x[:, :, :2])
+    with pytest.raises(ValueError, match="cos and sin"):
+        apply_rotary(x, torch.randn(5, 8), torch.randn(5, 8))
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(IndexError, match="labels"):
+        linear_cross_entropy(torch.randn(2, 3, 4), torch.randn(5, 4), torch.full((2, 3), 7))
+    with pytest.raises(TypeError, match="ids"):
+        embedding(torch.zeros(2, 3), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="gate and up"):
+        swiglu(torch.randn(2, 3), torch.randn(2, 4))

@@ -1,0 +1,1 @@
+"""Command-line tools: ``collider-train`` (the main job) and ``collider-bench``."""

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install the three packages with test and docs dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -c tools/constraints.txt torch triton
+.venv/bin/python -m pip install -q -c tools/constraints.txt -r tools/requirements-dev.txt \
+    -e packages/collider-kernels -e packages/collider-autograd -e packages/collider-models
