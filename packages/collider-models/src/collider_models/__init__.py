@@ -2,7 +2,9 @@
 
 from collider_models import llama, phi, qwen2  # noqa: F401  (register architectures)
 from collider_models.blocks import CausalLM
+from collider_models.checkpoint import from_pretrained, save_pretrained
 from collider_models.config import ModelConfig
+from collider_models.generate import KVCache, generate
 from collider_models.presets import PRESETS, preset_config
 from collider_models.registry import from_config
 
@@ -14,4 +16,7 @@ def from_preset(name: str):
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "CausalLM", "ModelConfig", "from_config", "from_preset", "preset_config"]
+__all__ = [
+    "PRESETS", "CausalLM", "KVCache", "ModelConfig", "from_config", "from_preset", "from_pretrained", "generate",
+    "preset_config", "save_pretrained",
+]

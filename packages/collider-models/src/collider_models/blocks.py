@@ -149,6 +149,12 @@ class CausalLM(nn.Module):
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         return linear_cross_entropy(hidden, self.lm_head.weight, labels, self.lm_head.bias, ignore_index)
 
+    def save_pretrained(self, path) -> None:
+        """Write a Hugging Face checkpoint folder (see :func:`collider_models.checkpoint.save_pretrained`)."""
+        from collider_models.checkpoint import save_pretrained
+
+        save_pretrained(self, path)
+
 
 def _check_ids(input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):

@@ -58,6 +58,7 @@ def rope_theta_of(cfg: dict, default: float) -> float:
 
 
 def partial_rotary_of(cfg: dict, default: float = 1.0) -> float:
+    """``partial_rotary_factor`` from the old top-level key or the newer ``rope_parameters`` dict."""
     params = cfg.get("rope_parameters") or {}
     if isinstance(params, dict) and "partial_rotary_factor" in params:
         return float(params["partial_rotary_factor"])
@@ -67,12 +68,34 @@ def partial_rotary_of(cfg: dict, default: float = 1.0) -> float:
 def dtype_of(cfg: dict) -> torch.dtype | None:
     """Checkpoint dtype from ``dtype`` (new) or ``torch_dtype`` (old), if any."""
     name = cfg.get("dtype") or cfg.get("torch_dtype")
-    if name is None:
+    if name is None or name == "auto":
         return None
     name = str(name).replace("torch.", "")
     if name not in _DTYPES:
         raise ValueError(f"config dtype must be one of {sorted(_DTYPES)}, got {name!r}")
     return _DTYPES[name]
+
+
+def check_supported(cfg: dict) -> None:
+    """Reject config features the blocks do not implement (rope scaling, sliding windows).
+
+    Plain rotary is ``rope_type`` "default" in ``rope_parameters`` (new format) or a null
+    ``rope_scaling`` (old format); anything else would silently change the model.
+    """
+    for key in ("rope_parameters", "rope_scaling"):
+        params = cfg.get(key)
+        if params is None:
+            continue
+        if not isinstance(params, dict):
+            raise ValueError(f"config {key} must be a dict or null, got {type(params).__name__}")
+        kind = params.get("rope_type", params.get("type", "default"))
+        if kind != "default":
+            raise ValueError(f"config {key} asks for rope_type {kind!r}; only 'default' rotary is supported")
+    if cfg.get("use_sliding_window"):
+        raise ValueError("configs with use_sliding_window=True are not supported")
+    other = sorted({t for t in cfg.get("layer_types") or () if t != "full_attention"})
+    if other:
+        raise ValueError(f"config layer_types {other} are not supported (only 'full_attention')")
 
 
 def require(cfg: dict, *keys: str) -> None:
@@ -85,6 +108,7 @@ def require(cfg: dict, *keys: str) -> None:
 def common_fields(cfg: dict) -> dict:
     """Fields every architecture reads the same way."""
     require(cfg, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    check_supported(cfg)
     heads = int(cfg["num_attention_heads"])
     kv = cfg.get("num_key_value_heads")
     return dict(
