@@ -98,6 +98,11 @@ def masked_attention_backward(
     return fn(q, k, v, out, lse, grad_out, index, offsets, scale)
 
 
+# Kept queries per block of the torch backend: each block only reads keys up to its last
+# query's position, so the work follows the causal triangle.
+_TORCH_QUERY_BLOCK = 128
+
+
 @register("masked_attention_backward", "torch")
 def _masked_attention_backward_torch(q, k, v, out, lse, grad_out, index, offsets, scale):
     B, T, Hq, D = q.shape
@@ -106,33 +111,39 @@ def _masked_attention_backward_torch(q, k, v, out, lse, grad_out, index, offsets
     n = index.shape[0]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     dq = grad_out.new_empty((n, Hq, D))
-    dk = grad_out.new_empty((n, Hkv, D))
-    dv = grad_out.new_empty((n, Hkv, D))
+    dk = grad_out.new_zeros((n, Hkv, D), dtype=acc)
+    dv = grad_out.new_zeros((n, Hkv, D), dtype=acc)
     bounds = offsets.tolist()
     for b in range(B):
         s, e = bounds[b], bounds[b + 1]
         if s == e:
             continue
-        pos = index[s:e] - b * T  # (m,) kept positions, increasing
+        pos = index[s:e] - b * T  # (m,) kept positions of this sequence, increasing
+        m = e - s
         L = int(pos[-1]) + 1  # keys beyond the last kept query are never visible
-        qb = q[b].index_select(0, pos).transpose(0, 1).to(acc)  # (Hq, m, D)
-        ob = out[b].index_select(0, pos).transpose(0, 1).to(acc)  # (Hq, m, D)
-        dob = grad_out[s:e].transpose(0, 1).to(acc)  # (Hq, m, D)
         kb = k[b, :L].transpose(0, 1).to(acc).repeat_interleave(group, 0)  # (Hq, L, D)
         vb = v[b, :L].transpose(0, 1).to(acc).repeat_interleave(group, 0)  # (Hq, L, D)
-        lb = lse[b].index_select(1, pos).to(acc)  # (Hq, m)
-        visible = torch.arange(L, device=q.device)[None, :] <= pos[:, None]  # (m, L)
-        scores = scale * (qb @ kb.transpose(1, 2))  # (Hq, m, L)
-        p = torch.exp(scores - lb[..., None]).masked_fill(~visible, 0.0)  # (Hq, m, L)
-        dp = dob @ vb.transpose(1, 2)  # (Hq, m, L)
-        delta = (dob * ob).sum(-1, keepdim=True)  # (Hq, m, 1)
-        ds = p * (dp - delta)  # (Hq, m, L)
-        dq[s:e] = (scale * (ds @ kb)).transpose(0, 1).to(dq.dtype)  # (m, Hq, D)
-        ds_kept = ds.index_select(2, pos)  # (Hq, m_q, m_k): kept queries x kept keys
-        p_kept = p.index_select(2, pos)
-        dk_b = scale * (ds_kept.transpose(1, 2) @ qb)  # (Hq, m, D)
-        dv_b = p_kept.transpose(1, 2) @ dob  # (Hq, m, D)
-        m = e - s
-        dk[s:e] = dk_b.view(Hkv, group, m, D).sum(1).transpose(0, 1).to(dk.dtype)
-        dv[s:e] = dv_b.view(Hkv, group, m, D).sum(1).transpose(0, 1).to(dv.dtype)
-    return dq, dk, dv
+        dk_b = torch.zeros(Hq, m, D, dtype=acc, device=q.device)  # kept keys, per query head
+        dv_b = torch.zeros(Hq, m, D, dtype=acc, device=q.device)
+        for qs in range(0, m, _TORCH_QUERY_BLOCK):
+            qe = min(qs + _TORCH_QUERY_BLOCK, m)
+            qpos = pos[qs:qe]  # (c,)
+            Lq = int(qpos[-1]) + 1  # keys this block can see
+            nk = int(torch.searchsorted(pos, qpos[-1], right=True))  # kept keys among them
+            qb = q[b].index_select(0, qpos).transpose(0, 1).to(acc)  # (Hq, c, D)
+            ob = out[b].index_select(0, qpos).transpose(0, 1).to(acc)  # (Hq, c, D)
+            dob = grad_out[s + qs : s + qe].transpose(0, 1).to(acc)  # (Hq, c, D)
+            lb = lse[b].index_select(1, qpos).to(acc)  # (Hq, c)
+            visible = torch.arange(Lq, device=q.device)[None, :] <= qpos[:, None]  # (c, Lq)
+            scores = scale * (qb @ kb[:, :Lq].transpose(1, 2))  # (Hq, c, Lq)
+            p = torch.exp(scores - lb[..., None]).masked_fill(~visible, 0.0)
+            dp = dob @ vb[:, :Lq].transpose(1, 2)  # (Hq, c, Lq)
+            delta = (dob * ob).sum(-1, keepdim=True)  # (Hq, c, 1)
+            ds = p * (dp - delta)  # (Hq, c, Lq)
+            dq[s + qs : s + qe] = (scale * (ds @ kb[:, :Lq])).transpose(0, 1).to(dq.dtype)
+            kpos = pos[:nk]  # kept keys visible to this block
+            dk_b[:, :nk] += scale * (ds.index_select(2, kpos).transpose(1, 2) @ qb)  # (Hq, nk, D)
+            dv_b[:, :nk] += p.index_select(2, kpos).transpose(1, 2) @ dob
+        dk[s:e] = dk_b.view(Hkv, group, m, D).sum(1).transpose(0, 1)
+        dv[s:e] = dv_b.view(Hkv, group, m, D).sum(1).transpose(0, 1)
+    return dq, dk.to(q.dtype), dv.to(q.dtype)

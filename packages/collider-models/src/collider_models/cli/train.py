@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=0.6, help="share of tokens kept per batch (0, 1]")
     p.add_argument("--selection", default="loss", choices=["loss", "random"],
                    help="'loss': top-k of the model's own token loss; 'random': uniform")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
@@ -75,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
         mean_all = float(token_loss.detach()[valid].mean())
-        history.append({"step": step, "filtered_loss": float(loss), "mean_loss": mean_all})
-        bar.set_postfix(filtered=f"{float(loss):.3f}", all=f"{mean_all:.3f}")
+        history.append({"step": step, "filtered_loss": loss.item(), "mean_loss": mean_all})
+        bar.set_postfix(filtered=f"{loss.item():.3f}", all=f"{mean_all:.3f}")
     ids, labels = (t.to(device) for t in corpus.batch(args.batch_size, args.seq_len))
     with torch.no_grad():
         keep = _select(model.token_loss(ids, labels), labels != -100, args, gen)
