@@ -39,7 +39,7 @@ class TokenSparseTensor(torch.Tensor):
     """A gradient that is zero outside a set of token rows.
 
     Args:
-        values: (n, *features) rows of the kept tokens, in ``index`` order.
+        values: ``(n, *features)`` rows of the kept tokens, in ``index`` order.
         index: (n,) int64 strictly increasing flat token index into ``prod(token_shape)``.
         token_shape: leading (token) dimensions of the logical shape, e.g. ``(B, T)``.
     """
@@ -81,7 +81,7 @@ class TokenSparseTensor(torch.Tensor):
         return dense.view(self.shape)
 
     def with_values(self, values: torch.Tensor) -> TokenSparseTensor:
-        """Same index and token shape, new row values (n, *features')."""
+        """Same index and token shape, new row values ``(n, *features')``."""
         return TokenSparseTensor(values, self.index, self.token_shape)
 
     def __repr__(self) -> str:  # noqa: D105

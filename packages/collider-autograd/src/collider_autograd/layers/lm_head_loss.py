@@ -92,13 +92,13 @@ def linear_cross_entropy(
     """Per-token cross-entropy of ``hidden @ weightᵀ (+ bias)`` against ``labels``.
 
     Args:
-        hidden: (*tokens, H) final hidden states.
+        hidden: ``(*tokens, H)`` final hidden states.
         weight: (V, H) LM head weight.
-        labels: (*tokens,) int64 targets aligned with positions; ``ignore_index`` → loss 0.
+        labels: ``(*tokens,)`` int64 targets aligned with positions; ``ignore_index`` → loss 0.
         bias: optional (V,) LM head bias.
 
     Returns:
-        (*tokens,) float32 losses (float64 for float64 inputs); the backward accepts a dense or a token-sparse gradient.
+        ``(*tokens,)`` float32 losses (float64 for float64 inputs); the backward accepts a dense or a token-sparse gradient.
     """
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), got {tuple(labels.shape)}")
