@@ -1,4 +1,4 @@
-"""``collider-train``: token-filtered training on the embedded default (or a checkpoint).
+"""``collider-train``: token-filtered training of a preset model on the embedded default data.
 
 Trains a small TinyLlama-architecture model on a synthetic language whose noise tokens
 cannot be learned; each step keeps the top ``--keep`` share of tokens by score and
