@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -177,19 +178,22 @@ def main(argv=None):
             for strat in args.strategies:
                 tab.DQ_STRATEGY = strat
 
-                def ours():
-                    return masked_attention_backward(q, k, v, out, lse, grad, index, offsets=offsets,
-                                                     scale=scale, backend="triton", validate=False)
+                ours = functools.partial(masked_attention_backward, q, k, v, out, lse, grad, index,
+                                         offsets=offsets, scale=scale, backend="triton", validate=False)
 
                 res = ours()  # autotunes on first use of a shape class
                 if device == "cuda":
                     torch.cuda.synchronize()
                 row = {"model": model, "keep": keep, "strategy": strat, "n": n}
                 if ref is not None:
-                    row["max_rel_err_vs_torch_backend"] = {
-                        nm: float(f"{_rel_err(a, r):.3e}") for nm, a, r in zip(("dq", "dk", "dv"), res, ref)}
+                    errs = (float(f"{_rel_err(a, r):.3e}") for a, r in zip(res, ref, strict=True))
+                    row["max_rel_err_vs_torch_backend"] = dict(zip(("dq", "dk", "dv"), errs, strict=True))
                 ms = _time_ms(ours, args.smoke)
                 row.update(ms=ms, dense_ms=base_ms, ratio=ms / base_ms)
+                for name, kern in (("dkdv", tab._dkdv_kernel), ("dq", tab._dq_kernel)):
+                    best = getattr(kern, "best_config", None)
+                    if best is not None:
+                        row.setdefault("configs", {})[name] = str(best)
                 if args.profile and device == "cuda":
                     row["kernels_ms"] = _kernel_breakdown(ours)
                 rows.append(row)

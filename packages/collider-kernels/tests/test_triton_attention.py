@@ -15,16 +15,15 @@ if not torch.cuda.is_available():
     # Must happen before anything imports triton (the package conftest does the same).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
 import collider_kernels as ck  # noqa: E402
+import pytest  # noqa: E402
 from collider_kernels.masked_attention import _masked_attention_backward_torch  # noqa: E402
 from collider_kernels.reference import (  # noqa: E402
     attention_forward_reference,
     masked_attention_backward_reference,
 )
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton")
 from collider_kernels.triton import attention_backward as tab  # noqa: E402
@@ -99,12 +98,12 @@ class Case:
                     "dv": torch.full((n, Hkv, D), float("nan"), dtype=dt, device=dev)}
         res = tab.masked_attention_backward_triton(*self.args(), dq_strategy=strategy, **bufs)
         if poison:
-            assert all(r is bufs[k] for r, k in zip(res, ("dq", "dk", "dv")))
+            assert all(r is bufs[k] for r, k in zip(res, ("dq", "dk", "dv"), strict=True))
         return res
 
 
 def assert_close_rel(res, ref, tol, what):
-    for name, a, r in zip(("dq", "dk", "dv"), res, ref):
+    for name, a, r in zip(("dq", "dk", "dv"), res, ref, strict=True):
         assert a.shape == r.shape, f"{what} {name}: shape {tuple(a.shape)} != {tuple(r.shape)}"
         assert torch.isfinite(a).all(), f"{what} {name}: non-finite values (unwritten rows?)"
         if a.numel():
@@ -115,7 +114,7 @@ def assert_close_rel(res, ref, tol, what):
 
 def assert_rule(res, ref32, torch_res, what):
     """``max|out - ref32| <= 2 max|out_torch - ref32| + atol``, atol one bf16 step of the result scale."""
-    for name, a, r, t in zip(("dq", "dk", "dv"), res, ref32, torch_res):
+    for name, a, r, t in zip(("dq", "dk", "dv"), res, ref32, torch_res, strict=True):
         assert torch.isfinite(a).all(), f"{what} {name}: non-finite values (unwritten rows?)"
         if not a.numel():
             continue
@@ -187,7 +186,7 @@ def test_all_kept_equals_dense_gradients():
 def test_never_reads_unneeded_rows():
     """Filtered queries' q/out/lse and keys after a sequence's last kept position are never read."""
     case = Case(2, 50, 4, 2, 16, ("scattered", "runs"), torch.float32, seed=5)
-    B, T = 2, 50
+    B = 2
     q, k, v, out, lse = (t.clone() for t in (case.q, case.k, case.v, case.out, case.lse))
     for b in range(B):
         kept = case.keep[b]

@@ -20,7 +20,11 @@ key position" is the same as "query row >= key row", so the dK/dV pass masks in 
 needs no search. All arithmetic accumulates in fp32; probabilities and dS enter the matrix
 products in the input dtype, as in FlashAttention. Under ``TRITON_INTERPRET=1`` loaded tiles are
 cast to fp32 (the interpreter's bf16/fp16 arithmetic is not trustworthy) and one small fixed block
-configuration runs; on the GPU the block shapes are autotuned.
+configuration runs; on the GPU the block shapes are autotuned for bf16/fp16, and fp32 runs one
+fixed configuration.
+
+``"separate"`` is the default: on an H200 (B=8, T=2048) the fp32 atomics made the dK/dV pass about
+twice as slow as the extra dQ products they save (benchmarks/results/attention_h200.md).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ _STRATEGIES = ("separate", "atomic")
 # Block shapes under the interpreter (and when autotuning is off on the GPU).
 INTERPRET_BLOCKS = {"dkdv": (32, 16), "dq": (16, 16)}  # (BLOCK_N, BLOCK_M), (BLOCK_M, BLOCK_N)
 _FIXED_GPU_BLOCKS = {"dkdv": (128, 32, 4, 3), "dq": (128, 32, 4, 3)}  # + (num_warps, num_stages)
+# fp32 inputs (tests, debugging) run one small fixed configuration on the GPU: no tuning.
+_FP32_GPU_BLOCKS = {"dkdv": (64, 32, 4, 2), "dq": (64, 32, 4, 2)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +126,7 @@ def _dkdv_step(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["n", "T", "GROUP", "NUM_KV_HEADS"])
+@triton.jit(do_not_specialize=["n", "T", "GROUP", "NUM_KV_HEADS", "stride_lb", "stride_lh"])
 def _attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, INDEX, OFFSETS,
     qk_scale, scale, n, T, GROUP, NUM_KV_HEADS,
@@ -215,7 +221,7 @@ def _dq_step(
     return dq
 
 
-@triton.jit(do_not_specialize=["n", "T", "GROUP", "NUM_HEADS"])
+@triton.jit(do_not_specialize=["n", "T", "GROUP", "NUM_HEADS", "stride_lb", "stride_lh"])
 def _attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, DQ, DQ_ACC, INDEX, OFFSETS, FPOS,
     qk_scale, scale, n, T, GROUP, NUM_HEADS,
@@ -373,12 +379,12 @@ else:
     _dq_kernel = _attn_bwd_dq
 
 
-def _fixed_meta(which: str) -> dict:
+def _fixed_meta(which: str, fp32: bool = False) -> dict:
     if INTERPRET:
         a, c = INTERPRET_BLOCKS[which]
         meta = {}
     else:
-        a, c, w, st = _FIXED_GPU_BLOCKS[which]
+        a, c, w, st = (_FP32_GPU_BLOCKS if fp32 else _FIXED_GPU_BLOCKS)[which]
         meta = {"num_warps": w, "num_stages": st}
     if which == "dkdv":
         meta.update(BLOCK_N=a, BLOCK_M=c)
@@ -454,8 +460,12 @@ def masked_attention_backward_triton(
     common = (
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(),
     )
-    meta_dkdv = {} if AUTOTUNE else _fixed_meta("dkdv")
-    _dkdv_kernel[lambda m: (B * Hkv, triton.cdiv(T, m["BLOCK_N"]))](
+    tuned = AUTOTUNE and q.dtype != torch.float32
+    dkdv_kernel = _dkdv_kernel if tuned else _attn_bwd_dkdv
+    dq_kernel = _dq_kernel if tuned else _attn_bwd_dq
+    fp32 = q.dtype == torch.float32
+    meta_dkdv = {} if tuned else _fixed_meta("dkdv", fp32)
+    dkdv_kernel[lambda m: (B * Hkv, triton.cdiv(T, m["BLOCK_N"]))](
         q, k, v, grad_out, lse, delta, dk, dv, dq_acc, index, offsets,
         qk_scale, float(scale), n, T, group, Hkv,
         *common,
@@ -463,8 +473,8 @@ def masked_attention_backward_triton(
         HEAD_DIM=D, BLOCK_D=block_d, ATOMIC_DQ=atomic, UPCAST=upcast, PREC=prec,
         **meta_dkdv,
     )
-    meta_dq = {} if AUTOTUNE else _fixed_meta("dq")
-    _dq_kernel[lambda m: (B * Hq, triton.cdiv(T, m["BLOCK_M"]))](
+    meta_dq = {} if tuned else _fixed_meta("dq", fp32)
+    dq_kernel[lambda m: (B * Hq, triton.cdiv(T, m["BLOCK_M"]))](
         q, k, v, grad_out, lse, delta, dq, dq_acc, index, offsets, fpos,
         qk_scale, float(scale), n, T, group, Hq,
         *common,

@@ -1,0 +1,158 @@
+"""Public ``masked_attention_backward`` API: the torch backend against the dense reference of the
+contract (DESIGN.md §2), argument validation, and ``sequence_offsets``."""
+
+import math
+
+import collider_kernels as ck
+import pytest
+import torch
+from collider_kernels.reference import attention_forward_reference, masked_attention_backward_reference
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+KEEP_KINDS = ("empty", "all", "one", "scattered", "runs")
+
+
+def keep_row(kind: str, T: int, gen: torch.Generator) -> torch.Tensor:
+    """(T,) bool kept set of one sequence."""
+    row = torch.zeros(T, dtype=torch.bool)
+    if kind == "all":
+        row[:] = True
+    elif kind == "one":
+        row[int(torch.randint(0, T, (1,), generator=gen))] = True
+    elif kind == "scattered":
+        row = torch.rand(T, generator=gen) < float(torch.rand((), generator=gen)) * 0.9 + 0.05
+    elif kind == "runs":
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            a = int(torch.randint(0, T, (1,), generator=gen))
+            row[a: a + int(torch.randint(1, max(2, T // 2), (1,), generator=gen))] = True
+    return row
+
+
+def make_case(B, T, Hq, Hkv, D, kinds, dtype, seed):
+    """Inputs (q/k/v strided views of one projection, ``out`` transposed like SDPA's) and the
+    reference gradients of the kept rows."""
+    gen = torch.Generator().manual_seed(seed)
+    fused = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=gen, dtype=torch.float64).to(dtype)
+    q = fused[..., : Hq * D].view(B, T, Hq, D)
+    k = fused[..., Hq * D: (Hq + Hkv) * D].view(B, T, Hkv, D)
+    v = fused[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
+    keep = torch.stack([keep_row(kd, T, gen) for kd in kinds])  # (B, T)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    out, lse = attention_forward_reference(q64, k64, v64)
+    grad = torch.randn(B, T, Hq, D, generator=gen, dtype=torch.float64)
+    index = keep.reshape(-1).nonzero().squeeze(1)
+    ref = masked_attention_backward_reference(q64, k64, v64, grad * keep[..., None, None], keep)
+    ref_kept = [r.reshape(B * T, r.shape[2], D)[index] for r in ref]
+    args = dict(q=q, k=k, v=v, out=out.to(dtype), lse=lse.float() if dtype != torch.float64 else lse,
+                grad_out=grad.reshape(B * T, Hq, D)[index].to(dtype), index=index)
+    return args, ref, ref_kept, keep
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 40),
+    Hkv=st.integers(1, 2),
+    group=st.sampled_from((1, 4, 6, 8)),
+    D=st.sampled_from((4, 8, 16)),
+    kinds=st.lists(st.sampled_from(KEEP_KINDS), min_size=3, max_size=3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_torch_backend_matches_reference(B, T, Hkv, group, D, kinds, seed):
+    args, ref, ref_kept, keep = make_case(B, T, Hkv * group, Hkv, D, kinds[:B], torch.float64, seed)
+    res = ck.masked_attention_backward(**args, backend="torch")
+    for name, a, r in zip(("dq", "dk", "dv"), res, ref_kept, strict=True):
+        assert a.dtype == torch.float64 and a.shape == r.shape, name
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-9, msg=name)
+    # The contract itself: filtered positions get exactly zero gradient everywhere.
+    for r in ref:
+        assert (r[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_torch_backend_low_precision(dtype, tol):
+    args, _, ref_kept, _ = make_case(2, 37, 8, 2, 16, ("scattered", "runs"), dtype, seed=4)
+    res = ck.masked_attention_backward(**args, backend="torch")
+    for a, r in zip(res, ref_kept, strict=True):
+        assert a.dtype == dtype
+        assert (a.double() - r).abs().max() <= tol * (1 + r.abs().max())
+
+
+def test_all_kept_is_dense_autograd():
+    args, _, ref_kept, _ = make_case(2, 24, 6, 2, 8, ("all", "all"), torch.float64, seed=9)
+    q, k, v = (args[n].detach().clone().requires_grad_() for n in "qkv")
+    out, _ = attention_forward_reference(q, k, v)
+    g = torch.zeros(out.shape, dtype=torch.float64)
+    g.view(48, 6, 8)[args["index"]] = args["grad_out"]
+    dense = torch.autograd.grad(out, (q, k, v), g)
+    res = ck.masked_attention_backward(**args, backend="torch")
+    for a, d in zip(res, dense, strict=True):
+        torch.testing.assert_close(a, d.reshape(48, -1, 8))
+
+
+def test_nothing_kept_gives_empty_outputs():
+    args, _, _, _ = make_case(2, 10, 4, 1, 8, ("empty", "empty"), torch.float32, seed=0)
+    dq, dk, dv = ck.masked_attention_backward(**args, backend="torch")
+    assert dq.shape == (0, 4, 8) and dk.shape == (0, 1, 8) and dv.shape == (0, 1, 8)
+
+
+def test_explicit_offsets_and_scale():
+    args, _, _, _ = make_case(3, 20, 4, 2, 8, ("runs", "empty", "scattered"), torch.float64, seed=6)
+    offsets = ck.sequence_offsets(args["index"], 3, 20)
+    a = ck.masked_attention_backward(**args, offsets=offsets, scale=1 / math.sqrt(8), backend="torch")
+    b = ck.masked_attention_backward(**args, backend="torch")
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_sequence_offsets():
+    index = torch.tensor([1, 2, 7, 12, 13, 14])  # T = 5: sequences 0, 1, 2 (none), 2 ... of B=4
+    off = ck.sequence_offsets(index, 4, 5)
+    assert off.tolist() == [0, 2, 3, 6, 6]
+
+
+# ----------------------------------------------------------------------------------------------
+# bad inputs: the error names the argument
+# ----------------------------------------------------------------------------------------------
+
+
+def _good():
+    args, _, _, _ = make_case(2, 8, 4, 2, 8, ("scattered", "all"), torch.float32, seed=1)
+    return args
+
+
+def _bad_cases():
+    yield "q", TypeError, lambda a: a.update(q=a["q"].numpy())
+    yield "q", ValueError, lambda a: a.update(q=a["q"][0])
+    yield "q", TypeError, lambda a: a.update(q=a["q"].to(torch.int32))
+    yield "k", TypeError, lambda a: a.update(k=a["k"].double())
+    yield "k", ValueError, lambda a: a.update(k=a["k"][:, :4])
+    yield "v", ValueError, lambda a: a.update(v=a["v"][..., :4])
+    yield "k and v", ValueError, lambda a: a.update(v=torch.randn(2, 8, 1, 8))
+    yield "query heads", ValueError, lambda a: a.update(k=torch.randn(2, 8, 3, 8), v=torch.randn(2, 8, 3, 8))
+    yield "out", ValueError, lambda a: a.update(out=a["out"][:, :, :2])
+    yield "out", TypeError, lambda a: a.update(out=a["out"].double())
+    yield "lse", TypeError, lambda a: a.update(lse=a["lse"].half())
+    yield "lse", ValueError, lambda a: a.update(lse=a["lse"].transpose(1, 2))
+    yield "index", TypeError, lambda a: a.update(index=a["index"].float())
+    yield "index", IndexError, lambda a: a["index"].__setitem__(-1, 16)
+    yield "index", ValueError, lambda a: a.update(index=a["index"].flip(0))
+    yield "grad_out", ValueError, lambda a: a.update(grad_out=a["grad_out"][1:])
+    yield "grad_out", TypeError, lambda a: a.update(grad_out=a["grad_out"].half())
+
+
+@pytest.mark.parametrize("name,exc,mutate", list(_bad_cases()))
+def test_bad_inputs_name_the_argument(name, exc, mutate):
+    args = _good()
+    mutate(args)
+    with pytest.raises(exc, match=name):
+        ck.masked_attention_backward(**args, backend="torch")
+
+
+def test_bad_offsets_and_backend():
+    args = _good()
+    with pytest.raises(ValueError, match="offsets"):
+        ck.masked_attention_backward(**args, offsets=torch.zeros(5, dtype=torch.int64), backend="torch")
+    with pytest.raises(ValueError, match="backend"):
+        ck.masked_attention_backward(**args, backend="nope")
