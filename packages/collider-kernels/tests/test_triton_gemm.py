@@ -128,3 +128,19 @@ def test_gpu_edge_index_sets(kc):
                          dtype=torch.bfloat16, device="cuda", seed=5)
         kc.weight_grad("triton", M=513, K=320, N=130, n=77, kind=kind, row_pad=0,
                        dtype=torch.bfloat16, device="cuda", seed=5, out_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_weight_grad_offsets_past_int32():
+    """grad_outᵀ is read column-wise: row r of grad_out sits r·stride elements in, past 2^31 here."""
+    n, N, K, M, stride = 17000, 128, 64, 3000, 131072  # 17000 · 131072 > 2^31
+    buf = torch.empty(n, stride, dtype=torch.bfloat16, device="cuda")
+    g = buf[:, :N]  # (n, N), row stride 131072
+    g.normal_()
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    idx = torch.randint(0, M, (n,), device="cuda")
+    out = ck.gathered_weight_grad(g, x, idx, backend="triton")
+    ref = g.float().t() @ x[idx].float()
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < 1e-2, err
+    del buf

@@ -2,7 +2,8 @@
 
 Each op module registers its torch implementation; the Triton and CuPy packages register
 theirs when they import cleanly. ``backend="auto"`` picks, per op and device, the first
-registered backend in :data:`AUTO_ORDER` that supports the device.
+registered backend in :data:`AUTO_ORDER_CUDA_BY_OP` (else :data:`AUTO_ORDER_CUDA`) that
+supports the device.
 """
 
 from __future__ import annotations
@@ -16,6 +17,16 @@ import torch
 BACKENDS = ("torch", "triton", "cupy")
 # Preference of ``backend="auto"`` on CUDA; CPU always resolves to "torch".
 AUTO_ORDER_CUDA = ("triton", "cupy", "torch")
+# Per-op preference where measured (benchmarks/results/gemm_h200.md, H200, bf16, model shapes):
+# geomean time per call over all shapes and keeps, gather_matmul: torch 0.420 ms, triton 0.527,
+# cupy 0.556; gathered_weight_grad: torch 0.431, cupy 0.544, triton 0.734 (before a fix that
+# re-measured 0.53-0.65 x cuBLAS on three shapes); scatter_add_rows (embedding grad):
+# triton 0.09-0.13 ms, torch 0.15-0.21, cupy 0.38-0.50.
+AUTO_ORDER_CUDA_BY_OP = {
+    "gather_matmul": ("torch", "triton", "cupy"),
+    "gathered_weight_grad": ("torch", "cupy", "triton"),
+    "scatter_add_rows": ("triton", "torch", "cupy"),
+}
 
 
 @dataclass(frozen=True)
@@ -58,7 +69,7 @@ def available_backends(op: str, device: torch.device | str) -> list[str]:
     _load_optional()
     dev = torch.device(device).type
     impls = _REGISTRY.get(op, {})
-    order = AUTO_ORDER_CUDA if dev == "cuda" else ("torch", "triton", "cupy")
+    order = AUTO_ORDER_CUDA_BY_OP.get(op, AUTO_ORDER_CUDA) if dev == "cuda" else ("torch", "triton", "cupy")
     return [b for b in order if b in impls and dev in impls[b].devices]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import cupy
 import numpy as np
@@ -44,11 +45,29 @@ _ONE = np.ones(1, dtype=np.float32)
 _ZERO = np.zeros(1, dtype=np.float32)
 
 
+_STREAMS: dict[tuple[int, int], object] = {}
+
+
+def _external_stream(ptr: int, device_index: int):
+    """CuPy wrapper of a CUDA stream owned by PyTorch (cached: creating one costs host time)."""
+    key = (device_index, ptr)
+    stream = _STREAMS.get(key)
+    if stream is None:
+        if len(_STREAMS) > 64:
+            _STREAMS.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            stream = cupy.cuda.ExternalStream(ptr, device_index)
+        _STREAMS[key] = stream
+    return stream
+
+
 @contextlib.contextmanager
 def _on_torch_stream(device: torch.device):
     """Make CuPy use the tensor's GPU and PyTorch's current stream on it."""
-    stream = torch.cuda.current_stream(device)
-    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _external_stream(torch.cuda.current_stream(device).cuda_stream, index)
+    with cupy.cuda.Device(index), stream:
         yield
 
 
