@@ -1,36 +1,14 @@
-"""Test setup: run Triton kernels through the interpreter on machines without CUDA; ``gpu`` marker."""
+"""Shared checks of a backend against collider_kernels.reference (the ``kc`` fixture).
 
-import os
+The interpreter setting and the ``gpu`` skip live in the repository's root conftest.py.
+"""
 
+import types
+
+import collider_kernels as ck
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Must happen before anything imports triton.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
-
-
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is available on this machine")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared checks of a backend against collider_kernels.reference (used through the ``kc`` fixture).
-
-import types  # noqa: E402
-
-import collider_kernels as ck  # noqa: E402
-from collider_kernels import reference  # noqa: E402
+from collider_kernels import reference
 
 INDEX_KINDS = ("sorted_subset", "random_repeats", "empty", "full", "single")
 

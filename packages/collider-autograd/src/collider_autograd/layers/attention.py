@@ -71,9 +71,11 @@ class CausalAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
-        group = q.shape[2] // k.shape[2]
+        # CUDA flash attention takes grouped K/V heads natively; the other kernels need them expanded.
+        native_gqa = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        group = 1 if native_gqa else q.shape[2] // k.shape[2]
         qh = q.transpose(1, 2)  # (B, Hq, T, D)
-        kh = _expand_kv(k.transpose(1, 2), group)  # (B, Hq, T, D)
+        kh = _expand_kv(k.transpose(1, 2), group)  # (B, Hq or Hkv, T, D)
         vh = _expand_kv(v.transpose(1, 2), group)
         out, lse, (kind, extra) = _flash_forward(qh, kh, vh, scale)
         ctx.save_for_backward(q, k, v, out, lse, *(t for t in extra if not isinstance(t, int)))
