@@ -217,6 +217,7 @@ def environment(device: torch.device, kernels: str) -> dict:
         "python": platform.python_version(),
         "kernels": kernels,
         "kernel_backends": {op: (available_backends(op, device) or ["?"])[0] for op in KERNEL_OPS},
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("COLLIDER_", "TRITON_"))},
     }
     for mod in ("triton", "transformers"):
         try:
