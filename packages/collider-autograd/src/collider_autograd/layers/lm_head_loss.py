@@ -13,7 +13,7 @@ from collider_kernels import gather_matmul, gathered_weight_grad
 from collider_autograd.sparse_grad import TokenSparseTensor
 
 # Rows per chunk are chosen so a chunk of fp32 logits stays near this many elements.
-_CHUNK_ELEMENTS = 1 << 27
+_CHUNK_ELEMENTS = 1 << 28
 
 
 def _chunk_rows(vocab: int) -> int:
