@@ -48,7 +48,7 @@ def test_causal_attention_cuda_dense_and_sparse(dtype, group):
         for a, r, s in zip(ours, ref, same_dtype, strict=True):
             bound = 2 * (s.float() - r).abs().max() + 1e-4
             assert (a.float() - r).abs().max() <= bound
-        assert all(g.reshape(B * T, -1)[~mask.reshape(-1)].abs().max() == 0 for g in ours[1:])
+        assert all(g.reshape(B * T, -1)[~mask.reshape(-1)].abs().sum() == 0 for g in ours[1:])  # filtered K/V rows
 
 
 def test_model_contract_on_cuda_fp32():
