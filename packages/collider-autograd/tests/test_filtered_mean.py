@@ -25,6 +25,14 @@ def test_value_and_gradient_equal_masked_mean():
     torch.testing.assert_close(grad.to_dense(), ref_grad)
 
 
+def test_everything_kept_gives_the_dense_gradient():
+    loss, _ = _inputs(4)
+    keep = torch.ones(4, 9, dtype=torch.bool)
+    (grad,) = torch.autograd.grad(filtered_mean(loss, keep), loss)
+    assert type(grad) is torch.Tensor
+    torch.testing.assert_close(grad, torch.full_like(loss, 1 / 36))
+
+
 def test_global_normalizer():
     loss, keep = _inputs(1)
     out = filtered_mean(loss, keep, normalizer=100.0)

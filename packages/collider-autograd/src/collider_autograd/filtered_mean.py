@@ -22,6 +22,9 @@ class FilteredMeanFunction(torch.autograd.Function):
     def backward(ctx, grad):
         index, normalizer = ctx.saved_tensors
         scale = torch.where(normalizer > 0, grad / normalizer.clamp_min(1e-30), torch.zeros_like(grad))
+        if index.numel() == ctx.token_shape.numel():
+            # Everything kept: the ordinary dense backward is the same gradient, and faster.
+            return scale.to(grad.dtype).expand(ctx.token_shape).contiguous(), None, None
         values = scale.to(grad.dtype).expand(index.numel()).contiguous()  # (n,)
         return TokenSparseTensor(values, index, ctx.token_shape), None, None
 
@@ -39,7 +42,8 @@ def filtered_mean(
 
     Replaces ``(token_loss * keep).sum() / keep.sum()``. The value is the same; the gradient
     is a :class:`TokenSparseTensor` over the kept positions, which Collider layers turn into
-    a backward over kept rows only (DESIGN.md §2).
+    a backward over kept rows only (DESIGN.md §2). When every position is kept the gradient
+    is an ordinary dense tensor, so the backward is the ordinary dense one.
 
     Args:
         token_loss: (B, T) floating per-position losses (``labels[:, t]`` predicted at t).
