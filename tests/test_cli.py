@@ -9,7 +9,7 @@ from collider_models.cli.train import main
 
 def test_collider_train_tiny_run(tmp_path, capsys):
     rc = main(["--preset", "tinyllama-tiny", "--steps", "3", "--batch-size", "2", "--seq-len", "16",
-               "--timing-repeats", "1", "--out", str(tmp_path)])
+               "--timing-repeats", "1", "--reference-steps", "2", "--out", str(tmp_path)])
     assert rc == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["history"]) == 3

@@ -30,7 +30,7 @@ PRESETS: dict[str, dict] = {
     # Small sizes of the same architectures, for tests and the CPU demo.
     "tinyllama-tiny": {**_LLAMA, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 344,
                        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2},
-    "tinyllama-small": {**_LLAMA, "vocab_size": 512, "hidden_size": 256, "intermediate_size": 688,
+    "tinyllama-small": {**_LLAMA, "vocab_size": 128, "hidden_size": 256, "intermediate_size": 688,
                         "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2},
     "qwen2.5-tiny": {**_QWEN2, "vocab_size": 512, "hidden_size": 96, "intermediate_size": 256,
                      "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2},
