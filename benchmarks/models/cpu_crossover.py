@@ -48,6 +48,8 @@ def main() -> None:
         crossover = r["keep"]
     meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "cpu": platform.processor() or
             platform.machine(), "threads": torch.get_num_threads(), "preset": args.preset,
+            "preset_shape": {k: v for k, v in collider_models.preset_config(args.preset).items()
+                             if k.endswith(("_size", "_layers", "_heads"))},
             "batch_size": args.batch_size, "seq_len": args.seq_len, "repeats": args.repeats}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows,
