@@ -5,9 +5,9 @@ import copy
 
 import pytest
 import torch
-from collider_autograd import densify_counts, filtered_mean, reset_densify_counts, select_top_k
 
 import collider_models
+from collider_autograd import densify_counts, filtered_mean, reset_densify_counts, select_top_k
 from collider_models.data import SyntheticCorpus
 from collider_models.reference import detach_filtered_kv, masked_mean
 

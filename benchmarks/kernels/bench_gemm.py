@@ -101,7 +101,9 @@ def bench_gemms(backends: list[str], log) -> list[dict]:
                     else:
                         fns = {
                             "cublas_compact": lambda: torch.mm(g.t(), xc),
-                            "index_select+mm": lambda: ck.gathered_weight_grad(g, x, idx, backend="torch", validate=False),
+                            "index_select+mm": lambda: ck.gathered_weight_grad(
+                                g, x, idx, backend="torch", validate=False
+                            ),
                         }
                         for b in backends:
                             fns[b] = (lambda b=b: ck.gathered_weight_grad(g, x, idx, backend=b, validate=False))
@@ -215,7 +217,8 @@ def write_md(path, meta, rows, summary, scatter, backends):
         "",
         "## keep 0.6 (TFLOP/s; ratios of Triton)",
         "",
-        "| model | layers | N×K | op | Triton | CuPy | index_select+mm | cuBLAS-compact | Triton/cuBLAS-compact | Triton/index_select+mm |",
+        "| model | layers | N×K | op | Triton | CuPy | index_select+mm | cuBLAS-compact "
+        "| Triton/cuBLAS-compact | Triton/index_select+mm |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 

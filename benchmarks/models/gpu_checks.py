@@ -134,6 +134,7 @@ def contract_check(preset: str, dtype: torch.dtype, device, T: int):
 
 def _hf_tiny_checkpoint(arch_preset: str, folder: Path):
     import transformers
+
     from collider_models.presets import preset_config
 
     cfg = preset_config(arch_preset)
@@ -148,8 +149,9 @@ def _hf_tiny_checkpoint(arch_preset: str, folder: Path):
 
 @torch.no_grad()
 def logits_check(preset: str, device, T: int):
-    import collider_models
     import transformers
+
+    import collider_models
 
     with tempfile.TemporaryDirectory() as tmp:
         hf32 = _hf_tiny_checkpoint(preset, Path(tmp)).to(device).eval()
@@ -265,6 +267,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
 
     import triton
+
     from collider_kernels import available_backends
 
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from collider_autograd import filtered_mean
 
 import collider_models
+from collider_autograd import filtered_mean
 from collider_models.reference import masked_mean
 
 

@@ -5,14 +5,25 @@ import math
 
 import pytest
 import torch
-from collider_kernels.reference import attention_forward_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collider_autograd import (
-    TokenSparseTensor, apply_rotary, causal_attention, densify_counts, embedding, gelu_new, layer_norm,
-    linear, linear_cross_entropy, reset_densify_counts, rms_norm, rotary_tables, swiglu,
+    TokenSparseTensor,
+    apply_rotary,
+    causal_attention,
+    densify_counts,
+    embedding,
+    gelu_new,
+    layer_norm,
+    linear,
+    linear_cross_entropy,
+    reset_densify_counts,
+    rms_norm,
+    rotary_tables,
+    swiglu,
 )
+from collider_kernels.reference import attention_forward_reference
 
 F64 = torch.float64
 

@@ -3,10 +3,10 @@ backward, the masked backward for sparse gradients, and a whole model against th
 
 import pytest
 import torch
-from collider_kernels.reference import attention_forward_reference
 
 import collider_autograd as ca
 from collider_autograd import TokenSparseTensor, causal_attention
+from collider_kernels.reference import attention_forward_reference
 
 pytestmark = pytest.mark.gpu
 

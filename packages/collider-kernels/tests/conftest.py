@@ -5,9 +5,10 @@ The interpreter setting and the ``gpu`` skip live in the repository's root conft
 
 import types
 
-import collider_kernels as ck
 import pytest
 import torch
+
+import collider_kernels as ck
 from collider_kernels import reference
 
 INDEX_KINDS = ("sorted_subset", "random_repeats", "empty", "full", "single")

@@ -3,12 +3,13 @@ contract (DESIGN.md §2), argument validation, and ``sequence_offsets``."""
 
 import math
 
-import collider_kernels as ck
 import pytest
 import torch
-from collider_kernels.reference import attention_forward_reference, masked_attention_backward_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import collider_kernels as ck
+from collider_kernels.reference import attention_forward_reference, masked_attention_backward_reference
 
 KEEP_KINDS = ("empty", "all", "one", "scattered", "runs")
 

@@ -15,15 +15,16 @@ if not torch.cuda.is_available():
     # Must happen before anything imports triton (the package conftest does the same).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import collider_kernels as ck  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import collider_kernels as ck  # noqa: E402
 from collider_kernels.masked_attention import _masked_attention_backward_torch  # noqa: E402
 from collider_kernels.reference import (  # noqa: E402
     attention_forward_reference,
     masked_attention_backward_reference,
 )
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 pytest.importorskip("triton")
 from collider_kernels.triton import attention_backward as tab  # noqa: E402

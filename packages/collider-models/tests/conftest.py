@@ -1,8 +1,9 @@
 """Shared fixtures: tiny random models and checkpoints of each architecture, built offline."""
 
-import collider_models
 import pytest
 import torch
+
+import collider_models
 from collider_models.presets import preset_config
 
 TINY = {"llama": "tinyllama-tiny", "qwen2": "qwen2.5-tiny", "phi": "phi-tiny"}

@@ -3,13 +3,14 @@
 import copy
 import json
 
-import collider_models
 import pytest
 import torch
-from collider_models import from_pretrained, save_pretrained
-from collider_models.checkpoint import CheckpointError
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+import collider_models
+from collider_models import from_pretrained, save_pretrained
+from collider_models.checkpoint import CheckpointError
 
 ARCHS = ["llama", "qwen2", "phi"]
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from collider_autograd import TokenSparseTensor, densify_counts, filtered_mean, reset_densify_counts
 
 import collider_models
+from collider_autograd import TokenSparseTensor, densify_counts, filtered_mean, reset_densify_counts
 from collider_models.reference import detach_filtered_kv, masked_mean
 
 ARCHS = ["tinyllama-tiny", "qwen2.5-tiny", "phi-tiny"]
@@ -20,7 +20,9 @@ def _keep_cases(gen):
         "ragged": vocab_mask,
         "all": torch.ones(B, T, dtype=torch.bool),
         "none": torch.zeros(B, T, dtype=torch.bool),
-        "single": torch.zeros(B, T, dtype=torch.bool).index_put_((torch.tensor([2]), torch.tensor([0])), torch.tensor(True)),
+        "single": torch.zeros(B, T, dtype=torch.bool).index_fill_(1, torch.tensor([0]), True) & (
+            torch.arange(B)[:, None] == 2
+        ),
     }
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from collider_models import KVCache, generate
 from collider_models.generate import _top_p_filter, cached_forward
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+
 from collider_autograd import filtered_mean
 from collider_models import from_pretrained, generate, save_pretrained
 from collider_models.reference import detach_filtered_kv, masked_mean

@@ -3,8 +3,20 @@ and :func:`filtered_mean` — the one line users change."""
 
 from collider_autograd.filtered_mean import filtered_mean
 from collider_autograd.layers import (
-    Embedding, LayerNorm, Linear, RMSNorm, apply_rotary, causal_attention, embedding, gelu_new, layer_norm, linear,
-    linear_cross_entropy, rms_norm, rotary_tables, swiglu,
+    Embedding,
+    LayerNorm,
+    Linear,
+    RMSNorm,
+    apply_rotary,
+    causal_attention,
+    embedding,
+    gelu_new,
+    layer_norm,
+    linear,
+    linear_cross_entropy,
+    rms_norm,
+    rotary_tables,
+    swiglu,
 )
 from collider_autograd.selection import excess_loss, select_random, select_threshold, select_top_k
 from collider_autograd.sparse_grad import TokenSparseTensor, densify_counts, reset_densify_counts
@@ -13,7 +25,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Embedding", "LayerNorm", "Linear", "RMSNorm", "TokenSparseTensor", "apply_rotary", "causal_attention",
-    "densify_counts", "embedding", "excess_loss", "gelu_new", "layer_norm", "filtered_mean", "linear", "linear_cross_entropy",
+    "densify_counts", "embedding", "excess_loss", "gelu_new", "layer_norm", "filtered_mean", "linear",
+    "linear_cross_entropy",
     "reset_densify_counts", "rms_norm", "rotary_tables", "select_random", "select_threshold",
     "select_top_k", "swiglu",
 ]

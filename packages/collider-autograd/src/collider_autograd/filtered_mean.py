@@ -59,7 +59,8 @@ def filtered_mean(
         A 0-dim tensor in ``token_loss.dtype``.
     """
     if not isinstance(token_loss, torch.Tensor) or not token_loss.is_floating_point():
-        raise TypeError(f"token_loss must be a floating-point tensor, got {getattr(token_loss, 'dtype', type(token_loss))}")
+        got = getattr(token_loss, "dtype", type(token_loss))
+        raise TypeError(f"token_loss must be a floating-point tensor, got {got}")
     if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool:
         raise TypeError(f"keep must be a bool tensor, got {getattr(keep, 'dtype', type(keep))}")
     if keep.shape != token_loss.shape:

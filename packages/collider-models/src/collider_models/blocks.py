@@ -7,12 +7,20 @@ of :class:`ModelConfig`-driven blocks), so ``state_dict()`` keys equal checkpoin
 from __future__ import annotations
 
 import torch
-from collider_autograd import (
-    Embedding, LayerNorm, Linear, RMSNorm, apply_rotary, causal_attention, gelu_new, linear_cross_entropy,
-    rotary_tables, swiglu,
-)
 from torch import nn
 
+from collider_autograd import (
+    Embedding,
+    LayerNorm,
+    Linear,
+    RMSNorm,
+    apply_rotary,
+    causal_attention,
+    gelu_new,
+    linear_cross_entropy,
+    rotary_tables,
+    swiglu,
+)
 from collider_models.config import ModelConfig
 
 

@@ -26,7 +26,8 @@ class SyntheticCorpus:
             raise ValueError(f"noise must be in [0, 1), got {noise}")
         gen = torch.Generator().manual_seed(seed)
         self.vocab_size, self.noise = vocab_size, noise
-        self.successors = torch.stack([torch.randperm(vocab_size, generator=gen)[:branching] for _ in range(vocab_size)])
+        rows = [torch.randperm(vocab_size, generator=gen)[:branching] for _ in range(vocab_size)]
+        self.successors = torch.stack(rows)  # (V, branching) likely next tokens
         self.gen = torch.Generator().manual_seed(seed + 1)
 
     def batch(self, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

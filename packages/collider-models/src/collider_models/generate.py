@@ -12,8 +12,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from collider_autograd import apply_rotary, rotary_tables
 from torch import nn
+
+from collider_autograd import apply_rotary, rotary_tables
 
 
 class KVCache:

@@ -6,8 +6,8 @@ import statistics
 import time
 
 import torch
-from collider_autograd import filtered_mean
 
+from collider_autograd import filtered_mean
 from collider_models.reference import masked_mean
 
 MODES = ("masked", "collider")

@@ -1,9 +1,9 @@
 """Layer Functions and Modules: dense gradient in → ordinary backward; sparse in → kept rows only."""
 
 from collider_autograd.layers.attention import CausalAttentionFunction, causal_attention
+from collider_autograd.layers.embedding import Embedding, EmbeddingFunction, embedding
 from collider_autograd.layers.gelu import GeluNewFunction, gelu_new
 from collider_autograd.layers.layer_norm import LayerNorm, LayerNormFunction, layer_norm
-from collider_autograd.layers.embedding import Embedding, EmbeddingFunction, embedding
 from collider_autograd.layers.linear import Linear, LinearFunction, linear
 from collider_autograd.layers.lm_head_loss import LinearCrossEntropyFunction, linear_cross_entropy
 from collider_autograd.layers.rms_norm import RMSNorm, RMSNormFunction, rms_norm

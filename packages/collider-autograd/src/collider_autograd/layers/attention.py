@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
-from collider_kernels import masked_attention_backward
 
 from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_kernels import masked_attention_backward
 
 aten = torch.ops.aten
 
@@ -107,7 +107,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, T, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"k and v must be ({q.shape[0]}, {q.shape[1]}, Hkv, {q.shape[3]}), got {tuple(k.shape)}, {tuple(v.shape)}")
+        want = f"({q.shape[0]}, {q.shape[1]}, Hkv, {q.shape[3]})"
+        raise ValueError(f"k and v must be {want}, got {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-from collider_kernels import scatter_add_rows
 from torch import nn
 
 from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_kernels import scatter_add_rows
 
 
 class EmbeddingFunction(torch.autograd.Function):

@@ -8,9 +8,9 @@ rows of a sparse gradient (a gather-GEMM), or all rows of a dense one.
 from __future__ import annotations
 
 import torch
-from collider_kernels import gather_matmul, gathered_weight_grad
 
 from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_kernels import gather_matmul, gathered_weight_grad
 
 # Rows per chunk are chosen so a chunk of fp32 logits stays near this many elements.
 _CHUNK_ELEMENTS = 1 << 28
@@ -98,10 +98,12 @@ def linear_cross_entropy(
         bias: optional (V,) LM head bias.
 
     Returns:
-        ``(*tokens,)`` float32 losses (float64 for float64 inputs); the backward accepts a dense or a token-sparse gradient.
+        ``(*tokens,)`` float32 losses (float64 for float64 inputs); the backward accepts a dense
+        or a token-sparse gradient.
     """
     if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without its last dim), got {tuple(labels.shape)}")
+        want = tuple(hidden.shape[:-1])
+        raise ValueError(f"labels must have shape {want} (hidden without its last dim), got {tuple(labels.shape)}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     V = weight.shape[0]

@@ -11,7 +11,8 @@ def rotary_tables(
     positions: torch.Tensor, rot_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables (T, rot_dim) for integer ``positions`` (T,), computed in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rot_dim, 2, dtype=torch.int64, device=positions.device).float() / rot_dim))
+    even = torch.arange(0, rot_dim, 2, dtype=torch.int64, device=positions.device).float()  # (rot_dim/2,)
+    inv_freq = 1.0 / (theta ** (even / rot_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, rot_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, rot_dim)
     return emb.cos().to(dtype), emb.sin().to(dtype)

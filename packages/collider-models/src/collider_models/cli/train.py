@@ -10,17 +10,16 @@ dense masked-loss backward against the Collider backward on the same batch.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
 
 import torch
-import copy
-
-from collider_autograd import excess_loss, filtered_mean, select_random, select_top_k
 from tqdm import tqdm
 
 import collider_models
+from collider_autograd import excess_loss, filtered_mean, select_random, select_top_k
 from collider_models.data import SyntheticCorpus
 from collider_models.timing import compare_backward
 
