@@ -24,3 +24,18 @@ def test_collider_train_tiny_run(tmp_path, capsys):
 def test_collider_train_rejects_bad_keep(tmp_path):
     with pytest.raises(SystemExit, match="--keep"):
         main(["--keep", "0", "--out", str(tmp_path)])
+
+
+def test_collider_bench_tiny_cpu_run(tmp_path):
+    from collider_models.cli.bench import main as bench_main
+
+    stem = tmp_path / "bench"
+    bench_main(["--presets", "tinyllama-tiny", "--batch", "2", "--seq", "32", "--device", "cpu", "--dtype",
+                "float32", "--warmup", "1", "--repeats", "2", "--no-ideal", "--out", str(stem)])
+    record = json.loads(stem.with_suffix(".json").read_text())
+    (row,) = record["results"]
+    assert row["preset"] == "tinyllama-tiny"
+    for mode in ("masked", "collider"):
+        assert row[mode]["backward_ms"] > 0 and len(row[mode]["backward_all_ms"]) == 2
+    assert row["ratios"]["backward"] == row["collider"]["backward_ms"] / row["masked"]["backward_ms"]
+    assert "tinyllama-tiny" in stem.with_suffix(".md").read_text()

@@ -13,7 +13,7 @@ from collider_models.reference import masked_mean
 MODES = ("masked", "collider")
 
 
-class _Timer:
+class Timer:
     """Elapsed milliseconds between marks: CUDA events on GPU, perf_counter on CPU."""
 
     def __init__(self, device: torch.device):
@@ -38,7 +38,7 @@ def step_times(model, input_ids, labels, keep, mode: str) -> tuple[float, float]
     "masked" (``(loss * keep).sum() / keep.sum()``, dense backward). Gradients are cleared."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    timer = _Timer(input_ids.device)
+    timer = Timer(input_ids.device)
     model.zero_grad(set_to_none=True)
     t0 = timer.mark()
     token_loss = model.token_loss(input_ids, labels)

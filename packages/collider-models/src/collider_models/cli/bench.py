@@ -24,10 +24,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+from collider_models.reference import masked_mean
+from collider_models.timing import Timer
 
 # Kernel backends: "auto" lets collider-kernels pick (Triton on CUDA when registered);
 # "torch" runs as if the optional Triton and CuPy backends were not installed.
@@ -66,29 +68,7 @@ def _use_torch_kernels() -> None:
         sys.modules[name] = None  # an import of it now raises ImportError: the backend stays out
 
 
-class _Timer:
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def ms(self, start, end) -> float:
-        if self.cuda:
-            end.synchronize()
-            return start.elapsed_time(end)
-        return (end - start) * 1e3
-
-
-def _masked_mean(token_loss: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    return (token_loss * keep).sum() / keep.sum()
-
-
-def _step(model, ids, labels, keep, mode: str, timer: _Timer) -> tuple[float, float, float]:
+def _step(model, ids, labels, keep, mode: str, timer: Timer) -> tuple[float, float, float]:
     """One forward + loss + backward: (forward ms, backward ms, peak GiB)."""
     from collider_autograd import filtered_mean
 
@@ -102,15 +82,15 @@ def _step(model, ids, labels, keep, mode: str, timer: _Timer) -> tuple[float, fl
         token_loss = torch.nn.functional.cross_entropy(
             logits.float().view(-1, V), labels.view(-1), reduction="none"
         ).view(labels.shape)  # (B, T)
-        loss = _masked_mean(token_loss, keep)
+        loss = masked_mean(token_loss, keep)
     else:
         token_loss = model.token_loss(ids, labels)  # (B, T) fp32
-        loss = filtered_mean(token_loss, keep, validate=False) if mode == "collider" else _masked_mean(token_loss, keep)
+        loss = filtered_mean(token_loss, keep, validate=False) if mode == "collider" else masked_mean(token_loss, keep)
     t1 = timer.mark()
     loss.backward()
     t2 = timer.mark()
     peak = torch.cuda.max_memory_allocated() / 2**30 if timer.cuda else float("nan")
-    return timer.ms(t0, t1), timer.ms(t1, t2), peak
+    return timer.elapsed_ms(t0, t1), timer.elapsed_ms(t1, t2), peak
 
 
 def _build(preset: str, dtype: torch.dtype, device: torch.device, hf: bool):
@@ -160,7 +140,7 @@ def bench_preset(preset: str, args, device: torch.device, progress) -> dict:
         runs["ideal"] = (ours, ideal_ids, ideal_labels, ideal_keep, "masked")
     if theirs is not None:
         runs["hf"] = (theirs, ids, labels, keep, "hf")
-    timer = _Timer(device)
+    timer = Timer(device)
     times = {name: {"forward": [], "backward": [], "peak_gib": []} for name in runs}
     order = list(runs)
     for i in range(args.warmup + args.repeats):
