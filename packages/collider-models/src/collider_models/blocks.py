@@ -44,14 +44,17 @@ class Attention(nn.Module):
         self.out_name = out_name
         setattr(self, out_name, Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0):
+        """(B, T, hidden) → (B, T, hidden). With a ``cache`` (inference, see
+        :class:`collider_models.generate.KVCache`) the new keys/values are appended to layer
+        ``layer`` of it and the queries attend to everything cached."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = causal_attention(q, k, v)  # (B, T, Hq, D)
-        return getattr(self, self.out_name)(out.view(B, T, -1))  # (B, T, hidden)
+        out = causal_attention(q, k, v) if cache is None else cache.attend(layer, q, k, v)  # (B, T, Hq, D)
+        return getattr(self, self.out_name)(out.reshape(B, T, -1))  # (B, T, hidden)
 
 
 class SwiGLUMLP(nn.Module):
@@ -91,11 +94,11 @@ class DecoderLayer(nn.Module):
         if not self.parallel:
             self.post_attention_layernorm = make_norm(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0):
         if self.parallel:
             h = self.input_layernorm(x)
-            return x + self.self_attn(h, cos, sin) + self.mlp(h)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+            return x + self.self_attn(h, cos, sin, cache, layer) + self.mlp(h)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -110,13 +113,18 @@ class DecoderModel(nn.Module):
         self.final_norm_name = final_norm_name
         setattr(self, final_norm_name, make_norm(cfg))
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
+        """(B, T) ids → (B, T, hidden) final hidden states; with a ``cache`` the ids continue
+        the cached positions, which the cache then includes."""
         B, T = input_ids.shape
+        start = 0 if cache is None else cache.length
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
-        positions = torch.arange(T, device=input_ids.device)
+        positions = torch.arange(start, start + T, device=input_ids.device)
         cos, sin = rotary_tables(positions, self.cfg.rot_dim, self.cfg.rope_theta, x.dtype)  # (T, rot_dim)
-        for layer in self.layers:
-            x = layer(x, cos, sin)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i)
+        if cache is not None:
+            cache.length = start + T
         return getattr(self, self.final_norm_name)(x)
 
 

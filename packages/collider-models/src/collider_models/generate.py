@@ -1,9 +1,9 @@
 """Text generation with a key/value cache: greedy decoding and top-p sampling.
 
-Inference only. The cached forward reuses the model's own modules (projections, norms,
-MLPs, LM head) and replaces just the attention core: new queries attend to the cached keys
-and values with :func:`torch.nn.functional.scaled_dot_product_attention`, with rotary
-tables at the new tokens' absolute positions. The training path of the blocks is untouched.
+Inference only. The cached forward runs the model's own blocks with a :class:`KVCache`:
+rotary tables start at the cached length, and each attention layer hands its new keys and
+values to :meth:`KVCache.attend`, which appends them and attends the new queries over all
+cached positions with :func:`torch.nn.functional.scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from collider_autograd import apply_rotary, rotary_tables
 
 
 class KVCache:
@@ -42,42 +40,29 @@ class KVCache:
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.batch, self.max_length, self.length = batch, max_length, 0
 
-
-def _attention(attn: nn.Module, x: torch.Tensor, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
-    """Attention of new tokens x (B, T, hidden) at positions ``start + t`` over the cache."""
-    B, T, _ = x.shape
-    Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
-    q = attn.q_proj(x).view(B, T, Hq, D)
-    k = attn.k_proj(x).view(B, T, Hkv, D)
-    v = attn.v_proj(x).view(B, T, Hkv, D)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    end = start + T
-    cache.keys[layer][:, :, start:end] = k.transpose(1, 2)
-    cache.values[layer][:, :, start:end] = v.transpose(1, 2)
-    keys = cache.keys[layer][:, :, :end]  # (B, Hkv, end, D)
-    values = cache.values[layer][:, :, :end]
-    if Hq != Hkv:
-        keys = keys.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, end, D)
-        values = values.repeat_interleave(Hq // Hkv, dim=1)
-    qh = q.transpose(1, 2)  # (B, Hq, T, D)
-    if start == 0:
-        out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True)
-    elif T == 1:
-        out = F.scaled_dot_product_attention(qh, keys, values)
-    else:
-        pos_q = torch.arange(start, end, device=x.device)
-        mask = pos_q[:, None] >= torch.arange(end, device=x.device)[None, :]  # (T, end)
-        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask)
-    out = out.transpose(1, 2).reshape(B, T, Hq * D)
-    return getattr(attn, attn.out_name)(out)  # (B, T, hidden)
-
-
-def _layer(block: nn.Module, x: torch.Tensor, cos, sin, cache: KVCache, layer: int, start: int) -> torch.Tensor:
-    if block.parallel:
-        h = block.input_layernorm(x)
-        return x + _attention(block.self_attn, h, cos, sin, cache, layer, start) + block.mlp(h)
-    x = x + _attention(block.self_attn, block.input_layernorm(x), cos, sin, cache, layer, start)
-    return x + block.mlp(block.post_attention_layernorm(x))
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Append new keys/values (B, T, Hkv, D) at positions ``length ..`` of ``layer`` and
+        attend the new queries (B, T, Hq, D) over every cached position; → (B, T, Hq, D)."""
+        B, T, Hq, _ = q.shape
+        start, end = self.length, self.length + T
+        self.keys[layer][:, :, start:end] = k.transpose(1, 2)
+        self.values[layer][:, :, start:end] = v.transpose(1, 2)
+        keys = self.keys[layer][:, :, :end]  # (B, Hkv, end, D)
+        values = self.values[layer][:, :, :end]
+        group = Hq // keys.shape[1]
+        if group > 1:
+            keys = keys.repeat_interleave(group, dim=1)  # (B, Hq, end, D)
+            values = values.repeat_interleave(group, dim=1)
+        qh = q.transpose(1, 2)  # (B, Hq, T, D)
+        if start == 0:
+            out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True)
+        elif T == 1:
+            out = F.scaled_dot_product_attention(qh, keys, values)
+        else:
+            pos_q = torch.arange(start, end, device=q.device)
+            mask = pos_q[:, None] >= torch.arange(end, device=q.device)[None, :]  # (T, end)
+            out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask)
+        return out.transpose(1, 2)  # (B, T, Hq, D)
 
 
 @torch.no_grad()
@@ -102,14 +87,7 @@ def cached_forward(
     start = cache.length
     if start + T > cache.max_length:
         raise ValueError(f"cache holds {cache.max_length} positions; {start} cached + {T} new exceed it")
-    decoder, cfg = model.model, model.config
-    x = decoder.embed_tokens(input_ids)  # (B, T, hidden)
-    positions = torch.arange(start, start + T, device=input_ids.device)
-    cos, sin = rotary_tables(positions, cfg.rot_dim, cfg.rope_theta, x.dtype)  # (T, rot_dim)
-    for i, block in enumerate(decoder.layers):
-        x = _layer(block, x, cos, sin, cache, i, start)
-    x = getattr(decoder, decoder.final_norm_name)(x)
-    cache.length = start + T
+    x = model.model(input_ids, cache)  # (B, T, hidden); advances cache.length
     if last_only:
         x = x[:, -1:]
     return model.lm_head(x)
