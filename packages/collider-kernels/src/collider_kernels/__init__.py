@@ -1,15 +1,18 @@
 """collider-kernels: tensors in, tensors out.
 
-The backward GEMMs of token-filtered training, restricted to kept rows, plus the masked
-attention backward. Every op takes ``backend="auto" | "torch" | "triton" | "cupy"`` and has a
-dense reference in :mod:`collider_kernels.reference`.
+The backward GEMMs of token-filtered training, restricted to kept rows, the masked attention
+backward, and the row-wise SwiGLU and RMSNorm backwards. Every op takes
+``backend="auto" | "torch" | "triton" | "cupy"`` and has a dense reference in
+:mod:`collider_kernels.reference`.
 """
 
 from collider_kernels.backends import available_backends, resolve_backend
 from collider_kernels.gather_matmul import gather_matmul
 from collider_kernels.gathered_weight_grad import gathered_weight_grad
 from collider_kernels.masked_attention import masked_attention_backward, sequence_offsets
+from collider_kernels.rms_norm_backward import rms_norm_backward
 from collider_kernels.scatter_add_rows import scatter_add_rows
+from collider_kernels.swiglu_backward import swiglu_backward
 
 __version__ = "0.1.0"
 
@@ -19,6 +22,8 @@ __all__ = [
     "gathered_weight_grad",
     "masked_attention_backward",
     "resolve_backend",
+    "rms_norm_backward",
     "scatter_add_rows",
     "sequence_offsets",
+    "swiglu_backward",
 ]

@@ -66,3 +66,24 @@ def masked_attention_backward_reference(q, k, v, grad_out, keep, scale=None):
     out, _ = attention_forward_reference(q, k_eff, v_eff, scale)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
     return dq, dk, dv
+
+
+def swiglu_backward_reference(grad, gate, up, index=None):
+    """Autograd of ``silu(gate) * up`` on the rows ``index``; (n, I), (M, I), (M, I) → dgate, dup (n, I)."""
+    rows_g = (gate if index is None else gate[index]).detach().requires_grad_()
+    rows_u = (up if index is None else up[index]).detach().requires_grad_()
+    y = rows_g * torch.sigmoid(rows_g) * rows_u
+    dgate, dup = torch.autograd.grad(y, (rows_g, rows_u), grad)
+    return dgate, dup
+
+
+def rms_norm_backward_reference(grad, x, weight, eps, index=None):
+    """Autograd of ``weight * x / sqrt(mean(x²) + eps)`` on the rows ``index``.
+
+    (n, H), (M, H), (H,) → dx (n, H), dweight (H,); no intermediate cast to a narrower dtype.
+    """
+    rows = (x if index is None else x[index]).detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+    y = w * (rows / torch.sqrt(rows.pow(2).mean(-1, keepdim=True) + eps))
+    dx, dweight = torch.autograd.grad(y, (rows, w), grad)
+    return dx, dweight

@@ -7,6 +7,7 @@ from torch import nn
 
 from collider_autograd._dtypes import upcast
 from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_kernels import rms_norm_backward
 
 
 def _rms_normalize(x32: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,22 +29,17 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         dim = x.shape[-1]
-        x2d = x.reshape(-1, dim)
+        x2d = x.reshape(-1, dim)  # (M, dim)
         sparse = isinstance(grad, TokenSparseTensor)
         if sparse:
-            rows = x2d.index_select(0, grad.index)  # (n, dim)
-            g = grad.values.reshape(-1, dim)
+            g = grad.values.reshape(-1, dim)  # (n, dim) kept rows
+            dx, dw = rms_norm_backward(g, x2d, weight, ctx.eps, grad.index, validate=False)
         else:
-            rows, g = x2d, grad.reshape(-1, dim)
-        xhat, rstd = _rms_normalize(upcast(rows), ctx.eps)  # (n, dim), (n, 1)
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = (upcast(g) * upcast(xhat.to(x.dtype))).sum(0).to(weight.dtype)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dxhat = upcast(g) * upcast(weight)  # (n, dim)
-            dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-            dx = dx.to(x.dtype)
+            dx, dw = rms_norm_backward(grad.reshape(-1, dim), x2d, weight, ctx.eps)
+        dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        if not ctx.needs_input_grad[0]:
+            dx = None
+        else:
             dx = grad.with_values(dx).view(x.shape) if sparse else dx.view(x.shape)
         return dx, dw, None
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from collider_autograd._dtypes import upcast
 from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_kernels import swiglu_backward
 
 
 class SwiGLUFunction(torch.autograd.Function):
@@ -21,20 +21,16 @@ class SwiGLUFunction(torch.autograd.Function):
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
         width = gate.shape[-1]
-        sparse = isinstance(grad, TokenSparseTensor)
-        if sparse:
-            g = upcast(grad.values.reshape(-1, width))
-            gate_r = upcast(gate.reshape(-1, width).index_select(0, grad.index))  # (n, I)
-            up_r = upcast(up.reshape(-1, width).index_select(0, grad.index))
-        else:
-            g, gate_r, up_r = upcast(grad), upcast(gate), upcast(up)
-        sig = torch.sigmoid(gate_r)
-        silu = gate_r * sig
-        dgate = (g * up_r * sig * (1 + gate_r * (1 - sig))).to(gate.dtype)
-        dup = (g * silu).to(up.dtype)
-        if sparse:
+        common = torch.promote_types(gate.dtype, up.dtype)
+        gate2d = gate.reshape(-1, width).to(common)  # (M, I)
+        up2d = up.reshape(-1, width).to(common)
+        if isinstance(grad, TokenSparseTensor):
+            g = grad.values.reshape(-1, width)  # (n, I) kept rows
+            dgate, dup = swiglu_backward(g, gate2d, up2d, grad.index, validate=False)
+            dgate, dup = dgate.to(gate.dtype), dup.to(up.dtype)
             return grad.with_values(dgate).view(gate.shape), grad.with_values(dup).view(up.shape)
-        return dgate.view(gate.shape), dup.view(up.shape)
+        dgate, dup = swiglu_backward(grad.reshape(-1, width), gate2d, up2d)
+        return dgate.to(gate.dtype).view(gate.shape), dup.to(up.dtype).view(up.shape)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

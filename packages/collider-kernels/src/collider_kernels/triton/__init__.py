@@ -12,3 +12,4 @@ DEVICES = ("cpu", "cuda") if os.environ.get("TRITON_INTERPRET") == "1" else ("cu
 
 from collider_kernels.triton import attention_backward as _attention_backward  # noqa: E402,F401
 from collider_kernels.triton import gemm as _gemm  # noqa: E402,F401
+from collider_kernels.triton import rowwise as _rowwise  # noqa: E402,F401

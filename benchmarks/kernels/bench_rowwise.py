@@ -1,0 +1,214 @@
+"""Benchmark the fused Triton SwiGLU and RMSNorm backwards against the torch backend.
+
+Model shapes of TinyLlama-1.1B and Qwen2.5-1.5B (Phi-1.5 shares TinyLlama's hidden width and has
+no SwiGLU): 16384 token rows, keep 1.0 (dense gradient, ``index=None``) and 0.6 (sorted random
+subset, rows gathered by index), bf16 by default. Times each backend with CUDA events around
+back-to-back calls after a warm-up (median of 5 batches) and reports the effective bandwidth of the
+minimal traffic (each input row read once, each output written once). With ``--sweep`` it also
+times a few alternative Triton block configurations at keep 0.6 (stopping at a time budget).
+
+Writes ``<out>.json`` and ``<out>.md``.
+
+Usage: ``python benchmarks/kernels/bench_rowwise.py [--out STEM] [--dtype bf16|fp16|fp32] [--sweep]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import collider_kernels as ck
+
+DEVICE = "cuda"
+ROWS = 16384
+KEEPS = (1.0, 0.6)
+# (op, model(s), width, eps)
+CASES = [
+    ("rms_norm", "TinyLlama-1.1B / Phi-1.5 width", 2048, 1e-5),
+    ("rms_norm", "Qwen2.5-1.5B", 1536, 1e-6),
+    ("swiglu", "TinyLlama-1.1B", 5632, None),
+    ("swiglu", "Qwen2.5-1.5B", 8960, None),
+]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+RMS_SWEEP = [
+    {"block_r": r, "num_warps": w, "programs_per_sm": p} for r in (1, 2, 4) for w in (4, 8) for p in (4, 16)
+]
+SWIGLU_SWEEP = [
+    {"block_r": r, "block_i": i, "num_warps": w}
+    for r, i, w in ((1, 1024, 4), (2, 1024, 4), (4, 1024, 8), (8, 512, 4), (8, 1024, 8), (16, 256, 4))
+]
+
+
+def time_ms(fn, batches: int = 5, budget_ms: float = 25.0) -> float:
+    """Median time per call (ms) of ``fn`` queued back to back between CUDA events."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    per_call = (time.perf_counter() - t0) * 1e3 / 3
+    reps = max(3, min(200, int(budget_ms / max(per_call, 1e-3))))
+    samples = []
+    for _ in range(batches):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        stop.record()
+        stop.synchronize()
+        samples.append(start.elapsed_time(stop) / reps)
+    return statistics.median(samples)
+
+
+def max_rel_diff(a, b) -> float:
+    """max|a - b| / max|b| in fp32."""
+    a, b = a.float(), b.float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def make_inputs(op, width, keep, dtype, gen):
+    n = int(round(keep * ROWS))
+    idx = None if keep == 1.0 else torch.randperm(ROWS, device=DEVICE, generator=gen)[:n].sort().values
+    x = torch.randn(ROWS, width, device=DEVICE, generator=gen).to(dtype)  # (M, W): x or gate
+    grad = torch.randn(n, width, device=DEVICE, generator=gen).to(dtype)  # (n, W)
+    if op == "swiglu":
+        up = torch.randn(ROWS, width, device=DEVICE, generator=gen).to(dtype)
+        return n, idx, (grad, x, up)
+    w = (1 + 0.1 * torch.randn(width, device=DEVICE, generator=gen)).to(dtype)
+    return n, idx, (grad, x, w)
+
+
+def call(op, backend, args, eps, idx):
+    if op == "swiglu":
+        return ck.swiglu_backward(*args, idx, backend=backend, validate=False)
+    return ck.rms_norm_backward(*args, eps, idx, backend=backend, validate=False)
+
+
+def traffic_bytes(op, n, width, dtype) -> int:
+    size = torch.empty((), dtype=dtype).element_size()
+    tensors = 5 if op == "swiglu" else 3  # swiglu: grad, gate, up in; dgate, dup out. rms: grad, x in; dx out
+    return tensors * n * width * size + (0 if op == "swiglu" else width * (size + 4))
+
+
+def bench(dtype, sweep: bool, deadline: float, log) -> list[dict]:
+    from collider_kernels.triton import rowwise
+
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    rows = []
+    for op, model, width, eps in CASES:
+        for keep in KEEPS:
+            n, idx, args = make_inputs(op, width, keep, dtype, gen)
+            gbytes = traffic_bytes(op, n, width, dtype) / 1e9
+            row = {"op": op, "model": model, "width": width, "keep": keep, "n": n}
+            ref = call(op, "torch", args, eps, idx)
+            for backend in ("torch", "triton"):
+                out = call(op, backend, args, eps, idx)
+                ms = time_ms(lambda b=backend: call(op, b, args, eps, idx))
+                diff = max(max_rel_diff(o, r) for o, r in zip(out, ref, strict=True))
+                row[backend] = {"ms": ms, "gb_per_s": gbytes / ms * 1e3, "max_rel_diff_vs_torch": diff}
+                del out
+            row["speedup"] = row["torch"]["ms"] / row["triton"]["ms"]
+            if op == "rms_norm":
+                row["triton_default_config"] = rowwise.rms_config(width)
+            else:
+                row["triton_default_config"] = rowwise.swiglu_config(width)
+            log(f"{op:8s} {model:31s} W={width:5d} keep={keep:.1f}  torch {row['torch']['ms']:.3f} ms  "
+                f"triton {row['triton']['ms']:.3f} ms ({row['triton']['gb_per_s']:.0f} GB/s)  "
+                f"x{row['speedup']:.2f}  diff {row['triton']['max_rel_diff_vs_torch']:.1e}")
+            if sweep and keep != 1.0:
+                row["sweep"] = sweep_configs(rowwise, op, args, eps, idx, deadline, log)
+            rows.append(row)
+            del ref
+            torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_configs(rowwise, op, args, eps, idx, deadline, log) -> list[dict]:
+    results = []
+    for cfg in RMS_SWEEP if op == "rms_norm" else SWIGLU_SWEEP:
+        if time.time() > deadline:
+            log("  sweep stopped at the time budget")
+            break
+        if op == "rms_norm":
+            fn = lambda cfg=cfg: rowwise.launch_rms_norm_backward(*args, eps, idx, cfg)
+        else:
+            fn = lambda cfg=cfg: rowwise.launch_swiglu_backward(*args, idx, cfg)
+        try:
+            results.append({"config": cfg, "ms": time_ms(fn, batches=3, budget_ms=10.0)})
+        except Exception as e:  # a config that does not compile is reported, not fatal
+            results.append({"config": cfg, "error": f"{type(e).__name__}: {e}"[:200]})
+    best = min((r for r in results if "ms" in r), key=lambda r: r["ms"], default=None)
+    if best:
+        log(f"  best swept config {best['config']}: {best['ms']:.3f} ms")
+    return results
+
+
+def write_md(path, meta, rows):
+    lines = [
+        "# Row-wise backwards: fused Triton vs torch backend",
+        "",
+        f"GPU {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}; {meta['date']}; {meta['dtype']}.",
+        f"{ROWS} token rows; keep 1.0 = dense gradient (no index), keep 0.6 = sorted random subset gathered "
+        "by index. Median ms per call (CUDA events, back-to-back calls, 5 batches); GB/s = minimal traffic "
+        "(inputs read once, outputs written once) / time.",
+        "",
+        "| op | model | width | keep | torch ms | triton ms | speedup | triton GB/s | max rel diff |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['model']} | {r['width']} | {r['keep']:.1f} | {r['torch']['ms']:.3f} "
+            f"| {r['triton']['ms']:.3f} | {r['speedup']:.2f} | {r['triton']['gb_per_s']:.0f} "
+            f"| {r['triton']['max_rel_diff_vs_torch']:.1e} |"
+        )
+    swept = [r for r in rows if r.get("sweep")]
+    if swept:
+        lines += ["", "## Triton configurations at keep 0.6 (ms)", "", "| op | width | default | best | best config |",
+                  "|---|---|---|---|---|"]
+        for r in swept:
+            best = min((s for s in r["sweep"] if "ms" in s), key=lambda s: s["ms"], default=None)
+            if best:
+                lines.append(f"| {r['op']} | {r['width']} | {r['triton']['ms']:.3f} | {best['ms']:.3f} "
+                             f"| {best['config']} |")
+    lines.append("")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results", "rowwise_h200"),
+                    help="output path stem: writes STEM.json and STEM.md")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--sweep", action="store_true", help="also time alternative Triton block configurations")
+    ap.add_argument("--budget-s", type=float, default=50.0, help="stop the sweep after this many seconds")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_rowwise.py needs a CUDA GPU")
+    import triton
+
+    t0 = time.time()
+    dtype = DTYPES[args.dtype]
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "dtype": args.dtype, "rows": ROWS,
+            "auto_backends": {op: ck.available_backends(op, "cuda")[0]
+                              for op in ("swiglu_backward", "rms_norm_backward")}}
+    print(json.dumps(meta), flush=True)
+    rows = bench(dtype, args.sweep, t0 + args.budget_s, lambda m: print(m, flush=True))
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_md(args.out + ".md", meta, rows)
+    print(f"wrote {args.out}.json and {args.out}.md in {time.time() - t0:.0f}s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

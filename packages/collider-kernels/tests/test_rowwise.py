@@ -1,0 +1,340 @@
+"""SwiGLU and RMSNorm backwards (torch and Triton backends) against the dense references.
+
+The torch backend is checked in fp64 tightly; the Triton backend runs under the interpreter on CPU
+(fp32, fp16) and on CUDA in the ``gpu`` tests (bf16, fp16, fp32), with the error rule
+``max|out - ref32| <= 2 max|out_torch - ref32| + atol``. Triton outputs are allocated NaN-filled,
+so an element the kernel does not write fails the check.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import collider_kernels as ck
+from collider_kernels import backends, reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+KINDS = ("none", "empty", "single", "sorted_subset", "full", "repeats")
+
+rowwise = pytest.importorskip("collider_kernels.triton.rowwise")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Allocate every Triton output NaN-filled."""
+
+    def alloc(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(rowwise, "_alloc", alloc)
+
+
+def make_index(kind, M, n, gen, device):
+    """Row index of ``kind`` into M rows (``None`` for kind "none")."""
+    if kind == "none":
+        return None
+    if kind == "empty":
+        idx = torch.empty(0, dtype=torch.int64)
+    elif kind == "single":
+        idx = torch.randint(0, M, (1,), generator=gen)
+    elif kind == "full":
+        idx = torch.arange(M)
+    elif kind == "sorted_subset":
+        idx = torch.randperm(M, generator=gen)[: min(n, M)].sort().values
+    else:
+        idx = torch.randint(0, M, (n,), generator=gen)
+    return idx.to(device)
+
+
+def rand(rows, cols, dtype, device, gen, *, scale=1.0, shift=0.0, row_pad=0):
+    """Normal data; with ``row_pad`` a row-strided view of a wider buffer."""
+    buf = (torch.randn(rows, cols + row_pad, generator=gen) * scale + shift).to(dtype).to(device)
+    return buf[:, :cols]
+
+
+def assert_rule(out, ref32, torch_out, *, atol, what):
+    assert out.shape == ref32.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref32.shape)}"
+    assert out.dtype == torch_out.dtype, f"{what}: dtype {out.dtype} != torch backend {torch_out.dtype}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten output?)"
+    if out.numel() == 0:
+        return
+    err = (out.double() - ref32.double()).abs().max().item()
+    base = (torch_out.double() - ref32.double()).abs().max().item()
+    assert err <= 2 * base + atol, f"{what}: max err {err:.3g} > 2 * torch err {base:.3g} + {atol:.3g}"
+
+
+def small_atol(dtype, ref, depth=1):
+    eps = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    return 0.1 * eps * (1.0 + scale) * (1.0 + depth) ** 0.5 + 1e-6
+
+
+def swiglu_case(M, I, n, kind, dtype, device, seed, row_pad=0):
+    gen = torch.Generator().manual_seed(seed)
+    gate = rand(M, I, dtype, device, gen, scale=3.0, row_pad=row_pad)  # (M, I)
+    up = rand(M, I, dtype, device, gen, row_pad=row_pad)
+    idx = make_index(kind, M, n, gen, device)
+    grad = rand(M if idx is None else idx.shape[0], I, dtype, device, gen, row_pad=row_pad)  # (n, I)
+    return grad, gate, up, idx
+
+
+def rms_case(M, H, n, kind, dtype, device, seed, row_pad=0, weight_dtype=None, grad_dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    x = rand(M, H, dtype, device, gen, scale=2.0, shift=0.5, row_pad=row_pad)  # (M, H)
+    w = rand(1, H, weight_dtype or dtype, device, gen, shift=1.0)[0]  # (H,)
+    idx = make_index(kind, M, n, gen, device)
+    grad = rand(M if idx is None else idx.shape[0], H, grad_dtype or dtype, device, gen, row_pad=row_pad)
+    return grad, x, w, idx
+
+
+def check_swiglu(backend, grad, gate, up, idx):
+    dgate, dup = ck.swiglu_backward(grad, gate, up, idx, backend=backend)
+    ref = reference.swiglu_backward_reference(grad.float(), gate.float(), up.float(), idx)
+    base = ck.swiglu_backward(grad, gate, up, idx, backend="torch")
+    for name, out, r, b in zip(("dgate", "dup"), (dgate, dup), ref, base, strict=True):
+        assert out.dtype == gate.dtype and out.device == gate.device
+        assert_rule(out, r, b, atol=small_atol(gate.dtype, r), what=f"swiglu {name}[{backend}]")
+
+
+def check_rms(backend, grad, x, w, idx, eps):
+    dx, dw = ck.rms_norm_backward(grad, x, w, eps, idx, backend=backend)
+    ref_dx, ref_dw = reference.rms_norm_backward_reference(grad.float(), x.float(), w.float(), eps, idx)
+    base_dx, base_dw = ck.rms_norm_backward(grad, x, w, eps, idx, backend="torch")
+    assert dx.dtype == x.dtype and dw.dtype == torch.float32 and dw.shape == (x.shape[1],)
+    assert_rule(dx, ref_dx, base_dx, atol=small_atol(x.dtype, ref_dx, x.shape[1]), what=f"rms dx[{backend}]")
+    rows = grad.shape[0]
+    assert_rule(dw, ref_dw, base_dw, atol=small_atol(torch.float32, ref_dw, rows), what=f"rms dweight[{backend}]")
+    if rows:
+        # Same convention as the torch backend (xhat cast to x's dtype): columns agree up to the fp32
+        # summation order, except a few where an ulp of rstd moves xhat across a rounding boundary
+        # of a 16-bit x.
+        x32 = (x if idx is None else x[idx]).float()
+        terms = (grad.float() * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).abs().sum(0)
+        off = (dw - base_dw).abs() > 4e-6 * terms + 1e-6  # (H,)
+        if x.dtype == torch.float32:
+            assert not off.any(), f"rms dweight[{backend}] differs from the torch backend"
+        elif x.shape[1] >= 8:
+            assert off.float().mean() <= 0.25, f"rms dweight[{backend}]: {int(off.sum())} columns differ from torch"
+    return dx, dw
+
+
+widths = st.integers(1, 300)
+row_counts = st.integers(1, 40)
+kinds = st.sampled_from(KINDS)
+seeds = st.integers(0, 2**16)
+epsilons = st.sampled_from((1e-5, 1e-6, 0.1))
+
+
+# --------------------------------------------------------------------------------- torch backend
+
+
+@settings(deadline=None, max_examples=15)
+@given(M=row_counts, I=widths, n=row_counts, kind=kinds, seed=seeds)
+def test_swiglu_torch_fp64(M, I, n, kind, seed):
+    grad, gate, up, idx = swiglu_case(M, I, n, kind, torch.float64, "cpu", seed)
+    dgate, dup = ck.swiglu_backward(grad, gate, up, idx, backend="torch")
+    ref = reference.swiglu_backward_reference(grad, gate, up, idx)
+    assert dgate.dtype == dup.dtype == torch.float64
+    torch.testing.assert_close(dgate, ref[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dup, ref[1], rtol=1e-12, atol=1e-12)
+
+
+@settings(deadline=None, max_examples=15)
+@given(M=row_counts, H=widths, n=row_counts, kind=kinds, eps=epsilons, seed=seeds)
+def test_rms_norm_torch_fp64(M, H, n, kind, eps, seed):
+    grad, x, w, idx = rms_case(M, H, n, kind, torch.float64, "cpu", seed)
+    dx, dw = ck.rms_norm_backward(grad, x, w, eps, idx, backend="torch")
+    ref_dx, ref_dw = reference.rms_norm_backward_reference(grad, x, w, eps, idx)
+    assert dx.dtype == dw.dtype == torch.float64
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-10, atol=1e-11)
+
+
+def test_rms_norm_torch_casts_xhat_for_dweight():
+    """dweight uses the normalised row after the forward's cast to x's dtype (the layer convention)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 10, generator=gen).to(torch.bfloat16)
+    g = torch.randn(6, 10, generator=gen)
+    w = torch.randn(10, generator=gen)
+    _, dw = ck.rms_norm_backward(g, x, w, 1e-6, backend="torch")
+    x32 = x.float()
+    xhat = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16).float()
+    torch.testing.assert_close(dw, (g * xhat).sum(0), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------- Triton (interpreter)
+
+CPU_DTYPES = st.sampled_from((torch.float32, torch.float16))
+
+
+def test_triton_backend_is_registered():
+    for op in ("swiglu_backward", "rms_norm_backward"):
+        assert "triton" in ck.available_backends(op, DEVICE)
+        assert backends.AUTO_ORDER_CUDA_BY_OP[op][0] == "triton"
+
+
+@settings(deadline=None, max_examples=15)
+@given(M=row_counts, I=widths, n=row_counts, kind=kinds, dtype=CPU_DTYPES, row_pad=st.sampled_from((0, 3)),
+       seed=seeds)
+def test_swiglu_triton(M, I, n, kind, dtype, row_pad, seed):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rowwise, "_alloc", lambda s, d, dev: torch.full(s, float("nan"), dtype=d, device=dev))
+        check_swiglu("triton", *swiglu_case(M, I, n, kind, dtype, DEVICE, seed, row_pad))
+
+
+@settings(deadline=None, max_examples=15)
+@given(M=row_counts, H=widths, n=row_counts, kind=kinds, dtype=CPU_DTYPES, eps=epsilons,
+       row_pad=st.sampled_from((0, 5)), seed=seeds)
+def test_rms_norm_triton(M, H, n, kind, dtype, eps, row_pad, seed):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(rowwise, "_alloc", lambda s, d, dev: torch.full(s, float("nan"), dtype=d, device=dev))
+        check_rms("triton", *rms_case(M, H, n, kind, dtype, DEVICE, seed, row_pad), eps)
+
+
+def test_rms_norm_triton_many_programs(poison, monkeypatch):
+    """More rows than programs: each program loops over a run of rows; partial dweights sum up."""
+    monkeypatch.setattr(rowwise, "_num_sms", lambda device: 3)
+    for kind in ("none", "sorted_subset", "repeats"):
+        case = rms_case(150, 40, 97, kind, torch.float32, DEVICE, seed=11)
+        check_rms("triton", *case, 1e-5)
+        dw1 = ck.rms_norm_backward(*case[:3], 1e-5, case[3], backend="triton")[1]
+        dw2 = ck.rms_norm_backward(*case[:3], 1e-5, case[3], backend="triton")[1]
+        assert torch.equal(dw1, dw2), "dweight is not deterministic"
+
+
+def test_rms_norm_triton_mixed_dtypes(poison):
+    """fp16 activations with an fp32 weight and fp32 gradient (output of fp32 weight * fp16 xhat)."""
+    case = rms_case(33, 70, 20, "sorted_subset", torch.float16, DEVICE, seed=3,
+                    weight_dtype=torch.float32, grad_dtype=torch.float32)
+    check_rms("triton", *case, 1e-6)
+
+
+def test_triton_int32_index(poison):
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.tensor([1, 4, 4, 9], dtype=torch.int32, device=DEVICE)
+    grad, gate, up, _ = swiglu_case(10, 17, 4, "repeats", torch.float32, DEVICE, seed=5)
+    check_swiglu("triton", grad, gate, up, idx)
+    x = rand(10, 17, torch.float32, DEVICE, gen)
+    w = rand(1, 17, torch.float32, DEVICE, gen)[0]
+    check_rms("triton", grad, x, w, idx, 1e-5)
+
+
+def test_triton_fp64_falls_back_to_torch():
+    grad, gate, up, idx = swiglu_case(9, 13, 4, "sorted_subset", torch.float64, DEVICE, seed=2)
+    got = ck.swiglu_backward(grad, gate, up, idx, backend="triton")
+    want = ck.swiglu_backward(grad, gate, up, idx, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    grad, x, w, idx = rms_case(9, 13, 4, "sorted_subset", torch.float64, DEVICE, seed=2)
+    got = ck.rms_norm_backward(grad, x, w, 1e-5, idx, backend="triton")
+    want = ck.rms_norm_backward(grad, x, w, 1e-5, idx, backend="torch")
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert got[1].dtype == torch.float64
+
+
+def test_triton_empty_width(poison):
+    gate = torch.empty(4, 0, device=DEVICE)
+    dgate, dup = ck.swiglu_backward(torch.empty(4, 0, device=DEVICE), gate, gate, backend="triton")
+    assert dgate.shape == dup.shape == (4, 0)
+    dx, dw = ck.rms_norm_backward(torch.empty(4, 0, device=DEVICE), gate, torch.empty(0, device=DEVICE), 1e-5,
+                                  backend="triton")
+    assert dx.shape == (4, 0) and dw.shape == (0,)
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+def test_bad_inputs_name_the_argument():
+    a, b = torch.randn(5, 8), torch.randn(5, 8)
+    idx = torch.tensor([0, 4])
+    cases = [
+        (lambda: ck.swiglu_backward(torch.randn(2, 8), a, b.half(), idx), TypeError, "up"),
+        (lambda: ck.swiglu_backward(torch.randn(2, 8), a, torch.randn(5, 7), idx), ValueError, "up"),
+        (lambda: ck.swiglu_backward(torch.randn(3, 8), a, b, idx), ValueError, "grad"),
+        (lambda: ck.swiglu_backward(torch.randn(2, 8), a, b), ValueError, "grad"),
+        (lambda: ck.swiglu_backward(torch.randn(2, 8), a[0], b, idx), ValueError, "gate"),
+        (lambda: ck.swiglu_backward(torch.randn(2, 8).long(), a, b, idx), TypeError, "grad"),
+        (lambda: ck.swiglu_backward(torch.randn(2, 8), a, b, torch.tensor([0, 5])), IndexError, "index"),
+        (lambda: ck.swiglu_backward(torch.randn(2, 8), a, b, idx.float()), TypeError, "index"),
+        (lambda: ck.swiglu_backward(torch.randn(2, 8), a, b, idx, backend="nope"), ValueError, "backend"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(7), 1e-5, idx), ValueError, "weight"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(8, 1), 1e-5, idx), ValueError, "weight"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 7), a, torch.randn(8), 1e-5, idx), ValueError, "grad"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a.int(), torch.randn(8), 1e-5, idx), TypeError, "x"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(8), -1.0, idx), ValueError, "eps"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(8), 1e-5, torch.tensor([-1, 0])),
+         IndexError, "index"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(8), 1e-5, idx[:, None]), ValueError,
+         "index"),
+    ]
+    for fn, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            fn()
+
+
+def test_validate_false_skips_the_range_check():
+    a = torch.randn(5, 8)
+    idx = torch.tensor([0, 4])
+    ck.swiglu_backward(torch.randn(2, 8), a, a, idx, validate=False)
+    ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(8), 1e-5, idx, validate=False)
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _poison_allocator():
+    """Leave NaN-filled blocks in the CUDA caching allocator so unwritten outputs show up."""
+    torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton():
+    assert backends.resolve_backend("swiglu_backward", "auto", "cuda") is rowwise.swiglu_backward_triton
+    assert backends.resolve_backend("rms_norm_backward", "auto", "cuda") is rowwise.rms_norm_backward_triton
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("I", (5632, 8960, 300))
+@pytest.mark.parametrize("kind", ("none", "sorted_subset", "repeats"))
+def test_gpu_swiglu(poison, dtype, I, kind):
+    _poison_allocator()
+    check_swiglu("triton", *swiglu_case(3000, I, 1800, kind, dtype, "cuda", seed=I, row_pad=8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("H", (2048, 1536, 300, 1))
+@pytest.mark.parametrize("kind", ("none", "sorted_subset", "repeats"))
+def test_gpu_rms_norm(poison, dtype, H, kind):
+    _poison_allocator()
+    check_rms("triton", *rms_case(5000, H, 3000, kind, dtype, "cuda", seed=H, row_pad=8), 1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_edge_index_sets(poison):
+    for kind in KINDS:
+        check_swiglu("triton", *swiglu_case(513, 777, 77, kind, torch.bfloat16, "cuda", seed=5))
+        check_rms("triton", *rms_case(513, 777, 77, kind, torch.bfloat16, "cuda", seed=5), 1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_rms_norm_mixed_and_wide(poison):
+    case = rms_case(700, 2048, 400, "sorted_subset", torch.bfloat16, "cuda", seed=9,
+                    weight_dtype=torch.float32, grad_dtype=torch.float32)
+    check_rms("triton", *case, 1e-5)
+    # Wider than one program's row block: the torch backend runs.
+    check_rms("triton", *rms_case(40, rowwise.MAX_RMS_WIDTH + 3, 20, "sorted_subset", torch.bfloat16, "cuda",
+                                  seed=1), 1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_rms_norm_dweight_deterministic():
+    grad, x, w, idx = rms_case(16384, 2048, 9830, "sorted_subset", torch.bfloat16, "cuda", seed=4)
+    first = ck.rms_norm_backward(grad, x, w, 1e-5, idx, backend="triton")[1]
+    for _ in range(3):
+        assert torch.equal(ck.rms_norm_backward(grad, x, w, 1e-5, idx, backend="triton")[1], first)
