@@ -66,7 +66,7 @@ def assert_rule(out, ref32, torch_out, *, atol, what):
 
 
 def small_atol(dtype, ref, depth=1):
-    eps = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    eps = {torch.float32: 4e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # fp32: a few ulp (fast exp on GPU)
     scale = ref.abs().max().item() if ref.numel() else 1.0
     return 0.1 * eps * (1.0 + scale) * (1.0 + depth) ** 0.5 + 1e-6
 
