@@ -19,6 +19,7 @@ def test_collider_train_tiny_run(tmp_path, capsys):
     assert 0 < t["keep_fraction"] < 1
     out = capsys.readouterr().out
     assert "Collider" in out and "dense (masked loss)" in out
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # matplotlib is a dev dependency
 
 
 def test_collider_train_rejects_bad_keep(tmp_path):

@@ -72,6 +72,28 @@ def _train_reference(model, args, device):
     return reference.requires_grad_(False).eval()
 
 
+def plot_history(history: list[dict], path: Path) -> bool:
+    """Write the loss curves to ``path`` (PNG); False when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    steps = [h["step"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [h["mean_loss"] for h in history], label="loss over all tokens")
+    ax.plot(steps, [h["filtered_loss"] for h in history], label="filtered loss (kept tokens)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0.0 < args.keep <= 1.0:
@@ -114,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     record = {"args": {k: str(v) for k, v in vars(args).items()}, "history": history, "timing": timing}
     (args.out / "metrics.json").write_text(json.dumps(record, indent=2))
     print(f"metrics: {args.out / 'metrics.json'}")
+    if plot_history(history, args.out / "loss.png"):
+        print(f"loss curves: {args.out / 'loss.png'}")
+    else:
+        print("loss curves: install matplotlib (collider-models[plot]) for loss.png")
     return 0
 
 
