@@ -157,3 +157,30 @@ def test_bad_offsets_and_backend():
         ck.masked_attention_backward(**args, offsets=torch.zeros(5, dtype=torch.int64), backend="torch")
     with pytest.raises(ValueError, match="backend"):
         ck.masked_attention_backward(**args, backend="nope")
+
+
+@pytest.mark.parametrize("strategy_share", [0.0, 2.0])  # 0: always the dense CPU flash path; 2: never
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_backend_cpu_strategies_agree_with_reference(monkeypatch, strategy_share, group, dtype):
+    import collider_kernels.masked_attention as mod
+
+    monkeypatch.setattr(mod, "_CPU_DENSE_KEEP_SHARE", strategy_share)
+    gen = torch.Generator().manual_seed(7 + group)
+    B, T, hkv, D = 3, 23, 2, 16
+    q = torch.randn(B, T, hkv * group, D, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(B, T, hkv, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    keep = torch.rand(B, T, generator=gen) < 0.6
+    keep[1] = False
+    keep[2, 0] = True
+    dout = torch.randn(B, T, hkv * group, D, generator=gen, dtype=torch.float64) * keep[..., None, None]
+    out, lse = attention_forward_reference(q, k, v)
+    index = keep.reshape(-1).nonzero().squeeze(1)
+    got = ck.masked_attention_backward(
+        q.to(dtype), k.to(dtype), v.to(dtype), out.to(dtype), lse.to(torch.promote_types(dtype, torch.float32)),
+        dout.reshape(B * T, -1, D)[index].to(dtype), index, backend="torch",
+    )
+    ref = masked_attention_backward_reference(q, k, v, dout, keep)
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g.double(), r.reshape(B * T, -1, D)[index], rtol=tol, atol=tol)
