@@ -217,3 +217,30 @@ def test_bad_inputs_name_the_argument():
         embedding(torch.zeros(2, 3), torch.randn(4, 5))
     with pytest.raises(ValueError, match="gate and up"):
         swiglu(torch.randn(2, 3), torch.randn(2, 4))
+
+
+def test_projections_sharing_an_input_gather_its_kept_rows_once():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountGathers(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows_of_x = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.index_select.default and args[0].shape == (2 * 9, 6):
+                self.rows_of_x += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 6, generator=gen, dtype=F64, requires_grad=True)
+    ws = [torch.randn(4, 6, generator=gen, dtype=F64, requires_grad=True) for _ in range(3)]
+    out = sum(linear(x, w) for w in ws)  # q/k/v-like: three projections of one input
+    sparse, _ = _sparse_grad((2, 9, 4), gen, 0.5)
+    counter = CountGathers()
+    with counter:
+        grads = torch.autograd.grad(out, [x, *ws], sparse)
+    assert counter.rows_of_x == 1
+    dense_grads = torch.autograd.grad(sum(x @ w.t() for w in ws), [x, *ws], sparse.to_dense())
+    for g, r in zip(grads, dense_grads, strict=True):
+        torch.testing.assert_close(g.to_dense() if isinstance(g, TokenSparseTensor) else g, r)

@@ -8,6 +8,35 @@ from torch import nn
 from collider_autograd.sparse_grad import TokenSparseTensor
 from collider_kernels import gathered_weight_grad
 
+# (x2d, version, index, rows) of the last gather, or None. A plain global: concurrent backward
+# passes can only evict each other's entry, since a hit needs the same tensors.
+_last_gather = None
+
+
+def _kept_rows(x2d: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x2d[index]``, reusing the previous gather when the same input and index come again:
+    the q/k/v (and gate/up) projections share their input, and their backwards run one after
+    another, so one gather serves all of them. The slot holds ``x2d`` itself, so its memory
+    cannot be reused while cached, its version counter catches in-place changes, and the slot
+    is emptied when the backward pass ends."""
+    global _last_gather
+    slot = _last_gather
+    if slot is not None:
+        x_prev, version, index_prev, rows = slot
+        same_x = x_prev.data_ptr() == x2d.data_ptr() and x_prev.shape == x2d.shape
+        same_x = same_x and x_prev.stride() == x2d.stride() and x_prev.dtype == x2d.dtype
+        if same_x and index_prev is index and version == x2d._version:
+            return rows
+    rows = x2d.index_select(0, index)  # (n, in)
+    _last_gather = (x2d, x2d._version, index, rows)
+    torch.autograd.Variable._execution_engine.queue_callback(_release)  # runs when backward ends
+    return rows
+
+
+def _release() -> None:
+    global _last_gather
+    _last_gather = None
+
 
 class LinearFunction(torch.autograd.Function):
     """``y = x @ Wᵀ + b`` over (*tokens, in) → (*tokens, out)."""
@@ -29,7 +58,7 @@ class LinearFunction(torch.autograd.Function):
             if need_x:
                 dx = grad.with_values(g @ weight).view(x.shape)  # (n, in) rows
             if need_w:
-                dw = gathered_weight_grad(g, x2d, grad.index, validate=False)  # (out, in)
+                dw = gathered_weight_grad(g, _kept_rows(x2d, grad.index), None)  # (out, in)
         else:
             g = grad.reshape(-1, weight.shape[0])  # (M, out)
             if need_x:
