@@ -1,11 +1,12 @@
-"""Benchmark the fused Triton SwiGLU and RMSNorm backwards against the torch backend.
+"""Benchmark the fused Triton row-wise backwards against the torch backend.
 
-Model shapes of TinyLlama-1.1B and Qwen2.5-1.5B (Phi-1.5 shares TinyLlama's hidden width and has
-no SwiGLU): 16384 token rows, keep 1.0 (dense gradient, ``index=None``) and 0.6 (sorted random
-subset, rows gathered by index), bf16 by default. Times each backend with CUDA events around
-back-to-back calls after a warm-up (median of 5 batches) and reports the effective bandwidth of the
-minimal traffic (each input row read once, each output written once). With ``--sweep`` it also
-times a few alternative Triton block configurations at keep 0.6 (stopping at a time budget).
+SwiGLU and RMSNorm at the shapes of TinyLlama-1.1B and Qwen2.5-1.5B; LayerNorm (hidden 2048) and
+GELU tanh (``gelu_new``, MLP width 8192) at the shapes of Phi-1.5: 16384 token rows, keep 1.0
+(dense gradient, ``index=None``) and 0.6 (sorted random subset, rows gathered by index), bf16 by
+default. Times each backend with CUDA events around back-to-back calls after a warm-up (median of
+5 batches) and reports the effective bandwidth of the minimal traffic (each input row read once,
+each output written once). With ``--sweep`` it also times a few alternative Triton block
+configurations at keep 0.6 (stopping at a time budget).
 
 Writes ``<out>.json`` and ``<out>.md``.
 
@@ -34,7 +35,12 @@ CASES = [
     ("rms_norm", "Qwen2.5-1.5B", 1536, 1e-6),
     ("swiglu", "TinyLlama-1.1B", 5632, None),
     ("swiglu", "Qwen2.5-1.5B", 8960, None),
+    ("layer_norm", "Phi-1.5", 2048, 1e-5),
+    ("gelu_new", "Phi-1.5", 8192, None),
 ]
+# Public op of each benchmarked name (the keys of ``meta["auto_backends"]``).
+OPS = {"rms_norm": "rms_norm_backward", "swiglu": "swiglu_backward", "layer_norm": "layer_norm_backward",
+       "gelu_new": "gelu_new_backward"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RMS_SWEEP = [
     {"block_r": r, "num_warps": w, "programs_per_sm": p} for r in (1, 2, 4) for w in (4, 8) for p in (4, 16)
@@ -81,6 +87,8 @@ def make_inputs(op, width, keep, dtype, gen):
     if op == "swiglu":
         up = torch.randn(ROWS, width, device=DEVICE, generator=gen).to(dtype)
         return n, idx, (grad, x, up)
+    if op == "gelu_new":
+        return n, idx, (grad, x)
     w = (1 + 0.1 * torch.randn(width, device=DEVICE, generator=gen)).to(dtype)
     return n, idx, (grad, x, w)
 
@@ -88,13 +96,19 @@ def make_inputs(op, width, keep, dtype, gen):
 def call(op, backend, args, eps, idx):
     if op == "swiglu":
         return ck.swiglu_backward(*args, idx, backend=backend, validate=False)
+    if op == "gelu_new":
+        return (ck.gelu_new_backward(*args, idx, backend=backend, validate=False),)
+    if op == "layer_norm":
+        return ck.layer_norm_backward(*args, eps, idx, backend=backend, validate=False)
     return ck.rms_norm_backward(*args, eps, idx, backend=backend, validate=False)
 
 
 def traffic_bytes(op, n, width, dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
-    tensors = 5 if op == "swiglu" else 3  # swiglu: grad, gate, up in; dgate, dup out. rms: grad, x in; dx out
-    return tensors * n * width * size + (0 if op == "swiglu" else width * (size + 4))
+    # swiglu: grad, gate, up in; dgate, dup out. Others: grad, x in; dx out (+ weight in, fp32 sums out).
+    tensors = 5 if op == "swiglu" else 3
+    params = {"swiglu": 0, "gelu_new": 0, "rms_norm": width * (size + 4), "layer_norm": width * (size + 8)}[op]
+    return tensors * n * width * size + params
 
 
 def bench(dtype, sweep: bool, deadline: float, log) -> list[dict]:
@@ -115,11 +129,8 @@ def bench(dtype, sweep: bool, deadline: float, log) -> list[dict]:
                 row[backend] = {"ms": ms, "gb_per_s": gbytes / ms * 1e3, "max_rel_diff_vs_torch": diff}
                 del out
             row["speedup"] = row["torch"]["ms"] / row["triton"]["ms"]
-            if op == "rms_norm":
-                row["triton_default_config"] = rowwise.rms_config(width)
-            else:
-                row["triton_default_config"] = rowwise.swiglu_config(width)
-            log(f"{op:8s} {model:31s} W={width:5d} keep={keep:.1f}  torch {row['torch']['ms']:.3f} ms  "
+            row["triton_default_config"] = default_config(rowwise, op, width)
+            log(f"{op:10s} {model:31s} W={width:5d} keep={keep:.1f}  torch {row['torch']['ms']:.3f} ms  "
                 f"triton {row['triton']['ms']:.3f} ms ({row['triton']['gb_per_s']:.0f} GB/s)  "
                 f"x{row['speedup']:.2f}  diff {row['triton']['max_rel_diff_vs_torch']:.1e}")
             if sweep and keep != 1.0:
@@ -130,14 +141,23 @@ def bench(dtype, sweep: bool, deadline: float, log) -> list[dict]:
     return rows
 
 
+def default_config(rowwise, op, width) -> dict:
+    return {"rms_norm": rowwise.rms_config, "swiglu": rowwise.swiglu_config,
+            "layer_norm": rowwise.layer_norm_config, "gelu_new": rowwise.gelu_config}[op](width)
+
+
 def sweep_configs(rowwise, op, args, eps, idx, deadline, log) -> list[dict]:
     results = []
-    for cfg in RMS_SWEEP if op == "rms_norm" else SWIGLU_SWEEP:
+    for cfg in RMS_SWEEP if op in ("rms_norm", "layer_norm") else SWIGLU_SWEEP:
         if time.time() > deadline:
             log("  sweep stopped at the time budget")
             break
         if op == "rms_norm":
             fn = lambda cfg=cfg: rowwise.launch_rms_norm_backward(*args, eps, idx, cfg)
+        elif op == "layer_norm":
+            fn = lambda cfg=cfg: rowwise.launch_layer_norm_backward(*args, eps, idx, cfg)
+        elif op == "gelu_new":
+            fn = lambda cfg=cfg: rowwise.launch_gelu_new_backward(*args, idx, cfg)
         else:
             fn = lambda cfg=cfg: rowwise.launch_swiglu_backward(*args, idx, cfg)
         try:
@@ -198,8 +218,7 @@ def main() -> None:
     dtype = DTYPES[args.dtype]
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "date": datetime.date.today().isoformat(), "dtype": args.dtype, "rows": ROWS,
-            "auto_backends": {op: ck.available_backends(op, "cuda")[0]
-                              for op in ("swiglu_backward", "rms_norm_backward")}}
+            "auto_backends": {op: ck.available_backends(op, "cuda")[0] for op in OPS.values()}}
     print(json.dumps(meta), flush=True)
     rows = bench(dtype, args.sweep, t0 + args.budget_s, lambda m: print(m, flush=True))
     out_dir = os.path.dirname(os.path.abspath(args.out))

@@ -1,7 +1,7 @@
 """collider-kernels: tensors in, tensors out.
 
 The backward GEMMs of token-filtered training, restricted to kept rows, the masked attention
-backward, and the row-wise SwiGLU and RMSNorm backwards. Every op takes
+backward, and the row-wise SwiGLU, GELU (tanh), RMSNorm and LayerNorm backwards. Every op takes
 ``backend="auto" | "torch" | "triton" | "cupy"`` and has a dense reference in
 :mod:`collider_kernels.reference`.
 """
@@ -9,6 +9,8 @@ backward, and the row-wise SwiGLU and RMSNorm backwards. Every op takes
 from collider_kernels.backends import available_backends, resolve_backend
 from collider_kernels.gather_matmul import gather_matmul
 from collider_kernels.gathered_weight_grad import gathered_weight_grad
+from collider_kernels.gelu_backward import gelu_new_backward
+from collider_kernels.layer_norm_backward import layer_norm_backward
 from collider_kernels.masked_attention import masked_attention_backward, sequence_offsets
 from collider_kernels.rms_norm_backward import rms_norm_backward
 from collider_kernels.scatter_add_rows import scatter_add_rows
@@ -20,6 +22,8 @@ __all__ = [
     "available_backends",
     "gather_matmul",
     "gathered_weight_grad",
+    "gelu_new_backward",
+    "layer_norm_backward",
     "masked_attention_backward",
     "resolve_backend",
     "rms_norm_backward",

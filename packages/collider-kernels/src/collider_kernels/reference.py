@@ -87,3 +87,27 @@ def rms_norm_backward_reference(grad, x, weight, eps, index=None):
     y = w * (rows / torch.sqrt(rows.pow(2).mean(-1, keepdim=True) + eps))
     dx, dweight = torch.autograd.grad(y, (rows, w), grad)
     return dx, dweight
+
+
+def layer_norm_backward_reference(grad, x, weight, eps, index=None):
+    """Autograd of ``F.layer_norm(x, (H,), weight, bias, eps)`` on the rows ``index``.
+
+    (n, H), (M, H), (H,) → dx (n, H), dweight (H,), dbias (H,).
+    """
+    rows = (x if index is None else x[index]).detach().requires_grad_()
+    w = weight.detach().requires_grad_()
+    b = torch.zeros_like(w, requires_grad=True)
+    y = torch.nn.functional.layer_norm(rows, (rows.shape[-1],), w, b, eps)
+    dx, dweight, dbias = torch.autograd.grad(y, (rows, w, b), grad)
+    return dx, dweight, dbias
+
+
+def gelu_new_backward_reference(grad, x, index=None):
+    """Autograd of ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x³)))`` on the rows ``index``.
+
+    (n, F), (M, F) → dx (n, F).
+    """
+    rows = (x if index is None else x[index]).detach().requires_grad_()
+    y = 0.5 * rows * (1 + torch.tanh(math.sqrt(2 / math.pi) * (rows + 0.044715 * rows**3)))
+    (dx,) = torch.autograd.grad(y, (rows,), grad)
+    return dx

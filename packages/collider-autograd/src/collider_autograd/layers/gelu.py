@@ -6,10 +6,8 @@ import math
 
 import torch
 
-from collider_autograd._dtypes import upcast
 from collider_autograd.sparse_grad import TokenSparseTensor
-
-_C = math.sqrt(2.0 / math.pi)
+from collider_kernels import gelu_new_backward
 
 
 class GeluNewFunction(torch.autograd.Function):
@@ -23,17 +21,12 @@ class GeluNewFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        sparse = isinstance(grad, TokenSparseTensor)
-        if sparse:
-            width = x.shape[-1]
-            xr = upcast(x.reshape(-1, width).index_select(0, grad.index))  # (n, F)
-            g = upcast(grad.values.reshape(-1, width))
-        else:
-            xr, g = upcast(x), upcast(grad)
-        t = torch.tanh(_C * (xr + 0.044715 * xr**3))
-        dgelu = 0.5 * (1 + t) + 0.5 * xr * (1 - t * t) * _C * (1 + 3 * 0.044715 * xr * xr)
-        dx = (g * dgelu).to(x.dtype)
-        return grad.with_values(dx).view(x.shape) if sparse else dx
+        x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1] if x.dim() else 1)  # (M, F)
+        if isinstance(grad, TokenSparseTensor):
+            g = grad.values.reshape(grad.index.shape[0], x2d.shape[1])  # (n, F) kept rows
+            dx = gelu_new_backward(g, x2d, grad.index, validate=False)
+            return grad.with_values(dx).view(x.shape)
+        return gelu_new_backward(grad.reshape(x2d.shape), x2d).view(x.shape)
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from collider_autograd._dtypes import upcast
 from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_kernels import layer_norm_backward
 
 
 class LayerNormFunction(torch.autograd.Function):
@@ -22,25 +22,19 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         dim = x.shape[-1]
+        x2d = x.reshape(-1, dim)  # (M, dim)
         sparse = isinstance(grad, TokenSparseTensor)
         if sparse:
-            rows = upcast(x.reshape(-1, dim).index_select(0, grad.index))  # (n, H)
-            g = upcast(grad.values.reshape(-1, dim))
+            g = grad.values.reshape(-1, dim)  # (n, dim) kept rows
+            dx, dw, db = layer_norm_backward(g, x2d, weight, ctx.eps, grad.index, validate=False)
         else:
-            rows, g = upcast(x.reshape(-1, dim)), upcast(grad.reshape(-1, dim))
-        mean = rows.mean(-1, keepdim=True)
-        rstd = torch.rsqrt((rows - mean).pow(2).mean(-1, keepdim=True) + ctx.eps)
-        xhat = (rows - mean) * rstd  # (n, H)
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dxhat = g * upcast(weight)
-            dx = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-            dx = dx.to(x.dtype)
+            dx, dw, db = layer_norm_backward(grad.reshape(-1, dim), x2d, weight, ctx.eps)
+        dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = db.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        if not ctx.needs_input_grad[0]:
+            dx = None
+        else:
             dx = grad.with_values(dx).view(x.shape) if sparse else dx.view(x.shape)
-        if ctx.needs_input_grad[1]:
-            dw = (g * xhat).sum(0).to(weight.dtype)
-        if ctx.needs_input_grad[2]:
-            db = g.sum(0).to(weight.dtype)
         return dx, dw, db, None
 
 

@@ -1,18 +1,19 @@
-"""Triton row-wise backwards: SwiGLU and RMSNorm over (optionally gathered) rows.
+"""Triton row-wise backwards: SwiGLU, RMSNorm, GELU (tanh) and LayerNorm over (optionally gathered) rows.
 
-Both kernels read each kept input row once through ``index`` (no gathered copy is made), compute
+The kernels read each kept input row once through ``index`` (no gathered copy is made), compute
 in fp32 and write each output once in the output dtype.
 
-* SwiGLU: elementwise over (rows, columns) tiles; ``gate``/``up`` rows are gathered, ``grad`` and
+* SwiGLU and GELU: elementwise over (rows, columns) tiles; input rows are gathered, ``grad`` and
   the outputs are compact.
 * RMSNorm: a program owns a contiguous run of rows and holds a whole row in registers (the row
   reductions need all of it); it writes ``dx`` per row and its partial ``dweight`` sum to row
   ``pid`` of an fp32 (programs, H) buffer, which torch sums afterwards (deterministic: the split
-  depends only on the GPU and the shape).
+  depends only on the GPU and the shape). LayerNorm works the same way, with its dweight and dbias
+  partial sums in a (2, programs, H) buffer.
 
 Block shapes are fixed heuristics of the row width (these kernels are memory-bound); under
-``TRITON_INTERPRET=1`` small blocks keep the interpreter fast. fp64 inputs, and RMSNorm rows wider
-than :data:`MAX_RMS_WIDTH`, run the torch backend.
+``TRITON_INTERPRET=1`` small blocks keep the interpreter fast. fp64 inputs, and RMSNorm/LayerNorm
+rows wider than :data:`MAX_RMS_WIDTH`, run the torch backend.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ import triton
 import triton.language as tl
 
 from collider_kernels.backends import register
+from collider_kernels.gelu_backward import GELU_COEF, SQRT_2_OVER_PI, _gelu_new_backward_torch
+from collider_kernels.layer_norm_backward import _layer_norm_backward_torch
 from collider_kernels.rms_norm_backward import _rms_norm_backward_torch
 from collider_kernels.swiglu_backward import _swiglu_backward_torch
 from collider_kernels.triton import DEVICES
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Widest RMSNorm row held in registers by one program; wider rows use the torch backend.
+# Widest RMSNorm/LayerNorm row held in registers by one program; wider rows use the torch backend.
 MAX_RMS_WIDTH = 16384
 
 
@@ -201,3 +204,157 @@ def rms_norm_backward_triton(grad, x, weight, eps, index):
     if not dtypes_ok or x.shape[1] > MAX_RMS_WIDTH:
         return _rms_norm_backward_torch(grad, x, weight, eps, index)
     return launch_rms_norm_backward(grad, x, weight, eps, index)
+
+
+# ------------------------------------------------------------------------------------- GELU (tanh)
+
+
+@triton.jit
+def _gelu_new_bwd_kernel(
+    grad_ptr, x_ptr, index_ptr, dx_ptr,
+    n, F, c, coef,
+    stride_grad, stride_x, stride_dx,
+    GATHER: tl.constexpr,  # input row r is x row index[r]
+    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_r = offs_r < n
+    mask = mask_r[:, None] & (offs_f < F)[None, :]
+    rows = offs_r.to(tl.int64)
+    if GATHER:
+        src = tl.load(index_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
+    else:
+        src = rows
+    cols = offs_f[None, :]
+    g = tl.load(grad_ptr + rows[:, None] * stride_grad + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + src[:, None] * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = c * (x + coef * x * x * x)
+    # t = tanh(u) through s = exp(-2|u|) in (0, 1]: 1 + t and 1 - t² without cancellation or overflow.
+    s = tl.exp(-2.0 * tl.abs(u))
+    inv = 1.0 / (1.0 + s)
+    one_plus_t = tl.where(u >= 0, 2.0 * inv, 2.0 * s * inv)
+    one_minus_t2 = 4.0 * s * inv * inv
+    dgelu = 0.5 * one_plus_t + 0.5 * x * one_minus_t2 * c * (1.0 + 3.0 * coef * x * x)
+    tl.store(dx_ptr + rows[:, None] * stride_dx + cols, (g * dgelu).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def gelu_config(F: int) -> dict:
+    """Tile of the GELU kernel for width ``F``: about 4096 elements per program."""
+    return swiglu_config(F)
+
+
+def launch_gelu_new_backward(grad, x, index, cfg: dict | None = None):
+    """Run the GELU kernel; ``cfg`` overrides :func:`gelu_config` (block_r, block_i, num_warps)."""
+    n, F = grad.shape
+    dx = _alloc((n, F), x.dtype, x.device)  # (n, F)
+    if n == 0 or F == 0:
+        return dx
+    grad, x = _rows(grad), _rows(x)
+    index = None if index is None else index.contiguous()
+    cfg = {**gelu_config(F), **(cfg or {})}
+    grid = (triton.cdiv(n, cfg["block_r"]), triton.cdiv(F, cfg["block_i"]))
+    _gelu_new_bwd_kernel[grid](
+        grad, x, dx if index is None else index, dx,
+        n, F, SQRT_2_OVER_PI, GELU_COEF,
+        grad.stride(0), x.stride(0), dx.stride(0),
+        GATHER=index is not None, BLOCK_R=cfg["block_r"], BLOCK_F=cfg["block_i"],
+        num_warps=cfg["num_warps"],
+    )
+    return dx
+
+
+@register("gelu_new_backward", "triton", DEVICES)
+def gelu_new_backward_triton(grad, x, index):
+    """Fused GELU (tanh) backward with the row gather inside the kernel."""
+    if x.dtype not in _KERNEL_DTYPES or grad.dtype not in _KERNEL_DTYPES:
+        return _gelu_new_backward_torch(grad, x, index)
+    return launch_gelu_new_backward(grad, x, index)
+
+
+# --------------------------------------------------------------------------------------- LayerNorm
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    grad_ptr, x_ptr, w_ptr, index_ptr, dx_ptr, part_ptr,
+    n, H, rows_per_prog, eps,
+    stride_grad, stride_x, stride_dx, stride_part,
+    GATHER: tl.constexpr,  # row r is x row index[r]
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    mask_h = cols < H
+    w = tl.load(w_ptr + cols, mask=mask_h, other=0.0).to(tl.float32)  # (BLOCK_H,)
+    dw = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    db = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    start = pid * rows_per_prog
+    stop = min(n, start + rows_per_prog)
+    for r0 in range(start, stop, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < stop
+        mask = mask_r[:, None] & mask_h[None, :]
+        rows = offs_r.to(tl.int64)
+        if GATHER:
+            src = tl.load(index_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
+        else:
+            src = rows
+        x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / H  # (BLOCK_R,)
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / H  # (BLOCK_R,)
+        rstd = tl.math.rsqrt(tl.where(mask_r, var + eps, 1.0))  # rows past the end stay finite when eps == 0
+        xhat = xc * rstd[:, None]
+        dw += g * xhat
+        db += g
+        dxhat = g * w[None, :]
+        mean_dxhat = tl.sum(dxhat, axis=1) / H  # (BLOCK_R,)
+        proj = tl.sum(dxhat * xhat, axis=1) / H
+        dx = rstd[:, None] * (dxhat - mean_dxhat[:, None] - xhat * proj[:, None])
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    part = part_ptr + pid.to(tl.int64) * H + cols
+    tl.store(part, tl.sum(dw, axis=0), mask=mask_h)
+    tl.store(part + stride_part, tl.sum(db, axis=0), mask=mask_h)
+
+
+def layer_norm_config(H: int) -> dict:
+    """Rows per step, warps and programs per SM of the LayerNorm kernel for width ``H``."""
+    return rms_config(H)
+
+
+def launch_layer_norm_backward(grad, x, weight, eps, index, cfg: dict | None = None):
+    """Run the LayerNorm kernel; ``cfg`` overrides :func:`layer_norm_config` (block_r, num_warps, programs_per_sm)."""
+    n, H = grad.shape
+    dx = _alloc((n, H), x.dtype, x.device)  # (n, H)
+    if n == 0 or H == 0:
+        zeros = torch.zeros(H, dtype=torch.float32, device=x.device)
+        return dx, zeros, zeros.clone()
+    grad, x = _rows(grad), _rows(x)
+    weight = weight.contiguous()
+    index = None if index is None else index.contiguous()
+    cfg = {**layer_norm_config(H), **(cfg or {})}
+    block_r = cfg["block_r"]
+    programs = max(1, min(triton.cdiv(n, block_r), cfg["programs_per_sm"] * _num_sms(x.device)))
+    rows_per_prog = triton.cdiv(n, programs)
+    programs = triton.cdiv(n, rows_per_prog)  # every program owns at least one row
+    part = _alloc((2, programs, H), torch.float32, x.device)  # [0]: dweight, [1]: dbias partials
+    _layer_norm_bwd_kernel[(programs,)](
+        grad, x, weight, dx if index is None else index, dx, part,
+        n, H, rows_per_prog, eps,
+        grad.stride(0), x.stride(0), dx.stride(0), part.stride(0),
+        GATHER=index is not None, BLOCK_R=block_r, BLOCK_H=triton.next_power_of_2(H),
+        num_warps=cfg["num_warps"],
+    )
+    dweight, dbias = part.sum(1)  # (H,) each
+    return dx, dweight, dbias
+
+
+@register("layer_norm_backward", "triton", DEVICES)
+def layer_norm_backward_triton(grad, x, weight, eps, index):
+    """Fused LayerNorm backward (dx, dweight and dbias in one pass) with the row gather inside the kernel."""
+    dtypes_ok = all(t.dtype in _KERNEL_DTYPES for t in (grad, x, weight))
+    if not dtypes_ok or x.shape[1] > MAX_RMS_WIDTH:
+        return _layer_norm_backward_torch(grad, x, weight, eps, index)
+    return launch_layer_norm_backward(grad, x, weight, eps, index)

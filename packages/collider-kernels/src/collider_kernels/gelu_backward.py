@@ -1,0 +1,64 @@
+"""Backward of the tanh-approximated GELU (``gelu_new`` of GPT-2/Phi) for the kept rows of its input."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from collider_kernels._checks import FLOAT_DTYPES, check_index, check_tensor
+from collider_kernels.backends import register, resolve_backend
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_COEF = 0.044715
+
+
+def gelu_new_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    index: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Gradient of ``y = 0.5 * x * (1 + tanh(c * (x + 0.044715 * x³)))``, ``c = sqrt(2 / pi)``.
+
+    With ``t = tanh(c * (x + 0.044715 * x³))``:
+    ``dx = grad * (0.5 * (1 + t) + 0.5 * x * (1 - t²) * c * (1 + 3 * 0.044715 * x²))``,
+    computed in fp32 (fp64 when ``x`` or ``grad`` is fp64).
+
+    Args:
+        grad: (n, F) output gradient of the rows ``index``.
+        x: (M, F) forward input.
+        index: (n,) int64/int32 rows of ``x``, or ``None`` for all rows (n == M).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+        validate: check that ``index`` lies in range (costs a device sync on CUDA).
+
+    Returns:
+        dx (n, F) in ``x.dtype``.
+    """
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("grad", grad, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    if index is None:
+        rows = x.shape[0]
+    else:
+        check_index("index", index, x.shape[0], x.device, validate=validate)
+        rows = index.shape[0]
+    if tuple(grad.shape) != (rows, x.shape[1]):
+        what = "x's rows" if index is None else "one row per index entry"
+        raise ValueError(f"grad must be ({rows}, {x.shape[1]}) ({what}), got {tuple(grad.shape)}")
+    fn = resolve_backend("gelu_new_backward", backend, x.device)
+    return fn(grad, x, index)
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+@register("gelu_new_backward", "torch")
+def _gelu_new_backward_torch(grad, x, index):
+    xr = _upcast(x if index is None else x.index_select(0, index))  # (n, F)
+    g = _upcast(grad)
+    t = torch.tanh(SQRT_2_OVER_PI * (xr + GELU_COEF * xr**3))
+    dgelu = 0.5 * (1 + t) + 0.5 * xr * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * GELU_COEF * xr * xr)
+    return (g * dgelu).to(x.dtype)
