@@ -204,6 +204,14 @@ def test_rms_norm_triton_many_programs(poison, monkeypatch):
         assert torch.equal(dw1, dw2), "dweight is not deterministic"
 
 
+def test_rms_norm_triton_eps_zero_partial_row_block(poison):
+    """eps = 0 with a last row block only partly filled: rows past the end must not turn the
+    partial dweight into NaN (rsqrt(0) * 0)."""
+    case = rms_case(11, 24, 11, "none", torch.float32, DEVICE, seed=5)
+    dx, dw = check_rms("triton", *case, 0.0)
+    assert torch.isfinite(dw).all() and torch.isfinite(dx).all()
+
+
 def test_rms_norm_triton_mixed_dtypes(poison):
     """fp16 activations with an fp32 weight and fp32 gradient (output of fp32 weight * fp16 xhat)."""
     case = rms_case(33, 70, 20, "sorted_subset", torch.float16, DEVICE, seed=3,

@@ -151,7 +151,8 @@ def _rms_norm_bwd_kernel(
             src = rows
         x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.math.rsqrt(tl.sum(x * x, axis=1) / H + eps)  # (BLOCK_R,); masked rows stay finite
+        ms = tl.sum(x * x, axis=1) / H  # (BLOCK_R,)
+        rstd = tl.math.rsqrt(tl.where(mask_r, ms + eps, 1.0))  # rows past the end stay finite when eps == 0
         xhat = x * rstd[:, None]
         # dweight sees the normalised row after the forward's cast to x's dtype.
         dw += g * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
