@@ -21,11 +21,11 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
 import torch
+from timing import time_ms
 
 import collider_kernels as ck
 
@@ -46,29 +46,6 @@ MODELS = {
     },
 }
 VOCAB = {"TinyLlama-1.1B": (32000, 2048), "Qwen2.5-1.5B": (151936, 1536), "Phi-1.5": (51200, 2048)}
-
-
-def time_ms(fn, *, batches: int = 5, budget_ms: float = 20.0) -> float:
-    """Time per call of ``fn`` in ms: calls queued back to back between two CUDA events (launch
-    overhead overlaps the GPU work, as in a training step), median over ``batches`` after a warm-up."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    est = (time.perf_counter() - t0) * 1e3 / 3
-    reps = max(3, min(100, int(budget_ms / max(est, 1e-3))))
-    times = []
-    for _ in range(batches):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / reps)
-    return statistics.median(times)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

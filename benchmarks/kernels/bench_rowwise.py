@@ -19,10 +19,10 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import time
 
 import torch
+from timing import time_ms
 
 import collider_kernels as ck
 
@@ -49,28 +49,6 @@ SWIGLU_SWEEP = [
     {"block_r": r, "block_i": i, "num_warps": w}
     for r, i, w in ((1, 1024, 4), (2, 1024, 4), (4, 1024, 8), (8, 512, 4), (8, 1024, 8), (16, 256, 4))
 ]
-
-
-def time_ms(fn, batches: int = 5, budget_ms: float = 25.0) -> float:
-    """Median time per call (ms) of ``fn`` queued back to back between CUDA events."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    per_call = (time.perf_counter() - t0) * 1e3 / 3
-    reps = max(3, min(200, int(budget_ms / max(per_call, 1e-3))))
-    samples = []
-    for _ in range(batches):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            fn()
-        stop.record()
-        stop.synchronize()
-        samples.append(start.elapsed_time(stop) / reps)
-    return statistics.median(samples)
 
 
 def max_rel_diff(a, b) -> float:

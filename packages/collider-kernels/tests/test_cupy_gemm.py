@@ -28,7 +28,7 @@ def test_cupy_backend_is_registered():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("kind", ("sorted_subset", "random_repeats", "none"))
+@pytest.mark.parametrize("kind", ("sorted_subset", "repeats", "none"))
 def test_gather_matmul(kc, dtype, shape, kind):
     M, K, N, n = shape
     for has_bias in (False, True):
@@ -44,7 +44,7 @@ def test_gather_matmul(kc, dtype, shape, kind):
 def test_gathered_weight_grad(kc, dtype, shape, out_dtype):
     M, K, N, n = shape
     _poison_allocator()
-    kc.weight_grad("cupy", M=M, K=K, N=N, n=n, kind="random_repeats", row_pad=8, dtype=dtype,
+    kc.weight_grad("cupy", M=M, K=K, N=N, n=n, kind="repeats", row_pad=8, dtype=dtype,
                    device="cuda", seed=N, out_dtype=out_dtype)
 
 

@@ -10,13 +10,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_testing import INDEX_KINDS as KINDS
+from kernel_testing import assert_rule, make_index, nan_alloc, rand, small_atol
 
 import collider_kernels as ck
 from collider_kernels import backends, reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-KINDS = ("none", "empty", "single", "sorted_subset", "full", "repeats")
 
 rowwise = pytest.importorskip("collider_kernels.triton.rowwise")
 
@@ -24,51 +25,7 @@ rowwise = pytest.importorskip("collider_kernels.triton.rowwise")
 @pytest.fixture
 def poison(monkeypatch):
     """Allocate every Triton output NaN-filled."""
-
-    def alloc(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(rowwise, "_alloc", alloc)
-
-
-def make_index(kind, M, n, gen, device):
-    """Row index of ``kind`` into M rows (``None`` for kind "none")."""
-    if kind == "none":
-        return None
-    if kind == "empty":
-        idx = torch.empty(0, dtype=torch.int64)
-    elif kind == "single":
-        idx = torch.randint(0, M, (1,), generator=gen)
-    elif kind == "full":
-        idx = torch.arange(M)
-    elif kind == "sorted_subset":
-        idx = torch.randperm(M, generator=gen)[: min(n, M)].sort().values
-    else:
-        idx = torch.randint(0, M, (n,), generator=gen)
-    return idx.to(device)
-
-
-def rand(rows, cols, dtype, device, gen, *, scale=1.0, shift=0.0, row_pad=0):
-    """Normal data; with ``row_pad`` a row-strided view of a wider buffer."""
-    buf = (torch.randn(rows, cols + row_pad, generator=gen) * scale + shift).to(dtype).to(device)
-    return buf[:, :cols]
-
-
-def assert_rule(out, ref32, torch_out, *, atol, what):
-    assert out.shape == ref32.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref32.shape)}"
-    assert out.dtype == torch_out.dtype, f"{what}: dtype {out.dtype} != torch backend {torch_out.dtype}"
-    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten output?)"
-    if out.numel() == 0:
-        return
-    err = (out.double() - ref32.double()).abs().max().item()
-    base = (torch_out.double() - ref32.double()).abs().max().item()
-    assert err <= 2 * base + atol, f"{what}: max err {err:.3g} > 2 * torch err {base:.3g} + {atol:.3g}"
-
-
-def small_atol(dtype, ref, depth=1):
-    eps = {torch.float32: 4e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # fp32: a few ulp (fast exp on GPU)
-    scale = ref.abs().max().item() if ref.numel() else 1.0
-    return 0.1 * eps * (1.0 + scale) * (1.0 + depth) ** 0.5 + 1e-6
+    monkeypatch.setattr(rowwise, "_alloc", nan_alloc)
 
 
 def swiglu_case(M, I, n, kind, dtype, device, seed, row_pad=0):
@@ -95,7 +52,7 @@ def check_swiglu(backend, grad, gate, up, idx):
     base = ck.swiglu_backward(grad, gate, up, idx, backend="torch")
     for name, out, r, b in zip(("dgate", "dup"), (dgate, dup), ref, base, strict=True):
         assert out.dtype == gate.dtype and out.device == gate.device
-        assert_rule(out, r, b, atol=small_atol(gate.dtype, r), what=f"swiglu {name}[{backend}]")
+        assert_rule(out, r, b, atol=small_atol(gate.dtype, r), what=f"swiglu {name}[{backend}]", same_dtype=True)
 
 
 def check_rms(backend, grad, x, w, idx, eps):
@@ -103,9 +60,11 @@ def check_rms(backend, grad, x, w, idx, eps):
     ref_dx, ref_dw = reference.rms_norm_backward_reference(grad.float(), x.float(), w.float(), eps, idx)
     base_dx, base_dw = ck.rms_norm_backward(grad, x, w, eps, idx, backend="torch")
     assert dx.dtype == x.dtype and dw.dtype == torch.float32 and dw.shape == (x.shape[1],)
-    assert_rule(dx, ref_dx, base_dx, atol=small_atol(x.dtype, ref_dx, x.shape[1]), what=f"rms dx[{backend}]")
+    assert_rule(dx, ref_dx, base_dx, atol=small_atol(x.dtype, ref_dx, x.shape[1]), what=f"rms dx[{backend}]",
+                same_dtype=True)
     rows = grad.shape[0]
-    assert_rule(dw, ref_dw, base_dw, atol=small_atol(torch.float32, ref_dw, rows), what=f"rms dweight[{backend}]")
+    assert_rule(dw, ref_dw, base_dw, atol=small_atol(torch.float32, ref_dw, rows), what=f"rms dweight[{backend}]",
+                same_dtype=True)
     if rows:
         # Same convention as the torch backend (xhat cast to x's dtype): columns agree up to the fp32
         # summation order, except a few where an ulp of rstd moves xhat across a rounding boundary

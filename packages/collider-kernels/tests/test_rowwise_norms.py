@@ -12,66 +12,23 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_testing import INDEX_KINDS as KINDS
+from kernel_testing import assert_rule, make_index, nan_alloc, rand, small_atol
 
 import collider_kernels as ck
 from collider_kernels import backends, reference
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-KINDS = ("none", "empty", "single", "sorted_subset", "full", "repeats")
 OPS = ("layer_norm_backward", "gelu_new_backward")
 
 rowwise = pytest.importorskip("collider_kernels.triton.rowwise")
 
 
-def _nan_alloc(shape, dtype, device):
-    return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-
 @pytest.fixture
 def poison(monkeypatch):
     """Allocate every Triton output NaN-filled."""
-    monkeypatch.setattr(rowwise, "_alloc", _nan_alloc)
-
-
-def make_index(kind, M, n, gen, device):
-    """Row index of ``kind`` into M rows (``None`` for kind "none")."""
-    if kind == "none":
-        return None
-    if kind == "empty":
-        idx = torch.empty(0, dtype=torch.int64)
-    elif kind == "single":
-        idx = torch.randint(0, M, (1,), generator=gen)
-    elif kind == "full":
-        idx = torch.arange(M)
-    elif kind == "sorted_subset":
-        idx = torch.randperm(M, generator=gen)[: min(n, M)].sort().values
-    else:
-        idx = torch.randint(0, M, (n,), generator=gen)
-    return idx.to(device)
-
-
-def rand(rows, cols, dtype, device, gen, *, scale=1.0, shift=0.0, row_pad=0):
-    """Normal data; with ``row_pad`` a row-strided view of a wider buffer."""
-    buf = (torch.randn(rows, cols + row_pad, generator=gen) * scale + shift).to(dtype).to(device)
-    return buf[:, :cols]
-
-
-def assert_rule(out, ref, torch_out, *, atol, what):
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert out.dtype == torch_out.dtype, f"{what}: dtype {out.dtype} != torch backend {torch_out.dtype}"
-    assert torch.isfinite(out).all(), f"{what}: non-finite values (unwritten output?)"
-    if out.numel() == 0:
-        return
-    err = (out.double() - ref.double()).abs().max().item()
-    base = (torch_out.double() - ref.double()).abs().max().item()
-    assert err <= 2 * base + atol, f"{what}: max err {err:.3g} > 2 * torch err {base:.3g} + {atol:.3g}"
-
-
-def small_atol(dtype, ref, depth=1):
-    eps = {torch.float32: 4e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # fp32: a few ulp (fast exp on GPU)
-    scale = ref.abs().max().item() if ref.numel() else 1.0
-    return 0.1 * eps * (1.0 + scale) * (1.0 + depth) ** 0.5 + 1e-6
+    monkeypatch.setattr(rowwise, "_alloc", nan_alloc)
 
 
 def ln_case(M, H, n, kind, dtype, device, seed, row_pad=0, weight_dtype=None, grad_dtype=None):
@@ -98,9 +55,9 @@ def check_ln(backend, grad, x, w, idx, eps):
     H, rows = x.shape[1], grad.shape[0]
     assert out[0].dtype == x.dtype and out[0].device == x.device
     assert out[1].dtype == out[2].dtype == torch.float32 and out[1].shape == out[2].shape == (H,)
-    assert_rule(out[0], ref[0], base[0], atol=small_atol(x.dtype, ref[0], H), what=f"ln dx[{backend}]")
+    assert_rule(out[0], ref[0], base[0], atol=small_atol(x.dtype, ref[0], H), what=f"ln dx[{backend}]", same_dtype=True)
     for name, o, r, b in zip(("dweight", "dbias"), out[1:], ref[1:], base[1:], strict=True):
-        assert_rule(o, r, b, atol=small_atol(torch.float32, r, rows), what=f"ln {name}[{backend}]")
+        assert_rule(o, r, b, atol=small_atol(torch.float32, r, rows), what=f"ln {name}[{backend}]", same_dtype=True)
     return out
 
 
@@ -109,7 +66,7 @@ def check_gelu(backend, grad, x, idx):
     ref = reference.gelu_new_backward_reference(grad.double(), x.double(), idx)
     base = ck.gelu_new_backward(grad, x, idx, backend="torch")
     assert dx.dtype == x.dtype and dx.device == x.device
-    assert_rule(dx, ref, base, atol=small_atol(x.dtype, ref), what=f"gelu dx[{backend}]")
+    assert_rule(dx, ref, base, atol=small_atol(x.dtype, ref), what=f"gelu dx[{backend}]", same_dtype=True)
     return dx
 
 
@@ -176,7 +133,7 @@ def test_triton_backend_is_registered():
        row_pad=st.sampled_from((0, 5)), seed=seeds)
 def test_layer_norm_triton(M, H, n, kind, dtype, eps, row_pad, seed):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rowwise, "_alloc", _nan_alloc)
+        mp.setattr(rowwise, "_alloc", nan_alloc)
         check_ln("triton", *ln_case(M, H, n, kind, dtype, DEVICE, seed, row_pad), eps)
 
 
@@ -185,7 +142,7 @@ def test_layer_norm_triton(M, H, n, kind, dtype, eps, row_pad, seed):
        seed=seeds)
 def test_gelu_triton(M, F, n, kind, dtype, row_pad, seed):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rowwise, "_alloc", _nan_alloc)
+        mp.setattr(rowwise, "_alloc", nan_alloc)
         check_gelu("triton", *gelu_case(M, F, n, kind, dtype, DEVICE, seed, row_pad))
 
 

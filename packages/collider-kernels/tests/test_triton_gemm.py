@@ -20,7 +20,7 @@ CPU_DTYPES = (torch.float32, torch.float16)
 GPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 small = st.integers(1, 70)
-kinds = st.sampled_from(("none", "sorted_subset", "random_repeats", "empty", "full", "single"))
+kinds = st.sampled_from(("none", "sorted_subset", "repeats", "empty", "full", "single"))
 
 
 def test_triton_backend_is_registered():
@@ -51,7 +51,7 @@ def test_gathered_weight_grad_split_reduction(kc, monkeypatch):
     monkeypatch.setattr(gemm, "_num_sms", lambda device: 64)
     assert gemm._split_k(24, 20, 2100, torch.device(DEVICE)) > 1
     for out_dtype in (None, torch.float32, torch.float16):
-        kc.weight_grad("triton", M=2500, K=20, N=24, n=2100, kind="random_repeats", row_pad=2,
+        kc.weight_grad("triton", M=2500, K=20, N=24, n=2100, kind="repeats", row_pad=2,
                        dtype=torch.float16, device=DEVICE, seed=7, out_dtype=out_dtype)
 
 
@@ -65,7 +65,7 @@ def test_scatter_add_rows(kc, n, R, F, deterministic, src_dtype, out_dtype, row_
 
 
 def test_fp64_falls_back_to_torch(kc):
-    kc.gather_matmul("triton", M=9, K=7, N=5, n=4, kind="random_repeats", has_bias=True, row_pad=0,
+    kc.gather_matmul("triton", M=9, K=7, N=5, n=4, kind="repeats", has_bias=True, row_pad=0,
                      dtype=torch.float32, device=DEVICE, seed=1)
     x = torch.randn(9, 7, dtype=torch.float64, device=DEVICE)
     w = torch.randn(5, 7, dtype=torch.float64, device=DEVICE)
@@ -92,7 +92,7 @@ GPU_SHAPES = [  # (M, K, N, n)
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES)
 @pytest.mark.parametrize("shape", GPU_SHAPES)
-@pytest.mark.parametrize("kind", ("sorted_subset", "random_repeats", "none"))
+@pytest.mark.parametrize("kind", ("sorted_subset", "repeats", "none"))
 def test_gpu_gather_matmul(kc, dtype, shape, kind):
     M, K, N, n = shape
     for has_bias in (False, True):

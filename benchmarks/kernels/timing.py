@@ -1,0 +1,29 @@
+"""Timing shared by the kernel benchmarks (run them as scripts: this folder is on sys.path)."""
+
+import statistics
+import time
+
+import torch
+
+
+def time_ms(fn, *, batches: int = 5, budget_ms: float = 20.0, max_reps: int = 100) -> float:
+    """Time per call of ``fn`` in ms: calls queued back to back between two CUDA events (launch
+    overhead overlaps the GPU work, as in a training step), median over ``batches`` after a warm-up."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    est = (time.perf_counter() - t0) * 1e3 / 3
+    reps = max(3, min(max_reps, int(budget_ms / max(est, 1e-3))))
+    times = []
+    for _ in range(batches):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / reps)
+    return statistics.median(times)
