@@ -26,3 +26,31 @@ def check_index(name: str, index, num_rows: int, device, *, validate: bool = Tru
         lo, hi = int(index.min()), int(index.max())
         if lo < 0 or hi >= num_rows:
             raise IndexError(f"{name} must lie in [0, {num_rows}), got values in [{lo}, {hi}]")
+
+
+def check_row_grad(grad, x, index, *, validate: bool, x_name: str = "x") -> None:
+    """``grad`` (n, F) holds the rows ``index`` of ``x`` (M, F), or all M rows when index is None."""
+    check_tensor("grad", grad, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    if index is None:
+        rows = x.shape[0]
+    else:
+        check_index("index", index, x.shape[0], x.device, validate=validate)
+        rows = index.shape[0]
+    if tuple(grad.shape) != (rows, x.shape[1]):
+        what = f"{x_name}'s rows" if index is None else "one row per index entry"
+        raise ValueError(f"grad must be ({rows}, {x.shape[1]}) ({what}), got {tuple(grad.shape)}")
+
+
+def check_norm_args(x, weight, eps) -> None:
+    """x (M, H), weight (H,), eps >= 0 of a normalisation backward."""
+    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+    if weight.shape[0] != x.shape[1]:
+        raise ValueError(f"weight must be ({x.shape[1]},) to match x, got {tuple(weight.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32, or unchanged when already fp32/fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))

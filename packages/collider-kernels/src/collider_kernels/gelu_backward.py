@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from collider_kernels._checks import FLOAT_DTYPES, check_index, check_tensor
+from collider_kernels._checks import FLOAT_DTYPES, check_row_grad, check_tensor, upcast
 from collider_kernels.backends import register, resolve_backend
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -38,27 +38,15 @@ def gelu_new_backward(
         dx (n, F) in ``x.dtype``.
     """
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("grad", grad, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-    if index is None:
-        rows = x.shape[0]
-    else:
-        check_index("index", index, x.shape[0], x.device, validate=validate)
-        rows = index.shape[0]
-    if tuple(grad.shape) != (rows, x.shape[1]):
-        what = "x's rows" if index is None else "one row per index entry"
-        raise ValueError(f"grad must be ({rows}, {x.shape[1]}) ({what}), got {tuple(grad.shape)}")
+    check_row_grad(grad, x, index, validate=validate)
     fn = resolve_backend("gelu_new_backward", backend, x.device)
     return fn(grad, x, index)
 
 
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 @register("gelu_new_backward", "torch")
 def _gelu_new_backward_torch(grad, x, index):
-    xr = _upcast(x if index is None else x.index_select(0, index))  # (n, F)
-    g = _upcast(grad)
+    xr = upcast(x if index is None else x.index_select(0, index))  # (n, F)
+    g = upcast(grad)
     t = torch.tanh(SQRT_2_OVER_PI * (xr + GELU_COEF * xr**3))
     dgelu = 0.5 * (1 + t) + 0.5 * xr * (1 - t * t) * SQRT_2_OVER_PI * (1 + 3 * GELU_COEF * xr * xr)
     return (g * dgelu).to(x.dtype)

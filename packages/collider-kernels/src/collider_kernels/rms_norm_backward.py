@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from collider_kernels._checks import FLOAT_DTYPES, check_index, check_tensor
+from collider_kernels._checks import check_norm_args, check_row_grad
 from collider_kernels.backends import register, resolve_backend
 
 
@@ -38,21 +38,8 @@ def rms_norm_backward(
         ``(dx, dweight)``: dx (n, H) in ``x.dtype``; dweight (H,) summed over the n rows, in
         fp32 (fp64 when any input is fp64).
     """
-    check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
-    if weight.shape[0] != x.shape[1]:
-        raise ValueError(f"weight must be ({x.shape[1]},) to match x, got {tuple(weight.shape)}")
-    check_tensor("grad", grad, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
-    if index is None:
-        rows = x.shape[0]
-    else:
-        check_index("index", index, x.shape[0], x.device, validate=validate)
-        rows = index.shape[0]
-    if tuple(grad.shape) != (rows, x.shape[1]):
-        what = "x's rows" if index is None else "one row per index entry"
-        raise ValueError(f"grad must be ({rows}, {x.shape[1]}) ({what}), got {tuple(grad.shape)}")
+    check_norm_args(x, weight, eps)
+    check_row_grad(grad, x, index, validate=validate)
     fn = resolve_backend("rms_norm_backward", backend, x.device)
     return fn(grad, x, weight, float(eps), index)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from collider_kernels._checks import FLOAT_DTYPES, check_index, check_tensor
+from collider_kernels._checks import FLOAT_DTYPES, check_row_grad, check_tensor, upcast
 from collider_kernels.backends import register, resolve_backend
 
 
@@ -37,21 +37,9 @@ def swiglu_backward(
     check_tensor("up", up, ndim=2, dtypes=(gate.dtype,), device=gate.device)
     if up.shape != gate.shape:
         raise ValueError(f"up must have gate's shape {tuple(gate.shape)}, got {tuple(up.shape)}")
-    check_tensor("grad", grad, ndim=2, dtypes=FLOAT_DTYPES, device=gate.device)
-    if index is None:
-        rows = gate.shape[0]
-    else:
-        check_index("index", index, gate.shape[0], gate.device, validate=validate)
-        rows = index.shape[0]
-    if tuple(grad.shape) != (rows, gate.shape[1]):
-        what = "gate's rows" if index is None else "one row per index entry"
-        raise ValueError(f"grad must be ({rows}, {gate.shape[1]}) ({what}), got {tuple(grad.shape)}")
+    check_row_grad(grad, gate, index, validate=validate, x_name="gate")
     fn = resolve_backend("swiglu_backward", backend, gate.device)
     return fn(grad, gate, up, index)
-
-
-def _upcast(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 @register("swiglu_backward", "torch")
@@ -59,7 +47,7 @@ def _swiglu_backward_torch(grad, gate, up, index):
     if index is not None:
         gate = gate.index_select(0, index)  # (n, I)
         up = up.index_select(0, index)
-    g, a, b = _upcast(grad), _upcast(gate), _upcast(up)
+    g, a, b = upcast(grad), upcast(gate), upcast(up)
     sig = torch.sigmoid(a)
     silu = a * sig
     dgate = (g * b * sig * (1 + a * (1 - sig))).to(gate.dtype)  # (n, I)
