@@ -40,3 +40,18 @@ def test_collider_bench_tiny_cpu_run(tmp_path):
         assert row[mode]["backward_ms"] > 0 and len(row[mode]["backward_all_ms"]) == 2
     assert row["ratios"]["backward"] == row["collider"]["backward_ms"] / row["masked"]["backward_ms"]
     assert "tinyllama-tiny" in stem.with_suffix(".md").read_text()
+
+
+def test_collider_bench_full_step_times_selection_and_optimizer(tmp_path):
+    from collider_models.cli.bench import main as bench_main
+
+    stem = tmp_path / "bench"
+    bench_main(["--presets", "tinyllama-tiny", "--batch", "2", "--seq", "32", "--device", "cpu", "--dtype",
+                "float32", "--warmup", "0", "--repeats", "1", "--no-ideal", "--full-step", "--out", str(stem)])
+    (row,) = json.loads(stem.with_suffix(".json").read_text())["results"]
+    assert row["full_step"] and row["keep_fraction"] == 0.6
+    for mode in ("masked", "collider"):
+        r = row[mode]
+        assert r["optimizer_ms"] > 0
+        assert r["step_ms"] == r["forward_ms"] + r["backward_ms"] + r["optimizer_ms"]
+    assert "fused AdamW" in stem.with_suffix(".md").read_text()

@@ -9,8 +9,10 @@ For each preset (default the three full-size models) at B×T tokens with a rando
   a kept-rows backward is compared with (DESIGN.md §5);
 * ``hf`` (with ``--hf``): the same-shaped ``transformers`` model (SDPA) with the masked loss.
 
-Times are CUDA-event medians after warm-up; peak memory is per step. Results go to
-``<out>.json`` and ``<out>.md``.
+With ``--full-step`` each step is the whole training step of DESIGN.md §5: the kept tokens
+are chosen by top-k of the token loss (timed with the forward) and a fused AdamW step follows
+the backward (timed apart). Times are CUDA-event medians after warm-up; peak memory is per
+step. Results go to ``<out>.json`` and ``<out>.md``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf", action="store_true", help="also time the transformers model")
     p.add_argument("--no-ideal", action="store_true", help="skip the dense keep·T bound")
+    p.add_argument("--full-step", action="store_true",
+                   help="the whole training step of DESIGN.md §5: also top-k token selection by loss "
+                        "(timed with the forward) and a fused AdamW step (timed apart)")
     p.add_argument("--kernels", default=os.environ.get(KERNELS_ENV, "auto"), choices=["auto", "torch"],
                    help=f"kernel backends (default from ${KERNELS_ENV}, else auto)")
     p.add_argument("--out", type=Path, default=Path("bench_e2e"),
@@ -68,9 +73,10 @@ def _use_torch_kernels() -> None:
         sys.modules[name] = None  # an import of it now raises ImportError: the backend stays out
 
 
-def _step(model, ids, labels, keep, mode: str, timer: Timer) -> tuple[float, float, float]:
-    """One forward + loss + backward: (forward ms, backward ms, peak GiB)."""
-    from collider_autograd import filtered_mean
+def _step(model, ids, labels, keep, mode: str, timer: Timer, optimizer=None, select: float | None = None):
+    """One forward + loss (+ top-k selection of ``select`` of the tokens) + backward (+ optimizer
+    step): (forward ms, backward ms, optimizer ms, peak GiB)."""
+    from collider_autograd import filtered_mean, select_top_k
 
     model.zero_grad(set_to_none=True)
     if timer.cuda:
@@ -82,15 +88,19 @@ def _step(model, ids, labels, keep, mode: str, timer: Timer) -> tuple[float, flo
         token_loss = torch.nn.functional.cross_entropy(
             logits.float().view(-1, V), labels.view(-1), reduction="none"
         ).view(labels.shape)  # (B, T)
-        loss = masked_mean(token_loss, keep)
     else:
         token_loss = model.token_loss(ids, labels)  # (B, T) fp32
-        loss = filtered_mean(token_loss, keep, validate=False) if mode == "collider" else masked_mean(token_loss, keep)
+    if select is not None:
+        keep = select_top_k(token_loss.detach(), select)
+    loss = filtered_mean(token_loss, keep, validate=False) if mode == "collider" else masked_mean(token_loss, keep)
     t1 = timer.mark()
     loss.backward()
     t2 = timer.mark()
+    if optimizer is not None:
+        optimizer.step()
+    t3 = timer.mark()
     peak = torch.cuda.max_memory_allocated() / 2**30 if timer.cuda else float("nan")
-    return timer.elapsed_ms(t0, t1), timer.elapsed_ms(t1, t2), peak
+    return timer.elapsed_ms(t0, t1), timer.elapsed_ms(t1, t2), timer.elapsed_ms(t2, t3), peak
 
 
 def _build(preset: str, dtype: torch.dtype, device: torch.device, hf: bool):
@@ -141,14 +151,22 @@ def bench_preset(preset: str, args, device: torch.device, progress) -> dict:
     if theirs is not None:
         runs["hf"] = (theirs, ids, labels, keep, "hf")
     timer = Timer(device)
-    times = {name: {"forward": [], "backward": [], "peak_gib": []} for name in runs}
+    optimizers = {}
+    if args.full_step:  # one fused AdamW per model; the tiny lr keeps the weights near their init
+        for model in (ours, theirs):
+            if model is not None:
+                optimizers[id(model)] = torch.optim.AdamW(model.parameters(), lr=1e-7, fused=device.type == "cuda")
+    times = {name: {"forward": [], "backward": [], "optimizer": [], "peak_gib": []} for name in runs}
     order = list(runs)
     for i in range(args.warmup + args.repeats):
         for name in order[i % len(order):] + order[: i % len(order)]:  # rotate who goes first
-            fwd, bwd, peak = _step(*runs[name][:4], runs[name][4], timer)
+            model, mode = runs[name][0], runs[name][4]
+            select = args.keep if args.full_step and name != "ideal" else None
+            fwd, bwd, opt, peak = _step(*runs[name][:4], mode, timer, optimizers.get(id(model)), select)
             if i >= args.warmup:
                 times[name]["forward"].append(fwd)
                 times[name]["backward"].append(bwd)
+                times[name]["optimizer"].append(opt)
                 times[name]["peak_gib"].append(peak)
         progress.update(1)
     for model in (ours, theirs):
@@ -159,12 +177,14 @@ def bench_preset(preset: str, args, device: torch.device, progress) -> dict:
         "params_m": sum(p.numel() for p in ours.parameters()) / 1e6,
         "batch": B,
         "seq": T,
-        "keep_fraction": float(keep.float().mean()),
+        "keep_fraction": args.keep if args.full_step else float(keep.float().mean()),
+        "full_step": bool(args.full_step),
         "ideal_seq": T_ideal,
     }
     for name, t in times.items():
         fwd, bwd = statistics.median(t["forward"]), statistics.median(t["backward"])
-        result[name] = {"forward_ms": fwd, "backward_ms": bwd, "step_ms": fwd + bwd,
+        opt = statistics.median(t["optimizer"])
+        result[name] = {"forward_ms": fwd, "backward_ms": bwd, "optimizer_ms": opt, "step_ms": fwd + bwd + opt,
                         "peak_gib": max(t["peak_gib"]), "backward_all_ms": t["backward"]}
     m, c = result["masked"], result["collider"]
     result["ratios"] = {
@@ -225,15 +245,17 @@ def markdown(report: dict) -> str:
         f"- date: {env['date']}; device: {env['device']}; torch {env['torch']}; triton {env.get('triton')}; "
         f"transformers {env.get('transformers')}; commit {env.get('commit')}",
         f"- kernels: {env['kernels']} ({', '.join(f'{k}: {v}' for k, v in env['kernel_backends'].items())})",
-        f"- shape: B={report['batch']} (requested), T={report['seq']}, {report['dtype']}, random keep "
-        f"{report['keep']:.0%}; {report['warmup']} warm-up + {report['repeats']} timed steps, medians (ms), "
-        "CUDA events; modes interleaved",
+        f"- shape: B={report['batch']} (requested), T={report['seq']}, {report['dtype']}, keep {report['keep']:.0%} "
+        + ("by top-k token loss, step = forward + loss + selection + backward + fused AdamW"
+           if report.get("full_step") else "at random, step = forward + loss + backward")
+        + f"; {report['warmup']} warm-up + {report['repeats']} timed steps, medians (ms), CUDA events; "
+        "modes interleaved",
         "- masked: `(token_loss * keep).sum() / keep.sum()`, dense backward; collider: `filtered_mean`; "
         "ideal: dense step on keep·T-token sequences; hf: transformers (SDPA), masked loss",
         "",
         "| model | B | masked fwd | masked bwd | collider fwd | collider bwd | bwd ratio | step ratio "
-        "| ideal bwd | bwd / ideal | hf fwd+bwd | masked step / hf | peak GiB masked / collider |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ideal bwd | bwd / ideal | hf step | masked step / hf | peak GiB masked / collider | opt ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(x, spec=".1f"):
@@ -241,7 +263,7 @@ def markdown(report: dict) -> str:
 
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r.get('batch', '–')} | error: {r['error']} |" + " |" * 10)
+            lines.append(f"| {r['preset']} | {r.get('batch', '–')} | error: {r['error']} |" + " |" * 11)
             continue
         m, c, ratios = r["masked"], r["collider"], r["ratios"]
         ideal, hf = r.get("ideal"), r.get("hf")
@@ -250,7 +272,7 @@ def markdown(report: dict) -> str:
             f"| {f(c['backward_ms'])} | {f(ratios['backward'], '.3f')} | {f(ratios['step'], '.3f')} "
             f"| {f(ideal and ideal['backward_ms'])} | {f(ratios.get('backward_vs_ideal'), '.3f')} "
             f"| {f(hf and hf['step_ms'])} | {f(ratios.get('masked_step_vs_hf'), '.3f')} "
-            f"| {f(m['peak_gib'])} / {f(c['peak_gib'])} |"
+            f"| {f(m['peak_gib'])} / {f(c['peak_gib'])} | {f(m['optimizer_ms']) if r.get('full_step') else '–'} |"
         )
     lines.append("")
     return "\n".join(lines)
@@ -282,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = args.out.with_suffix("") if args.out.suffix in (".json", ".md") else args.out
     report = {
         "environment": environment(device, args.kernels),
-        "batch": args.batch, "seq": args.seq, "keep": args.keep, "dtype": args.dtype,
+        "batch": args.batch, "seq": args.seq, "keep": args.keep, "dtype": args.dtype, "full_step": args.full_step,
         "warmup": args.warmup, "repeats": args.repeats, "results": [],
     }
     steps = len(args.presets) * (args.warmup + args.repeats)
