@@ -71,4 +71,4 @@ html_theme_options = {
     "description": "Token-filtered LLM training with a backward over kept tokens only",
     "fixed_sidebar": True,
 }
-html_static_path: list[str] = []
+html_static_path = ["_static"]

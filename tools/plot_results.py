@@ -1,0 +1,86 @@
+"""Draw the committed benchmark results (benchmarks/results/*.json) as PNGs for the docs.
+
+    python tools/plot_results.py            # writes docs/_static/*.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = ROOT / "docs" / "_static"
+
+
+def plot_cpu_crossover() -> None:
+    data = json.loads((RESULTS / "cpu_crossover.json").read_text())
+    rows = sorted(data["rows"], key=lambda r: r["keep"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    ax.plot([r["keep"] for r in rows], [r["ratio"] for r in rows], "o-", label="Collider / dense backward")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="proportional to kept share")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_xlabel("kept share of tokens")
+    ax.set_ylabel("backward time ratio")
+    meta = data["meta"]
+    ax.set_title(f"CPU ({meta['threads']} threads), {meta['preset']}, B={meta['batch_size']} T={meta['seq_len']}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "cpu_crossover.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_e2e() -> None:
+    data = json.loads((RESULTS / "e2e_h200.json").read_text())
+    results = [r for r in data["results"] if "error" not in r]
+    names = [r["preset"] for r in results]
+    modes = [("masked", "dense (masked loss)"), ("collider", "Collider"), ("ideal", "dense on kept share of T")]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    width = 0.26
+    for k, (mode, label) in enumerate(modes):
+        xs = [i + (k - 1) * width for i in range(len(results))]
+        ax.bar(xs, [r[mode]["backward_ms"] if mode in r else 0 for r in results], width, label=label)
+    ax.set_xticks(range(len(results)), names)
+    ax.set_ylabel("backward ms (median)")
+    env = data["environment"]
+    ax.set_title(f"{env['device']}, B={data['batch']} T={data['seq']} {data['dtype']}, keep {data['keep']:.0%}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "e2e_backward_h200.png", dpi=120)
+    plt.close(fig)
+
+
+def plot_attention() -> None:
+    data = json.loads((RESULTS / "attention_h200.json").read_text())
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for model in dict.fromkeys(r["model"] for r in data["rows"]):
+        rows = sorted((r for r in data["rows"] if r["model"] == model and r["strategy"] == "separate"),
+                      key=lambda r: r["keep"])
+        ax.plot([r["keep"] for r in rows], [r["ratio"] for r in rows], "o-", label=model)
+    ax.plot([0.4, 1.0], [0.4, 1.0], "--", color="grey", label="proportional to kept share")
+    ax.set_xlabel("kept share of tokens")
+    ax.set_ylabel("masked / dense flash backward")
+    ax.set_title("Masked attention backward (Triton) vs PyTorch flash, H200, B=8 T=2048 bf16", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(OUT / "attention_h200.png", dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    plot_cpu_crossover()
+    plot_e2e()
+    plot_attention()
+    print(f"wrote plots to {OUT.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
