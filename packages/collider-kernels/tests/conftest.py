@@ -19,7 +19,7 @@ def check_gather_matmul(backend, *, M, K, N, n, kind, has_bias, row_pad, dtype, 
     x = rand(M, K, dtype, device, gen, row_pad=row_pad)  # (M, K), rows strided when row_pad
     w = rand(N, K, dtype, device, gen)
     b = rand(1, N, dtype, device, gen)[0] if has_bias else None
-    idx = None if kind == "none" else make_index(kind, M, n, gen, device)
+    idx = make_index(kind, M, n, gen, device)  # None for kind "none"
     out = ck.gather_matmul(x, idx, w, b, backend=backend)
     ref32 = reference.gather_matmul_reference(x.float(), idx, w.float(), None if b is None else b.float())
     torch_out = ck.gather_matmul(x, idx, w, b, backend="torch")
@@ -30,7 +30,7 @@ def check_gather_matmul(backend, *, M, K, N, n, kind, has_bias, row_pad, dtype, 
 def check_weight_grad(backend, *, M, K, N, n, kind, row_pad, dtype, device, seed, out_dtype=None):
     gen = torch.Generator().manual_seed(seed)
     x = rand(M, K, dtype, device, gen, row_pad=row_pad)  # (M, K)
-    idx = None if kind == "none" else make_index(kind, M, n, gen, device)
+    idx = make_index(kind, M, n, gen, device)  # None for kind "none"
     rows = M if idx is None else idx.shape[0]
     g = rand(rows, N, dtype, device, gen, row_pad=row_pad)  # (n, N)
     ref32 = reference.gathered_weight_grad_reference(g.float(), x.float(), idx)
