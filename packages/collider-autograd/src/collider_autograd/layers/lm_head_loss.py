@@ -2,7 +2,7 @@
 
 The (B, T, V) logits are never stored: the forward computes them in row chunks and keeps
 only each row's logsumexp; the backward recomputes logits for the rows it needs — the kept
-rows of a sparse gradient (a gather-GEMM), or all rows of a dense one.
+rows of a sparse gradient (gathered once per chunk for both GEMMs), or all rows of a dense one.
 """
 
 from __future__ import annotations
@@ -62,17 +62,20 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         db = torch.zeros(V, dtype=acc, device=weight.device) if (need_b and bias is not None) else None
         step = _chunk_rows(V)
         for s in range(0, n, step):
-            idx = rows[s : s + step] if sparse else torch.arange(s, min(s + step, n), device=h2d.device)
-            logits = gather_matmul(h2d, idx, weight, bias, validate=False).to(lse.dtype)  # (c, V)
-            lab_c = lab.index_select(0, idx)
+            if sparse:  # kept rows of this chunk, gathered once for both GEMMs
+                idx = rows[s : s + step]
+                h_c, lab_c, lse_c = h2d.index_select(0, idx), lab.index_select(0, idx), lse.index_select(0, idx)
+            else:
+                h_c, lab_c, lse_c = h2d[s : s + step], lab[s : s + step], lse[s : s + step]
+            logits = gather_matmul(h_c, None, weight, bias).to(lse.dtype)  # (c, V)
             scale = torch.where(lab_c != ctx.ignore_index, g[s : s + step], 0.0)  # (c,)
-            dlogits = torch.exp(logits - lse.index_select(0, idx)[:, None])  # softmax (c, V)
-            dlogits[torch.arange(idx.numel(), device=idx.device), lab_c.clamp(0, V - 1)] -= 1.0
+            dlogits = torch.exp(logits - lse_c[:, None])  # softmax (c, V)
+            dlogits[torch.arange(h_c.shape[0], device=h_c.device), lab_c.clamp(0, V - 1)] -= 1.0
             dlogits = (dlogits * scale[:, None]).to(weight.dtype)  # (c, V)
             if need_h:
                 dh[s : s + step] = dlogits @ weight  # (c, H)
             if need_w:
-                gathered_weight_grad(dlogits, h2d, idx, out=dw, validate=False)
+                gathered_weight_grad(dlogits, h_c, None, out=dw)
             if db is not None:
                 db += dlogits.sum(0, dtype=acc)
         if need_h:
