@@ -106,3 +106,18 @@ def test_autograd_accepts_it_as_a_gradient_and_sums_branches():
 
 def test_repr_names_kept_count():
     assert "kept=" in repr(_random_sparse())
+
+
+def test_views_keep_the_token_dims_when_sizes_are_one():
+    # B = T = 1 and one head: (1, 1, 4) -> (1, 1, 1, 4) must keep (B, T) as the token dims
+    s = TokenSparseTensor(torch.randn(1, 4, dtype=torch.float64), torch.tensor([0]), (1, 1))
+    v = s.view(1, 1, 1, 4)
+    assert isinstance(v, TokenSparseTensor) and v.token_shape == (1, 1) and v.values.shape == (1, 1, 4)
+
+
+def test_rows_like_shapes_from_the_target_and_checks_token_count():
+    s = _random_sparse(B=2, T=3, F=(8,))
+    r = s.rows_like(torch.randn(s.index.numel(), 2, 4, dtype=torch.float64), (2, 3, 2, 4), feature_ndim=2)
+    assert r.token_shape == (2, 3) and r.shape == (2, 3, 2, 4) and r.index is s.index
+    with pytest.raises(ValueError, match="tokens"):
+        s.rows_like(s.values, (5, 8))

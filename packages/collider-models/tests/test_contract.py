@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import collider_models
 from collider_autograd import TokenSparseTensor, densify_counts, filtered_mean, reset_densify_counts
@@ -101,3 +103,44 @@ def test_forward_unchanged_and_filtered_activations_get_zero_gradient(arch):
     dense = grad.to_dense()
     assert dense[~keep].abs().max() == 0
     assert dense[keep].abs().max() > 0
+
+
+@settings(deadline=None, max_examples=12)
+@given(
+    arch=st.sampled_from(["tinyllama-tiny", "qwen2.5-tiny", "phi-tiny"]),
+    kv_heads=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 2, 3]),
+    head_dim=st.sampled_from([4, 8]),
+    layers=st.integers(1, 2),
+    vocab=st.integers(5, 40),
+    intermediate=st.integers(3, 24),
+    batch=st.integers(1, 3),
+    seqlen=st.integers(1, 10),
+    p_keep=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_configs_match_the_dense_reference(arch, kv_heads, group, head_dim, layers, vocab, intermediate,
+                                                   batch, seqlen, p_keep, seed):
+    cfg = collider_models.preset_config(arch)
+    heads = kv_heads * group
+    if arch == "phi-tiny":
+        kv_heads = heads  # Phi has no grouped-query attention
+    cfg.update(num_attention_heads=heads, num_key_value_heads=kv_heads, hidden_size=heads * head_dim,
+               num_hidden_layers=layers, vocab_size=vocab, intermediate_size=intermediate)
+    torch.manual_seed(seed)
+    model = collider_models.from_config(cfg).double()
+    with torch.no_grad():  # every parameter away from its init value (biases 0, norms 1)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seqlen), generator=gen)
+    labels = torch.randint(0, vocab, (batch, seqlen), generator=gen)
+    labels[torch.rand(batch, seqlen, generator=gen) < 0.15] = -100
+    keep = (torch.rand(batch, seqlen, generator=gen) < p_keep) & (labels != -100)
+    reset_densify_counts()
+    loss_c, grads_c = _run(model, ids, labels, keep, collider=True)
+    assert densify_counts() == {}
+    loss_r, grads_r = _run(model, ids, labels, keep, collider=False)
+    torch.testing.assert_close(loss_c, loss_r, rtol=1e-12, atol=1e-12)
+    for name in grads_r:
+        torch.testing.assert_close(grads_c[name], grads_r[name], rtol=1e-9, atol=1e-11, msg=name)

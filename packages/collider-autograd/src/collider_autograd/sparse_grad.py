@@ -80,6 +80,17 @@ class TokenSparseTensor(torch.Tensor):
         dense.index_copy_(0, self.index, self.values)
         return dense.view(self.shape)
 
+    def rows_like(self, values: torch.Tensor, shape, feature_ndim: int = 1) -> TokenSparseTensor:
+        """Same kept tokens, as a tensor of logical ``shape`` whose last ``feature_ndim`` dims are
+        features; ``values`` holds its (n, ...) rows. Layers use it to shape the gradient of
+        their input from the input's own shape, whatever views the incoming gradient went through."""
+        token_shape = tuple(shape[: len(shape) - feature_ndim])
+        if math.prod(token_shape) != self.num_tokens:
+            got = math.prod(token_shape)
+            raise ValueError(f"shape {tuple(shape)} has {got} tokens, this gradient has {self.num_tokens}")
+        features = tuple(shape[len(token_shape):])
+        return TokenSparseTensor(values.reshape((self.index.numel(),) + features), self.index, token_shape)
+
     def with_values(self, values: torch.Tensor) -> TokenSparseTensor:
         """Same index and token shape, new row values ``(n, *features')``."""
         return TokenSparseTensor(values, self.index, self.token_shape)
@@ -155,6 +166,9 @@ def _view(a, size):
         rest = math.prod(s for j, s in enumerate(size) if j != i)
         size[i] = a.numel() // rest if rest else 0
     ntok = a.num_tokens
+    nt = len(a.token_shape)
+    if tuple(size[:nt]) == a.token_shape and math.prod(size[nt:]) == math.prod(a.feature_shape):
+        return TokenSparseTensor(a.values.reshape((-1,) + tuple(size[nt:])), a.index, a.token_shape)
     prod = 1
     for k, s in enumerate(size, start=1):
         prod *= s

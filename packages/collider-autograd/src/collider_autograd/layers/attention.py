@@ -94,7 +94,7 @@ class CausalAttentionFunction(torch.autograd.Function):
                 q, k, v, out.transpose(1, 2), lse, grad.values.reshape(n, Hq, D), grad.index,
                 scale=ctx.scale, validate=False,
             )  # (n, Hq, D), (n, Hkv, D), (n, Hkv, D)
-            return grad.with_values(dq), grad.with_values(dk), grad.with_values(dv), None
+            return grad.rows_like(dq, q.shape, 2), grad.rows_like(dk, k.shape, 2), grad.rows_like(dv, v.shape, 2), None
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         kh, vh = _expand_kv(kh, ctx.group), _expand_kv(vh, ctx.group)
         dq, dk, dv = _dense_backward(grad.transpose(1, 2), qh, kh, vh, out, lse, ctx.kind, extra, ctx.scale)

@@ -25,7 +25,7 @@ class GeluNewFunction(torch.autograd.Function):
         if isinstance(grad, TokenSparseTensor):
             g = grad.values.reshape(grad.index.shape[0], x2d.shape[1])  # (n, F) kept rows
             dx = gelu_new_backward(g, x2d, grad.index, validate=False)
-            return grad.with_values(dx).view(x.shape)
+            return grad.rows_like(dx, x.shape)
         return gelu_new_backward(grad.reshape(x2d.shape), x2d).view(x.shape)
 
 

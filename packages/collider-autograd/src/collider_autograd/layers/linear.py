@@ -56,7 +56,7 @@ class LinearFunction(torch.autograd.Function):
         if isinstance(grad, TokenSparseTensor):
             g = grad.values.reshape(-1, weight.shape[0])  # (n, out)
             if need_x:
-                dx = grad.with_values(g @ weight).view(x.shape)  # (n, in) rows
+                dx = grad.rows_like(g @ weight, x.shape)  # (n, in) rows
             if need_w:
                 dw = gathered_weight_grad(g, _kept_rows(x2d, grad.index), None)  # (out, in)
         else:

@@ -79,7 +79,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if db is not None:
                 db += dlogits.sum(0, dtype=acc)
         if need_h:
-            dh = grad.with_values(dh).view(hidden.shape) if sparse else dh.view(hidden.shape)
+            dh = grad.rows_like(dh, hidden.shape) if sparse else dh.view(hidden.shape)
         dw = dw.to(weight.dtype) if need_w else None
         db = db.to(bias.dtype) if db is not None else None
         return dh, dw, db, None, None

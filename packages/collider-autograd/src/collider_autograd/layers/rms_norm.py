@@ -40,7 +40,7 @@ class RMSNormFunction(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             dx = None
         else:
-            dx = grad.with_values(dx).view(x.shape) if sparse else dx.view(x.shape)
+            dx = grad.rows_like(dx, x.shape) if sparse else dx.view(x.shape)
         return dx, dw, None
 
 

@@ -56,9 +56,9 @@ class RotaryFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         if isinstance(grad, TokenSparseTensor):
             pos = grad.index % ctx.seqlen  # (n,) position of each kept row
-            g = grad.values.view((grad.index.numel(),) + tuple(grad.shape[2:]))  # (n, H, D)
+            g = grad.values.reshape((grad.index.numel(),) + tuple(grad.shape[2:]))  # (n, H, D)
             dx = _apply(g, cos.index_select(0, pos), sin.index_select(0, pos), transposed=True)
-            return grad.with_values(dx).view(grad.shape), None, None
+            return grad.rows_like(dx, grad.shape, 2), None, None
         return _apply(grad, cos, sin, transposed=True), None, None
 
 

@@ -28,7 +28,7 @@ class SwiGLUFunction(torch.autograd.Function):
             g = grad.values.reshape(-1, width)  # (n, I) kept rows
             dgate, dup = swiglu_backward(g, gate2d, up2d, grad.index, validate=False)
             dgate, dup = dgate.to(gate.dtype), dup.to(up.dtype)
-            return grad.with_values(dgate).view(gate.shape), grad.with_values(dup).view(up.shape)
+            return grad.rows_like(dgate, gate.shape), grad.rows_like(dup, up.shape)
         dgate, dup = swiglu_backward(grad.reshape(-1, width), gate2d, up2d)
         return dgate.to(gate.dtype).view(gate.shape), dup.to(up.dtype).view(up.shape)
 
