@@ -60,3 +60,25 @@ def small_atol(dtype, ref32, depth: int = 1) -> float:
     eps = {torch.float32: 4e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     scale = ref32.abs().max().item() if ref32.numel() else 1.0
     return 0.1 * eps * (1.0 + scale) * (1.0 + depth) ** 0.5 + 1e-6
+
+
+# Kept sets of one sequence for the attention tests.
+KEEP_KINDS = ("empty", "all", "one", "scattered", "runs")
+
+
+def keep_row(kind: str, T: int, gen: torch.Generator) -> torch.Tensor:
+    """(T,) bool kept set of one sequence: none, all, one token, scattered, or contiguous runs."""
+    row = torch.zeros(T, dtype=torch.bool)
+    if kind == "all":
+        row[:] = True
+    elif kind == "one":
+        row[int(torch.randint(0, T, (1,), generator=gen))] = True
+    elif kind == "scattered":
+        row = torch.rand(T, generator=gen) < float(torch.rand((), generator=gen)) * 0.9 + 0.05
+    elif kind == "runs":
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            a = int(torch.randint(0, T, (1,), generator=gen))
+            row[a: a + int(torch.randint(1, max(2, T // 2), (1,), generator=gen))] = True
+    elif kind != "empty":
+        raise ValueError(f"unknown keep kind {kind!r}")
+    return row

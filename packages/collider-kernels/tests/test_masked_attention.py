@@ -7,27 +7,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_testing import KEEP_KINDS, keep_row
 
 import collider_kernels as ck
 from collider_kernels.reference import attention_forward_reference, masked_attention_backward_reference
-
-KEEP_KINDS = ("empty", "all", "one", "scattered", "runs")
-
-
-def keep_row(kind: str, T: int, gen: torch.Generator) -> torch.Tensor:
-    """(T,) bool kept set of one sequence."""
-    row = torch.zeros(T, dtype=torch.bool)
-    if kind == "all":
-        row[:] = True
-    elif kind == "one":
-        row[int(torch.randint(0, T, (1,), generator=gen))] = True
-    elif kind == "scattered":
-        row = torch.rand(T, generator=gen) < float(torch.rand((), generator=gen)) * 0.9 + 0.05
-    elif kind == "runs":
-        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
-            a = int(torch.randint(0, T, (1,), generator=gen))
-            row[a: a + int(torch.randint(1, max(2, T // 2), (1,), generator=gen))] = True
-    return row
 
 
 def make_case(B, T, Hq, Hkv, D, kinds, dtype, seed):

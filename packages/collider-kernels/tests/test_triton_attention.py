@@ -7,24 +7,16 @@ fp32 upcasts and ``out_torch_bf16`` the torch backend on the same bf16 inputs.
 """
 
 import math
-import os
 
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_testing import KEEP_KINDS, keep_row
 
-if not torch.cuda.is_available():
-    # Must happen before anything imports triton (the package conftest does the same).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import collider_kernels as ck  # noqa: E402
-from collider_kernels.masked_attention import _masked_attention_backward_torch  # noqa: E402
-from collider_kernels.reference import (  # noqa: E402
-    attention_forward_reference,
-    masked_attention_backward_reference,
-)
+import collider_kernels as ck
+from collider_kernels.masked_attention import _masked_attention_backward_torch
+from collider_kernels.reference import attention_forward_reference, masked_attention_backward_reference
 
 pytest.importorskip("triton")
 from collider_kernels.triton import attention_backward as tab  # noqa: E402
@@ -32,32 +24,11 @@ from collider_kernels.triton import attention_backward as tab  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 STRATEGIES = ("separate", "atomic")
-KEEP_KINDS = ("empty", "all", "one", "scattered", "runs")
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def keep_row(kind: str, T: int, gen: torch.Generator) -> torch.Tensor:
-    """(T,) bool kept set of one sequence."""
-    if kind == "empty":
-        return torch.zeros(T, dtype=torch.bool)
-    if kind == "all":
-        return torch.ones(T, dtype=torch.bool)
-    if kind == "one":
-        row = torch.zeros(T, dtype=torch.bool)
-        row[int(torch.randint(0, T, (1,), generator=gen))] = True
-        return row
-    if kind == "scattered":
-        frac = float(torch.rand((), generator=gen)) * 0.9 + 0.05
-        return torch.rand(T, generator=gen) < frac
-    row = torch.zeros(T, dtype=torch.bool)  # contiguous runs
-    for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
-        a = int(torch.randint(0, T, (1,), generator=gen))
-        row[a: a + int(torch.randint(1, max(2, T // 2), (1,), generator=gen))] = True
-    return row
 
 
 class Case:
