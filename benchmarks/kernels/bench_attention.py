@@ -141,7 +141,10 @@ def main(argv=None):
     ap.add_argument("--T", type=int, default=2048)
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--keeps", nargs="*", type=float, default=list(KEEPS))
-    ap.add_argument("--strategies", nargs="*", default=["separate", "atomic"])
+    ap.add_argument("--strategies", nargs="*", default=["separate"])
+    ap.add_argument("--variants", nargs="*", default=["auto:default"],
+                    help="dK/dV head split and compact-Q setting, SPLIT:COMPACT with SPLIT an integer "
+                         "or 'auto' and COMPACT 0, 1 or 'default' (e.g. 1:0 2:1 auto:default)")
     ap.add_argument("--check", action="store_true", help="compare with the torch backend (fp32 math)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times from the torch profiler")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the script's logic")
@@ -175,16 +178,29 @@ def main(argv=None):
             ref = None
             if args.check:
                 ref = _masked_attention_backward_torch(q, k, v, out, lse, grad, index, offsets, scale)
-            for strat in args.strategies:
-                tab.DQ_STRATEGY = strat
-
-                ours = functools.partial(masked_attention_backward, q, k, v, out, lse, grad, index,
-                                         offsets=offsets, scale=scale, backend="triton", validate=False)
+            for strat, variant in ((s, v) for s in args.strategies for v in args.variants):
+                split_s, compact_s = variant.split(":")
+                split = None if split_s == "auto" else int(split_s)
+                if split is not None and (Hq // Hkv) % split:
+                    continue
+                compact = None if compact_s == "default" else compact_s == "1"
+                if split is None and compact is None:  # the public op with its defaults
+                    tab.DQ_STRATEGY = strat
+                    ours = functools.partial(masked_attention_backward, q, k, v, out, lse, grad, index,
+                                             offsets=offsets, scale=scale, backend="triton", validate=False)
+                else:
+                    ours = functools.partial(tab.masked_attention_backward_triton, q, k, v, out, lse, grad,
+                                             index, offsets, scale, dq_strategy=strat, dkdv_split=split,
+                                             compact_q=compact)
 
                 res = ours()  # autotunes on first use of a shape class
                 if device == "cuda":
                     torch.cuda.synchronize()
-                row = {"model": model, "keep": keep, "strategy": strat, "n": n}
+                sms = tab.num_sms(q.device)
+                used_split = tab.dkdv_split_for(B, Hkv, Hq // Hkv, n, D, sms) if split is None else split
+                used_compact = tab.COMPACT_Q if compact is None else compact
+                row = {"model": model, "keep": keep, "strategy": strat, "n": n,
+                       "dkdv_split": used_split, "compact_q": used_compact}
                 if ref is not None:
                     errs = (float(f"{_rel_err(a, r):.3e}") for a, r in zip(res, ref, strict=True))
                     row["max_rel_err_vs_torch_backend"] = dict(zip(("dq", "dk", "dv"), errs, strict=True))
@@ -197,7 +213,8 @@ def main(argv=None):
                 if args.profile and device == "cuda":
                     row["kernels_ms"] = _kernel_breakdown(ours)
                 rows.append(row)
-                print(f"  keep {keep:.1f} {strat:9s} {ms:8.3f} ms  x{ms / base_ms:.3f}  "
+                print(f"  keep {keep:.1f} {strat:9s} split {used_split} compact {int(used_compact)} "
+                      f"{ms:8.3f} ms  x{ms / base_ms:.3f}  "
                       f"{row.get('max_rel_err_vs_torch_backend', '')} {row.get('kernels_ms', '')}",
                       flush=True)
             del ref
@@ -238,13 +255,14 @@ def _markdown(result) -> str:
         f"B={info['shape']['B']}, T={info['shape']['T']}, {info['shape']['dtype']}, random kept sets.",
         f"Timing: {info['timing']}. Baseline: {info['baseline']}. Ours: {info['ours']}.",
         "",
-        "| model | Hq/Hkv/D | dense bwd ms | keep | strategy | ours ms | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| model | Hq/Hkv/D | dense bwd ms | keep | strategy | dK/dV split | compact Q | ours ms | ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m = meta[r["model"]]
         lines.append(f"| {r['model']} | {m['Hq']}/{m['Hkv']}/{m['D']} | {m['dense_flash_bwd_ms']:.3f} | "
-                     f"{r['keep']:.1f} | {r['strategy']} | {r['ms']:.3f} | {r['ratio']:.3f} |")
+                     f"{r['keep']:.1f} | {r['strategy']} | {r.get('dkdv_split', 1)} | "
+                     f"{'yes' if r.get('compact_q') else 'no'} | {r['ms']:.3f} | {r['ratio']:.3f} |")
     gqa = {k: m["baseline_gqa"] for k, m in meta.items()}
     lines += ["", f"Baseline GQA handling: {gqa}.", ""]
     return "\n".join(lines)

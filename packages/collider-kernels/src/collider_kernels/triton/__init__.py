@@ -3,12 +3,26 @@
 Set ``TRITON_INTERPRET=1`` before the first import of triton to run the kernels on CPU tensors.
 """
 
+import functools
 import os
 
+import torch
 import triton  # noqa: F401  (ImportError here leaves the backend unavailable)
 
 # Devices the Triton kernels accept: CUDA, plus CPU when running under the interpreter.
 DEVICES = ("cpu", "cuda") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 stands in for the CPU interpreter)."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 from collider_kernels.triton import attention_backward as _attention_backward  # noqa: E402,F401
 from collider_kernels.triton import gemm as _gemm  # noqa: E402,F401
