@@ -1,5 +1,6 @@
 """Where does a backward step spend its GPU time? torch.profiler over one masked-loss and one
-Collider backward of a preset (bf16, CUDA); prints the top kernels of each.
+Collider backward of a preset (bf16, CUDA); prints the top kernels of each, then the top
+operators and autograd nodes by the GPU time of everything they launched.
 
     python benchmarks/models/profile_backward.py --preset tinyllama-1.1b --out profile.txt
 """
@@ -36,11 +37,15 @@ def main() -> None:
         token_loss = model.token_loss(ids, labels)
         loss = filtered_mean(token_loss, keep) if mode == "collider" else masked_mean(token_loss, keep)
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
             loss.backward()
             torch.cuda.synchronize()
-        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows)
-        report.append(f"== {args.preset} {mode} backward ==\n{table}")
+        events = prof.key_averages()
+        kernels = events.table(sort_by="self_cuda_time_total", row_limit=args.rows, max_name_column_width=70)
+        ops = events.table(sort_by="cuda_time_total", row_limit=2 * args.rows, max_name_column_width=70)
+        report.append(f"== {args.preset} {mode} backward: kernels ==\n{kernels}\n"
+                      f"== {args.preset} {mode} backward: operators (GPU time incl. children) ==\n{ops}")
     text = "\n".join(report[2:])  # the second (warm) pass of each mode
     print(text)
     if args.out:
