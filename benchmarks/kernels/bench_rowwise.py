@@ -1,7 +1,8 @@
 """Benchmark the fused Triton row-wise backwards against the torch backend.
 
 SwiGLU and RMSNorm at the shapes of TinyLlama-1.1B and Qwen2.5-1.5B; LayerNorm (hidden 2048) and
-GELU tanh (``gelu_new``, MLP width 8192) at the shapes of Phi-1.5: 16384 token rows, keep 1.0
+GELU tanh (``gelu_new``, MLP width 8192) at the shapes of Phi-1.5; the rotary backward on the query
+heads of the three models (width = heads × head dim; Phi-1.5 rotates half of each head): 16384 token rows, keep 1.0
 (dense gradient, ``index=None``) and 0.6 (sorted random subset, rows gathered by index), bf16 by
 default. Times each backend with CUDA events around back-to-back calls after a warm-up (median of
 5 batches) and reports the effective bandwidth of the minimal traffic (each input row read once,
@@ -37,10 +38,16 @@ CASES = [
     ("swiglu", "Qwen2.5-1.5B", 8960, None),
     ("layer_norm", "Phi-1.5", 2048, 1e-5),
     ("gelu_new", "Phi-1.5", 8192, None),
+    ("rotary", "TinyLlama-1.1B q", 32 * 64, None),
+    ("rotary", "Qwen2.5-1.5B q", 12 * 128, None),
+    ("rotary", "Phi-1.5 q", 32 * 64, None),
 ]
+# Rotary shapes: (heads, head dim, rotated dims) per case model; tables cover T=2048 positions.
+ROTARY = {"TinyLlama-1.1B q": (32, 64, 64), "Qwen2.5-1.5B q": (12, 128, 128), "Phi-1.5 q": (32, 64, 32)}
+SEQ = 2048
 # Public op of each benchmarked name (the keys of ``meta["auto_backends"]``).
 OPS = {"rms_norm": "rms_norm_backward", "swiglu": "swiglu_backward", "layer_norm": "layer_norm_backward",
-       "gelu_new": "gelu_new_backward"}
+       "gelu_new": "gelu_new_backward", "rotary": "rotary_backward"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RMS_SWEEP = [
     {"block_r": r, "num_warps": w, "programs_per_sm": p} for r in (1, 2, 4) for w in (4, 8) for p in (4, 16)
@@ -57,9 +64,16 @@ def max_rel_diff(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def make_inputs(op, width, keep, dtype, gen):
+def make_inputs(op, width, keep, dtype, gen, model=None):
     n = int(round(keep * ROWS))
     idx = None if keep == 1.0 else torch.randperm(ROWS, device=DEVICE, generator=gen)[:n].sort().values
+    if op == "rotary":
+        H, D, R = ROTARY[model]
+        grad = torch.randn(n, H, D, device=DEVICE, generator=gen).to(dtype)  # (n, H, D)
+        angles = torch.rand(SEQ, R // 2, device=DEVICE, generator=gen) * 6.0
+        emb = torch.cat([angles, angles], dim=-1)  # (T, R)
+        rows = torch.arange(ROWS, device=DEVICE) if idx is None else idx
+        return n, idx, (grad, emb.cos().to(dtype), emb.sin().to(dtype), rows % SEQ)
     x = torch.randn(ROWS, width, device=DEVICE, generator=gen).to(dtype)  # (M, W): x or gate
     grad = torch.randn(n, width, device=DEVICE, generator=gen).to(dtype)  # (n, W)
     if op == "swiglu":
@@ -72,6 +86,8 @@ def make_inputs(op, width, keep, dtype, gen):
 
 
 def call(op, backend, args, eps, idx):
+    if op == "rotary":  # rows are selected through the positions in args
+        return (ck.rotary_backward(*args, backend=backend, validate=False),)
     if op == "swiglu":
         return ck.swiglu_backward(*args, idx, backend=backend, validate=False)
     if op == "gelu_new":
@@ -83,9 +99,10 @@ def call(op, backend, args, eps, idx):
 
 def traffic_bytes(op, n, width, dtype) -> int:
     size = torch.empty((), dtype=dtype).element_size()
-    # swiglu: grad, gate, up in; dgate, dup out. Others: grad, x in; dx out (+ weight in, fp32 sums out).
-    tensors = 5 if op == "swiglu" else 3
-    params = {"swiglu": 0, "gelu_new": 0, "rms_norm": width * (size + 4), "layer_norm": width * (size + 8)}[op]
+    # swiglu: grad, gate, up in; dgate, dup out. rotary: grad in, dx out. Others: grad, x in; dx out
+    # (+ weight in, fp32 sums out).
+    tensors = {"swiglu": 5, "rotary": 2}.get(op, 3)
+    params = {"rms_norm": width * (size + 4), "layer_norm": width * (size + 8)}.get(op, 0)
     return tensors * n * width * size + params
 
 
@@ -96,7 +113,7 @@ def bench(dtype, sweep: bool, deadline: float, log) -> list[dict]:
     rows = []
     for op, model, width, eps in CASES:
         for keep in KEEPS:
-            n, idx, args = make_inputs(op, width, keep, dtype, gen)
+            n, idx, args = make_inputs(op, width, keep, dtype, gen, model)
             gbytes = traffic_bytes(op, n, width, dtype) / 1e9
             row = {"op": op, "model": model, "width": width, "keep": keep, "n": n}
             ref = call(op, "torch", args, eps, idx)
@@ -107,11 +124,11 @@ def bench(dtype, sweep: bool, deadline: float, log) -> list[dict]:
                 row[backend] = {"ms": ms, "gb_per_s": gbytes / ms * 1e3, "max_rel_diff_vs_torch": diff}
                 del out
             row["speedup"] = row["torch"]["ms"] / row["triton"]["ms"]
-            row["triton_default_config"] = default_config(rowwise, op, width)
+            row["triton_default_config"] = default_config(rowwise, op, width, model)
             log(f"{op:10s} {model:31s} W={width:5d} keep={keep:.1f}  torch {row['torch']['ms']:.3f} ms  "
                 f"triton {row['triton']['ms']:.3f} ms ({row['triton']['gb_per_s']:.0f} GB/s)  "
                 f"x{row['speedup']:.2f}  diff {row['triton']['max_rel_diff_vs_torch']:.1e}")
-            if sweep and keep != 1.0:
+            if sweep and keep != 1.0 and op != "rotary":
                 row["sweep"] = sweep_configs(rowwise, op, args, eps, idx, deadline, log)
             rows.append(row)
             del ref
@@ -119,7 +136,11 @@ def bench(dtype, sweep: bool, deadline: float, log) -> list[dict]:
     return rows
 
 
-def default_config(rowwise, op, width) -> dict:
+def default_config(rowwise, op, width, model=None) -> dict:
+    if op == "rotary":
+        from collider_kernels.triton import rotary
+
+        return rotary.rotary_config(ROTARY[model][1])
     return {"rms_norm": rowwise.rms_config, "swiglu": rowwise.swiglu_config,
             "layer_norm": rowwise.layer_norm_config, "gelu_new": rowwise.gelu_config}[op](width)
 

@@ -154,7 +154,7 @@ def test_rms_norm_triton(M, H, n, kind, dtype, eps, row_pad, seed):
 
 def test_rms_norm_triton_many_programs(poison, monkeypatch):
     """More rows than programs: each program loops over a run of rows; partial dweights sum up."""
-    monkeypatch.setattr(rowwise, "_num_sms", lambda device: 3)
+    monkeypatch.setattr(rowwise, "num_sms", lambda device: 3)
     for kind in ("none", "sorted_subset", "repeats"):
         case = rms_case(150, 40, 97, kind, torch.float32, DEVICE, seed=11)
         check_rms("triton", *case, 1e-5)

@@ -148,7 +148,7 @@ def test_gelu_triton(M, F, n, kind, dtype, row_pad, seed):
 
 def test_layer_norm_triton_many_programs(poison, monkeypatch):
     """More rows than programs: each program loops over a run of rows; partial sums add up."""
-    monkeypatch.setattr(rowwise, "_num_sms", lambda device: 3)
+    monkeypatch.setattr(rowwise, "num_sms", lambda device: 3)
     for kind in ("none", "sorted_subset", "repeats"):
         case = ln_case(150, 40, 97, kind, torch.float32, DEVICE, seed=11)
         check_ln("triton", *case, 1e-5)
@@ -159,7 +159,7 @@ def test_layer_norm_triton_many_programs(poison, monkeypatch):
 
 def test_layer_norm_triton_eps_zero(poison, monkeypatch):
     """eps == 0 with a partial last row block: the padding rows must not poison dweight/dbias."""
-    monkeypatch.setattr(rowwise, "_num_sms", lambda device: 1)
+    monkeypatch.setattr(rowwise, "num_sms", lambda device: 1)
     check_ln("triton", *ln_case(11, 24, 11, "none", torch.float32, DEVICE, seed=8), 0.0)
     check_ln("triton", *ln_case(11, 24, 5, "sorted_subset", torch.float32, DEVICE, seed=8), 0)
 

@@ -1,7 +1,7 @@
 """collider-kernels: tensors in, tensors out.
 
 The backward GEMMs of token-filtered training, restricted to kept rows, the masked attention
-backward, and the row-wise SwiGLU, GELU (tanh), RMSNorm and LayerNorm backwards. Every op takes
+backward, and the row-wise SwiGLU, GELU (tanh), RMSNorm, LayerNorm and rotary backwards. Every op takes
 ``backend="auto" | "torch" | "triton" | "cupy"`` and has a dense reference in
 :mod:`collider_kernels.reference`.
 """
@@ -13,6 +13,7 @@ from collider_kernels.gelu_backward import gelu_new_backward
 from collider_kernels.layer_norm_backward import layer_norm_backward
 from collider_kernels.masked_attention import masked_attention_backward, sequence_offsets
 from collider_kernels.rms_norm_backward import rms_norm_backward
+from collider_kernels.rotary_backward import rotary_backward
 from collider_kernels.scatter_add_rows import scatter_add_rows
 from collider_kernels.swiglu_backward import swiglu_backward
 
@@ -27,6 +28,7 @@ __all__ = [
     "masked_attention_backward",
     "resolve_backend",
     "rms_norm_backward",
+    "rotary_backward",
     "scatter_add_rows",
     "sequence_offsets",
     "swiglu_backward",

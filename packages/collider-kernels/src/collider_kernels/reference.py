@@ -111,3 +111,18 @@ def gelu_new_backward_reference(grad, x, index=None):
     y = 0.5 * rows * (1 + torch.tanh(math.sqrt(2 / math.pi) * (rows + 0.044715 * rows**3)))
     (dx,) = torch.autograd.grad(y, (rows,), grad)
     return dx
+
+
+def rotary_backward_reference(grad, cos, sin, positions):
+    """Autograd of ``x[..., :R] * cos[p] + rotate_half(x[..., :R]) * sin[p]`` (rest passes through).
+
+    (n, H, D), (T, R), (T, R), (n,) → dx (n, H, D).
+    """
+    R = cos.shape[1]
+    x = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+    c, s = cos[positions][:, None, :], sin[positions][:, None, :]  # (n, 1, R)
+    xr = x[..., :R]
+    rot = torch.cat([-xr[..., R // 2:], xr[..., : R // 2]], dim=-1)
+    y = torch.cat([xr * c + rot * s, x[..., R:]], dim=-1)
+    (dx,) = torch.autograd.grad(y, (x,), grad)
+    return dx

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_kernels import rotary_backward
 
 
 def rotary_tables(
@@ -23,20 +24,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def _rotate_half_transposed(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([x[..., half:], -x[..., :half]], dim=-1)
-
-
-def _apply(x, cos, sin, transposed):
-    # x: (..., H, D); cos/sin: (..., rot_dim) broadcast over heads.
+def _apply(x, cos, sin):
+    # x: (B, T, H, D); cos/sin: (T, rot_dim) broadcast over batch and heads.
     rot_dim = cos.shape[-1]
-    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (..., 1, rot_dim)
+    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, rot_dim)
     xr = x[..., :rot_dim]
-    if transposed:
-        out = xr * c + _rotate_half_transposed(xr * s)
-    else:
-        out = xr * c + _rotate_half(xr) * s
+    out = xr * c + _rotate_half(xr) * s
     if rot_dim == x.shape[-1]:
         return out
     return torch.cat([out, x[..., rot_dim:]], dim=-1)
@@ -49,17 +42,22 @@ class RotaryFunction(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.seqlen = x.shape[1]
-        return _apply(x, cos, sin, transposed=False)
+        return _apply(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
+        # The kernel op's backward of the rotation, on kept rows (sparse) or all B*T rows (dense).
         cos, sin = ctx.saved_tensors
+        T = ctx.seqlen
         if isinstance(grad, TokenSparseTensor):
-            pos = grad.index % ctx.seqlen  # (n,) position of each kept row
+            pos = grad.index % T  # (n,) position of each kept row
             g = grad.values.reshape((grad.index.numel(),) + tuple(grad.shape[2:]))  # (n, H, D)
-            dx = _apply(g, cos.index_select(0, pos), sin.index_select(0, pos), transposed=True)
+            dx = rotary_backward(g, cos, sin, pos, validate=False)
             return grad.rows_like(dx, grad.shape, 2), None, None
-        return _apply(grad, cos, sin, transposed=True), None, None
+        B = grad.shape[0]
+        pos = torch.arange(T, device=grad.device).repeat(B)  # (B*T,)
+        dx = rotary_backward(grad.reshape((B * T,) + tuple(grad.shape[2:])), cos, sin, pos, validate=False)
+        return dx.view(grad.shape), None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -26,4 +26,5 @@ def num_sms(device: torch.device) -> int:
 
 from collider_kernels.triton import attention_backward as _attention_backward  # noqa: E402,F401
 from collider_kernels.triton import gemm as _gemm  # noqa: E402,F401
+from collider_kernels.triton import rotary as _rotary  # noqa: E402,F401
 from collider_kernels.triton import rowwise as _rowwise  # noqa: E402,F401

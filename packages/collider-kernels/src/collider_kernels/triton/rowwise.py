@@ -29,7 +29,7 @@ from collider_kernels.gelu_backward import GELU_COEF, SQRT_2_OVER_PI, _gelu_new_
 from collider_kernels.layer_norm_backward import _layer_norm_backward_torch
 from collider_kernels.rms_norm_backward import _rms_norm_backward_torch
 from collider_kernels.swiglu_backward import _swiglu_backward_torch
-from collider_kernels.triton import DEVICES
+from collider_kernels.triton import DEVICES, num_sms
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -45,12 +45,6 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` with unit column stride (any row stride)."""
     return t if t.stride(1) == 1 or t.shape[1] <= 1 else t.contiguous()
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # ------------------------------------------------------------------------------------------ SwiGLU
@@ -184,7 +178,7 @@ def launch_rms_norm_backward(grad, x, weight, eps, index, cfg: dict | None = Non
     index = None if index is None else index.contiguous()
     cfg = {**rms_config(H), **(cfg or {})}
     block_r = cfg["block_r"]
-    programs = max(1, min(triton.cdiv(n, block_r), cfg["programs_per_sm"] * _num_sms(x.device)))
+    programs = max(1, min(triton.cdiv(n, block_r), cfg["programs_per_sm"] * num_sms(x.device)))
     rows_per_prog = triton.cdiv(n, programs)
     programs = triton.cdiv(n, rows_per_prog)  # every program owns at least one row
     dw_part = _alloc((programs, H), torch.float32, x.device)  # (programs, H), each row written once
@@ -337,7 +331,7 @@ def launch_layer_norm_backward(grad, x, weight, eps, index, cfg: dict | None = N
     index = None if index is None else index.contiguous()
     cfg = {**layer_norm_config(H), **(cfg or {})}
     block_r = cfg["block_r"]
-    programs = max(1, min(triton.cdiv(n, block_r), cfg["programs_per_sm"] * _num_sms(x.device)))
+    programs = max(1, min(triton.cdiv(n, block_r), cfg["programs_per_sm"] * num_sms(x.device)))
     rows_per_prog = triton.cdiv(n, programs)
     programs = triton.cdiv(n, rows_per_prog)  # every program owns at least one row
     part = _alloc((2, programs, H), torch.float32, x.device)  # [0]: dweight, [1]: dbias partials
