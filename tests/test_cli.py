@@ -55,3 +55,17 @@ def test_collider_bench_full_step_times_selection_and_optimizer(tmp_path):
         assert r["optimizer_ms"] > 0
         assert r["step_ms"] == r["forward_ms"] + r["backward_ms"] + r["optimizer_ms"]
     assert "fused AdamW" in stem.with_suffix(".md").read_text()
+
+
+def test_collider_bench_several_keeps_one_row_each(tmp_path):
+    from collider_models.cli.bench import main as bench_main
+
+    stem = tmp_path / "bench"
+    bench_main(["--presets", "tinyllama-tiny", "--batch", "2", "--seq", "32", "--device", "cpu", "--dtype",
+                "float32", "--warmup", "0", "--repeats", "1", "--keep", "1.0", "0.5", "--out", str(stem)])
+    rows = json.loads(stem.with_suffix(".json").read_text())["results"]
+    assert [r["keep"] for r in rows] == [1.0, 0.5]
+    assert rows[0]["ideal_seq"] == 32 and rows[1]["ideal_seq"] == 16
+    assert rows[1]["keep_fraction"] < 1.0
+    with pytest.raises(SystemExit, match="--keep"):
+        bench_main(["--keep", "0.5", "1.5", "--out", str(stem)])

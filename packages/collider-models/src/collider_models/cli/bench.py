@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presets", nargs="+", default=list(FULL_PRESETS))
     p.add_argument("--batch", type=int, default=8, help="sequences per step (halved on out-of-memory)")
     p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--keep", type=float, default=0.6, help="share of positions kept, at random")
+    p.add_argument("--keep", type=float, nargs="+", default=[0.6],
+                   help="share(s) of positions kept (at random, or by top-k with --full-step); one row each")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=3)
@@ -132,14 +133,20 @@ def _inputs(vocab: int, B: int, T: int, keep: float, seed: int, device):
     return ids.to(device), labels.to(device), mask.to(device)
 
 
-def bench_preset(preset: str, args, device: torch.device, progress) -> dict:
-    """Interleaved medians of every mode for one preset at batch ``args.batch``."""
-    dtype = _DTYPES[args.dtype]
-    ours, theirs = _build(preset, dtype, device, args.hf)
+def bench_preset(preset: str, args, device: torch.device, progress) -> list[dict]:
+    """One result per kept share in ``args.keep`` for one preset at batch ``args.batch``."""
+    ours, theirs = _build(preset, _DTYPES[args.dtype], device, args.hf)
+    results = [bench_keep(preset, ours, theirs, share, args, device, progress) for share in args.keep]
+    del ours, theirs
+    return results
+
+
+def bench_keep(preset: str, ours, theirs, share: float, args, device: torch.device, progress) -> dict:
+    """Interleaved medians of every mode at kept share ``share``."""
     V = ours.config.vocab_size
     B, T = args.batch, args.seq
-    ids, labels, keep = _inputs(V, B, T, args.keep, args.seed, device)
-    T_ideal = max(1, round(args.keep * T))
+    ids, labels, keep = _inputs(V, B, T, share, args.seed, device)
+    T_ideal = max(1, round(share * T))
     ideal_ids, ideal_labels, _ = _inputs(V, B, T_ideal, 1.0, args.seed + 1, device)
     ideal_keep = torch.ones(B, T_ideal, dtype=torch.bool, device=device)
     runs = {
@@ -161,7 +168,7 @@ def bench_preset(preset: str, args, device: torch.device, progress) -> dict:
     for i in range(args.warmup + args.repeats):
         for name in order[i % len(order):] + order[: i % len(order)]:  # rotate who goes first
             model, mode = runs[name][0], runs[name][4]
-            select = args.keep if args.full_step and name != "ideal" else None
+            select = share if args.full_step and name != "ideal" else None
             fwd, bwd, opt, peak = _step(*runs[name][:4], mode, timer, optimizers.get(id(model)), select)
             if i >= args.warmup:
                 times[name]["forward"].append(fwd)
@@ -177,7 +184,8 @@ def bench_preset(preset: str, args, device: torch.device, progress) -> dict:
         "params_m": sum(p.numel() for p in ours.parameters()) / 1e6,
         "batch": B,
         "seq": T,
-        "keep_fraction": args.keep if args.full_step else float(keep.float().mean()),
+        "keep": share,
+        "keep_fraction": share if args.full_step else float(keep.float().mean()),
         "full_step": bool(args.full_step),
         "ideal_seq": T_ideal,
     }
@@ -196,7 +204,8 @@ def bench_preset(preset: str, args, device: torch.device, progress) -> dict:
         result["ratios"]["backward_vs_ideal"] = c["backward_ms"] / result["ideal"]["backward_ms"]
     if "hf" in result:
         result["ratios"]["masked_step_vs_hf"] = m["step_ms"] / result["hf"]["step_ms"]
-    del ours, theirs, runs
+    del runs, optimizers
+    _free(device)
     return result
 
 
@@ -245,7 +254,7 @@ def markdown(report: dict) -> str:
         f"- date: {env['date']}; device: {env['device']}; torch {env['torch']}; triton {env.get('triton')}; "
         f"transformers {env.get('transformers')}; commit {env.get('commit')}",
         f"- kernels: {env['kernels']} ({', '.join(f'{k}: {v}' for k, v in env['kernel_backends'].items())})",
-        f"- shape: B={report['batch']} (requested), T={report['seq']}, {report['dtype']}, keep {report['keep']:.0%} "
+        f"- shape: B={report['batch']} (requested), T={report['seq']}, {report['dtype']}; tokens kept "
         + ("by top-k token loss, step = forward + loss + selection + backward + fused AdamW"
            if report.get("full_step") else "at random, step = forward + loss + backward")
         + f"; {report['warmup']} warm-up + {report['repeats']} timed steps, medians (ms), CUDA events; "
@@ -253,9 +262,9 @@ def markdown(report: dict) -> str:
         "- masked: `(token_loss * keep).sum() / keep.sum()`, dense backward; collider: `filtered_mean`; "
         "ideal: dense step on keep·T-token sequences; hf: transformers (SDPA), masked loss",
         "",
-        "| model | B | masked fwd | masked bwd | collider fwd | collider bwd | bwd ratio | step ratio "
+        "| model | keep | B | masked fwd | masked bwd | collider fwd | collider bwd | bwd ratio | step ratio "
         "| ideal bwd | bwd / ideal | hf step | masked step / hf | peak GiB masked / collider | opt ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(x, spec=".1f"):
@@ -263,12 +272,13 @@ def markdown(report: dict) -> str:
 
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['preset']} | {r.get('batch', '–')} | error: {r['error']} |" + " |" * 11)
+            lines.append(f"| {r['preset']} | – | {r.get('batch', '–')} | error: {r['error']} |" + " |" * 11)
             continue
         m, c, ratios = r["masked"], r["collider"], r["ratios"]
         ideal, hf = r.get("ideal"), r.get("hf")
         lines.append(
-            f"| {r['preset']} | {r['batch']} | {f(m['forward_ms'])} | {f(m['backward_ms'])} | {f(c['forward_ms'])} "
+            f"| {r['preset']} | {r['keep']:.1f} | {r['batch']} | {f(m['forward_ms'])} | {f(m['backward_ms'])} "
+            f"| {f(c['forward_ms'])} "
             f"| {f(c['backward_ms'])} | {f(ratios['backward'], '.3f')} | {f(ratios['step'], '.3f')} "
             f"| {f(ideal and ideal['backward_ms'])} | {f(ratios.get('backward_vs_ideal'), '.3f')} "
             f"| {f(hf and hf['step_ms'])} | {f(ratios.get('masked_step_vs_hf'), '.3f')} "
@@ -287,7 +297,7 @@ def _write(report: dict, stem: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print the table; write ``<out>.json`` and ``<out>.md``."""
     args = build_parser().parse_args(argv)
-    if not 0.0 < args.keep <= 1.0:
+    if not all(0.0 < k <= 1.0 for k in args.keep):
         raise SystemExit(f"--keep must be in (0, 1], got {args.keep}")
     if args.batch < 1 or args.seq < 2 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--batch and --repeats must be >= 1, --seq >= 2, --warmup >= 0")
@@ -307,28 +317,28 @@ def main(argv: list[str] | None = None) -> int:
         "batch": args.batch, "seq": args.seq, "keep": args.keep, "dtype": args.dtype, "full_step": args.full_step,
         "warmup": args.warmup, "repeats": args.repeats, "results": [],
     }
-    steps = len(args.presets) * (args.warmup + args.repeats)
+    steps = len(args.presets) * len(args.keep) * (args.warmup + args.repeats)
     with tqdm(total=steps, desc="collider-bench", unit="step", file=sys.stderr) as progress:
         for preset in args.presets:
             B = args.batch
             while True:
                 progress.set_postfix_str(f"{preset} B={B}")
                 try:
-                    result = bench_preset(preset, argparse.Namespace(**{**vars(args), "batch": B}), device, progress)
+                    results = bench_preset(preset, argparse.Namespace(**{**vars(args), "batch": B}), device, progress)
                     break
                 except torch.OutOfMemoryError:
                     _free(device)
                     if B == 1:
-                        result = {"preset": preset, "batch": 1, "error": "out of memory at B=1"}
+                        results = [{"preset": preset, "batch": 1, "error": "out of memory at B=1"}]
                         break
                     tqdm.write(f"{preset}: out of memory at B={B}; retrying at B={B // 2}")
                     B //= 2
                 except Exception as exc:  # a broken kernel: report it and carry on with the next preset
-                    result = {"preset": preset, "batch": B, "error": f"{type(exc).__name__}: {exc}"[:300]}
-                    tqdm.write(f"{preset}: {result['error']}")
+                    results = [{"preset": preset, "batch": B, "error": f"{type(exc).__name__}: {exc}"[:300]}]
+                    tqdm.write(f"{preset}: {results[0]['error']}")
                     break
             _free(device)
-            report["results"].append(result)
+            report["results"].extend(results)
             _write(report, stem)  # partial results survive an interrupted run
     table = markdown(report)
     print(table)
