@@ -5,6 +5,8 @@ cover bf16/fp16/fp32 on CUDA with the error rule
 ``max|out - ref32| <= 2 max|out_torch - ref32| + atol``.
 """
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -53,6 +55,67 @@ def test_gathered_weight_grad_split_reduction(kc, monkeypatch):
     for out_dtype in (None, torch.float32, torch.float16):
         kc.weight_grad("triton", M=2500, K=20, N=24, n=2100, kind="repeats", row_pad=2,
                        dtype=torch.float16, device=DEVICE, seed=7, out_dtype=out_dtype)
+
+
+aligned = st.integers(1, 9).map(lambda v: 8 * v)  # fp16 rows of 16-byte multiples: descriptor kernels
+
+
+@contextlib.contextmanager
+def _only(path):
+    """Make the other GEMM kernel family fail, so a test proves which one ran."""
+    from collider_kernels.triton import gemm
+
+    def fail(*args, **kwargs):
+        raise AssertionError("unexpected GEMM kernel family")
+
+    with pytest.MonkeyPatch.context() as mp:
+        if path == "desc":
+            mp.setattr(gemm, "_launch_pointer", fail)
+        else:
+            mp.setattr(gemm, "_launch_fwd_desc", fail)
+            mp.setattr(gemm, "_launch_wgrad_desc", fail)
+        yield
+
+
+@settings(deadline=None, max_examples=20)
+@given(M=small, K=aligned, N=st.integers(1, 70), n=small, kind=kinds, has_bias=st.booleans(),
+       row_pad=st.sampled_from((0, 3)), seed=st.integers(0, 2**16))
+def test_gather_matmul_descriptor_kernel(kc, M, K, N, n, kind, has_bias, row_pad, seed):
+    """Aligned fp16 weights take the descriptor kernel (any row stride of x, ragged N and n)."""
+    with _only("desc"):
+        kc.gather_matmul("triton", M=M, K=K, N=N, n=n, kind=kind, has_bias=has_bias, row_pad=row_pad,
+                         dtype=torch.float16, device=DEVICE, seed=seed)
+
+
+@settings(deadline=None, max_examples=20)
+@given(M=small, K=st.integers(1, 70), N=aligned, n=small, kind=kinds, accumulate=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_gathered_weight_grad_descriptor_kernel(kc, M, K, N, n, kind, accumulate, seed):
+    """Aligned fp16 grad_out takes the descriptor kernel (ragged K and reduction length)."""
+    with _only("desc"):
+        kc.weight_grad("triton", M=M, K=K, N=N, n=n, kind=kind, row_pad=0, dtype=torch.float16,
+                       device=DEVICE, seed=seed, out_dtype=torch.float32 if accumulate else None)
+
+
+def test_descriptor_kernels_split_reduction_and_persistent_tiles(kc):
+    """Several tiles per program (persistent loop) and a split reduction adding through fp32."""
+    from collider_kernels.triton import gemm
+
+    assert gemm._wgrad_candidates(40, 24, 2100, 4)[0]["SPLIT_K"] > 1
+    with _only("desc"):
+        kc.gather_matmul("triton", M=300, K=40, N=72, n=250, kind="repeats", has_bias=True, row_pad=0,
+                         dtype=torch.float16, device=DEVICE, seed=3)
+        for out_dtype in (None, torch.float32, torch.float16):
+            kc.weight_grad("triton", M=2500, K=24, N=40, n=2100, kind="repeats", row_pad=0,
+                           dtype=torch.float16, device=DEVICE, seed=7, out_dtype=out_dtype)
+
+
+def test_pointer_kernel_for_unaligned_rows(kc):
+    with _only("pointer"):
+        kc.gather_matmul("triton", M=50, K=21, N=33, n=40, kind="sorted_subset", has_bias=True, row_pad=0,
+                         dtype=torch.float16, device=DEVICE, seed=4)
+        kc.weight_grad("triton", M=50, K=21, N=33, n=40, kind="sorted_subset", row_pad=0,
+                       dtype=torch.float16, device=DEVICE, seed=4, out_dtype=torch.float32)
 
 
 @settings(deadline=None, max_examples=25)
@@ -128,6 +191,22 @@ def test_gpu_edge_index_sets(kc):
                          dtype=torch.bfloat16, device="cuda", seed=5)
         kc.weight_grad("triton", M=513, K=320, N=130, n=77, kind=kind, row_pad=0,
                        dtype=torch.bfloat16, device="cuda", seed=5, out_dtype=torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(5000, 2048, 256, 3001), (700, 1536, 1000, 555), (3000, 512, 264, 2900)])
+def test_gpu_descriptor_kernels(kc, shape):
+    """bf16 with aligned rows: the descriptor kernels, incl. split reductions of narrow outputs."""
+    M, K, N, n = shape
+    # Narrow forward outputs (N <= 256) may take the pointer kernel; the weight gradient may not.
+    with _only("desc") if N > 256 else contextlib.nullcontext():
+        _poison_allocator()
+        kc.gather_matmul("triton", M=M, K=K, N=N, n=n, kind="sorted_subset", has_bias=True, row_pad=0,
+                         dtype=torch.bfloat16, device="cuda", seed=M)
+    with _only("desc"):
+        for out_dtype in (None, torch.float32):
+            kc.weight_grad("triton", M=M, K=K, N=N, n=n, kind="repeats", row_pad=0, dtype=torch.bfloat16,
+                           device="cuda", seed=K, out_dtype=out_dtype)
 
 
 @pytest.mark.gpu

@@ -1,26 +1,31 @@
 """Triton gather-GEMM, gathered weight-gradient GEMM and row scatter-add kernels.
 
-One tiled GEMM kernel serves both GEMM ops. It computes ``C[m, n] (+)= sum_k A[ra(m), k] B[rb(k), n]``
-where ``ra``/``rb`` optionally read rows through an index inside the K loop, so no gathered copy is
-ever made:
+gather-GEMM ``Y = X[index] @ Wᵀ`` and weight gradient ``dW = dYᵀ @ X[index]`` read the gathered
+operand (X) through the index inside the tile loads, so no gathered copy is ever made. Two kernel
+families serve them:
 
-* gather-GEMM ``Y = X[index] @ Wᵀ``: A = X with gathered rows (``GATHER_A_ROWS``), B = Wᵀ (a strided
-  view of W, no copy);
-* weight gradient ``dW = dYᵀ @ X[index]``: A = dYᵀ (strided view), B = X with gathered rows along
-  the reduction (``GATHER_B_ROWS``); ``ACCUMULATE`` adds into an existing ``out`` in the epilogue,
-  and small outputs split the reduction over programs that add into an fp32 buffer atomically.
+* descriptor kernels (fp16/bf16, 16-byte aligned rows): the operand that is not gathered (W in the
+  forward, dY in the weight gradient) is read through a tensor descriptor (on Hopper the bulk
+  tensor-copy engine), the gathered one through pointer loads; a persistent tile loop with grouped
+  tile order. The weight gradient reduces over kept rows; small outputs split that reduction over
+  programs that add into an fp32 buffer atomically.
+* one pointer-load kernel for everything else (fp32, unaligned strides):
+  ``C[m, n] (+)= sum_k A[ra(m), k] B[rb(k), n]`` with optional row indexes ``ra``/``rb``.
 
-All arithmetic accumulates in fp32. On the GPU the block shapes are autotuned per problem shape;
-under ``TRITON_INTERPRET=1`` one small fixed configuration runs instead.
+All arithmetic accumulates in fp32. On the GPU the tile configuration is chosen per problem shape by
+timing a few candidates on first use (``COLLIDER_TRITON_AUTOTUNE=0``: a fixed heuristic instead);
+under ``TRITON_INTERPRET=1`` small fixed tiles run.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from collider_kernels.backends import register
 from collider_kernels.gather_matmul import _gather_matmul_torch
@@ -29,9 +34,136 @@ from collider_kernels.scatter_add_rows import _scatter_add_rows_torch
 from collider_kernels.triton import DEVICES
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# COLLIDER_TRITON_AUTOTUNE=0 runs one fixed GPU configuration instead of tuning (fast test runs).
+# COLLIDER_TRITON_AUTOTUNE=0 runs one heuristic GPU configuration instead of tuning (fast test runs).
 AUTOTUNE = not INTERPRET and os.environ.get("COLLIDER_TRITON_AUTOTUNE", "1") != "0"
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    # Grouped tile order: GROUP_M row-tiles in a row share their column tiles in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile % num_pid_in_group) % group_size_m
+    pid_n = (tile % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _gather_mm_desc_kernel(
+    x_ptr, index_ptr, w_desc, y_ptr, bias_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_ym, stride_yn,
+    HAS_INDEX: tl.constexpr,  # row m of A is x row index[m] (else row m)
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,  # cast loaded tiles to fp32 before the dot (interpreter)
+    EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no mask on the reduction
+    FLATTEN: tl.constexpr,  # let the compiler pipeline across tiles of the persistent loop
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``Y (M, N) = X[index] (M, K) @ Wᵀ`` (+ bias); W (N, K) is read through ``w_desc``."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    offs_k = tl.arange(0, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        # Rows past M read row 0 (always valid, never stored), so the A loads need no row mask.
+        if HAS_INDEX:
+            rows = tl.load(index_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        else:
+            rows = tl.where(mask_m, offs_m, 0).to(tl.int64)
+        a_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BLOCK_M, BLOCK_K)
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            if EVEN_K:
+                a = tl.load(a_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=offs_k[None, :] < K - ki * BLOCK_K, other=0.0)
+            b = w_desc.load([off_n, ki * BLOCK_K])  # (BLOCK_N, BLOCK_K); zero past the edges
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b.T, acc)
+            a_ptrs += BLOCK_K * stride_xk
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _index_block(index_ptr, rr, r_stop, HAS_INDEX: tl.constexpr):
+    # Gathered rows for reduction rows rr (row 0 from r_stop on, where the loads are masked anyway).
+    if HAS_INDEX:
+        return tl.load(index_ptr + rr, mask=rr < r_stop, other=0).to(tl.int64)
+    else:
+        return tl.where(rr < r_stop, rr, 0).to(tl.int64)
+
+
+@triton.jit
+def _wgrad_desc_kernel(
+    g_desc, x_ptr, index_ptr, c_ptr,
+    M, N, R,
+    stride_xm, stride_xn, stride_cm, stride_cn,
+    HAS_INDEX: tl.constexpr,  # reduction row r of X is x row index[r] (else row r)
+    ACCUMULATE: tl.constexpr,  # C += ... instead of C = ...
+    ATOMIC: tl.constexpr,  # add into fp32 C with atomics (split reduction)
+    SPLIT_K: tl.constexpr,  # programs sharing the reduction of one C tile
+    UPCAST: tl.constexpr,
+    EVEN_R: tl.constexpr,  # every reduction block is full: no masks on the reduction
+    FLATTEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``C (M, N) (+)= Gᵀ @ X[index]``: G (R, M) is read through ``g_desc``, the reduction runs over R."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = num_pid_m * num_pid_n
+    r_per_split = tl.cdiv(tl.cdiv(R, SPLIT_K), BLOCK_K) * BLOCK_K
+    offs_r = tl.arange(0, BLOCK_K)
+    for unit in tl.range(tl.program_id(0), num_tiles * SPLIT_K, tl.num_programs(0), flatten=FLATTEN):
+        tile = unit % num_tiles
+        r_start = (unit // num_tiles) * r_per_split
+        r_stop = min(R, r_start + r_per_split)
+        pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        x_cols = x_ptr + offs_n[None, :] * stride_xn  # (1, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # The index block of the next step is loaded one step ahead, off the B loads' critical path.
+        rows_next = _index_block(index_ptr, r_start + offs_r, r_stop, HAS_INDEX)
+        for r0 in range(r_start, r_stop, BLOCK_K):
+            rr = r0 + offs_r
+            if EVEN_R:
+                mask_r = tl.full((BLOCK_K,), 1, tl.int1)
+            else:
+                mask_r = rr < r_stop
+            rows = rows_next
+            rows_next = _index_block(index_ptr, rr + BLOCK_K, r_stop, HAS_INDEX)
+            # Rows past this split's range are zero in B, so A's rows there (another split's) add 0.
+            b = tl.load(x_cols + rows[:, None] * stride_xm, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+            a = g_desc.load([r0, off_m])  # (BLOCK_K, BLOCK_M); zero past the edges
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a.T, b, acc)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        mask_c = (offs_m < M)[:, None] & mask_n[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        if ATOMIC:
+            tl.atomic_add(c_ptrs, acc, mask=mask_c)
+        else:
+            if ACCUMULATE:
+                acc += tl.load(c_ptrs, mask=mask_c, other=0.0).to(tl.float32)
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
@@ -50,18 +182,9 @@ def _gemm_kernel(
     EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no mask on the reduction
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    """Pointer-load GEMM for any dtype and strides: ``C (+)= A[a_index] @ B[b_index]``."""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # Grouped tile order: GROUP_M row-tiles share their B tiles in L2.
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -121,52 +244,127 @@ def _gemm_kernel(
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
 
 
-_gemm_kernel_h = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(
-    _gemm_kernel
-)
+# ------------------------------------------------------------------------------------- configuration
 
 
-def _configs():
-    # Hopper-sized tiles for bf16/fp16; configs that do not fit (fp32) are skipped by the tuner.
-    shapes = [
-        (128, 256, 64, 3, 8),
-        (256, 128, 64, 3, 8),
-        (128, 256, 64, 4, 8),
-        (128, 128, 64, 4, 4),
-        (128, 128, 64, 4, 8),
-        (128, 64, 64, 4, 4),
-        (256, 128, 64, 4, 8),
-        (128, 128, 128, 3, 8),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-        for bm, bn, bk, s, w in shapes
-    ]
+def _cfg(bm, bn, bk, stages, warps, **extra):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+            "num_stages": stages, "num_warps": warps, **extra}
 
 
-def _tuning_bench(fn, quantiles=None):
-    # Short trials: the tuned problems are large enough that a few repeats separate the configs.
-    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+_INTERPRET_CFG = {**_cfg(32, 32, 16, 1, 4), "GROUP_M": 2, "PERSIST": True, "SPLIT_K": 1}
+# Candidates per kernel family, timed on first use of a shape (the first is the untuned default).
+_FWD_TILES = [(128, 256, 64, 3, 8), (128, 128, 64, 4, 8), (128, 256, 64, 4, 8), (64, 256, 64, 4, 4),
+              (128, 128, 64, 4, 4), (64, 128, 64, 5, 4), (256, 128, 64, 3, 8)]
+_WGRAD_TILES = _FWD_TILES
+_POINTER_TILES = [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4),
+                  (128, 64, 64, 4, 4), (64, 64, 32, 4, 4), (32, 32, 32, 2, 4)]
 
 
-_FLAG_KEYS = ["GATHER_A_ROWS", "GATHER_B_ROWS", "HAS_BIAS", "ACCUMULATE", "ATOMIC", "SPLIT_K", "UPCAST"]
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _autotune(key, **kw):
-    try:
-        return triton.autotune(configs=_configs(), key=key, do_bench=_tuning_bench, **kw)
-    except TypeError:  # a triton without the do_bench hook
-        return triton.autotune(configs=_configs(), key=key, **kw)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# Forward-shaped GEMM: tuned per (N, K); the row count n follows the keep ratio and shares a config.
-_gemm_fwd_tuned = _autotune(["N", "K", *_FLAG_KEYS])(_gemm_kernel_h)
-# Weight-gradient GEMM: tuned per output (M, N); the reduction length n follows the keep ratio.
-# Tuning trials re-run a kernel that adds into C, so C is restored after each trial.
-_gemm_wgrad_tuned = _autotune(["M", "N", *_FLAG_KEYS], restore_value=["c_ptr"])(_gemm_kernel_h)
+def _split_for(tiles: int, R: int, block_k: int, sms: int) -> int:
+    """Reduction split that best fills whole waves of ``sms`` programs (1 when tiles already do)."""
+    def fill(s):
+        units = tiles * s
+        return units / (triton.cdiv(units, sms) * sms)
 
-_INTERPRET_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}
-_FIXED_GPU_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+    best = 1
+    for s in range(2, 17):
+        if R < s * 8 * block_k:  # keep at least 8 reduction blocks per program
+            break
+        if fill(s) > 1.15 * fill(best):  # the fp32 buffer and atomics must pay for themselves
+            best = s
+    return best
+
+
+def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
+    """Reduction split of the pointer kernel's weight gradient (128x128 tiles)."""
+    return _split_for(triton.cdiv(M, 128) * triton.cdiv(N, 128), K, 64, _num_sms(device))
+
+
+_CHOICE: dict[tuple, dict] = {}
+
+
+def _tuning_bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=25)
+
+
+def _choose(key: tuple, candidates, run) -> dict:
+    """The fastest of ``candidates()`` for ``key``: timed once per key (``run(cfg)`` does one call),
+    then a dict lookup, so repeated calls pay no candidate bookkeeping on the host."""
+    cfg = _CHOICE.get(key)
+    if cfg is None:
+        cands = candidates()
+        cfg = cands[0]
+        if AUTOTUNE and len(cands) > 1:
+            best = float("inf")
+            for c in cands:
+                try:
+                    t = _tuning_bench(lambda c=c: run(c))
+                except triton.runtime.errors.OutOfResources:  # tile does not fit this dtype
+                    continue
+                if t < best:
+                    best, cfg = t, c
+        _CHOICE[key] = cfg
+    return cfg
+
+
+def _desc_ok(t: torch.Tensor) -> bool:
+    """Tensor descriptors need 2-byte elements here, unit inner stride and 16-byte aligned rows."""
+    return (
+        t.dtype in (torch.float16, torch.bfloat16) and t.stride(1) == 1 and t.stride(0) % 8 == 0
+        and t.data_ptr() % 16 == 0 and t.shape[0] > 0 and t.shape[1] > 0
+    )
+
+
+def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+
+def _grid_size(units: int, cfg: dict, device: torch.device) -> int:
+    return min(units, _num_sms(device)) if cfg["PERSIST"] else units
+
+
+def _bucket(n: int) -> int:
+    return n.bit_length()  # configs are shared by row counts within a factor of two
+
+
+# ------------------------------------------------------------------------------------- forward
+
+
+def _fwd_candidates(N: int) -> list[dict]:
+    if INTERPRET:
+        return [_INTERPRET_CFG]
+    tiles = [t for t in _FWD_TILES if t[1] <= max(128, triton.next_power_of_2(N))]
+    out = [_cfg(*t, PERSIST=p) for t in tiles for p in (True, False)]
+    if N <= 256:  # few column tiles: favour more row tiles
+        out.sort(key=lambda c: (c["BLOCK_M"] != 64, not c["PERSIST"]))
+    return out
+
+
+def _launch_fwd_desc(x, index, weight, bias, y, cfg):
+    n, N = y.shape
+    K = x.shape[1]
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    units = triton.cdiv(n, bm) * triton.cdiv(N, bn)
+    _gather_mm_desc_kernel[(_grid_size(units, cfg, x.device),)](
+        x, y if index is None else index, _desc(weight, [bn, bk]), y, y if bias is None else bias,
+        n, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+        HAS_INDEX=index is not None, HAS_BIAS=bias is not None, UPCAST=INTERPRET, EVEN_K=K % bk == 0,
+        FLATTEN=cfg["PERSIST"] and not INTERPRET,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -175,55 +373,66 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _launch_gemm(tuned, a, b, c, bias, a_index, b_index, M, N, K, strides, *, accumulate, atomic, split_k):
-    """Launch the GEMM kernel: C (M, N) (+)= A[a_index] (M, K) @ B[b_index] (K, N)."""
+def _pointer_candidates() -> list[dict]:
+    if INTERPRET:
+        return [_INTERPRET_CFG]
+    return [_cfg(*t) for t in _POINTER_TILES]
+
+
+def _launch_pointer(a, b, c, bias, a_index, b_index, M, N, K, strides, cfg, *, accumulate, atomic, split_k):
+    """Pointer kernel: C (M, N) (+)= A[a_index] (M, K) @ B[b_index] (K, N)."""
     dummy = c  # stands in for absent optional pointers (never dereferenced)
-    flags = {
-        "GATHER_A_ROWS": a_index is not None,
-        "GATHER_B_ROWS": b_index is not None,
-        "HAS_BIAS": bias is not None,
-        "ACCUMULATE": accumulate,
-        "ATOMIC": atomic,
-        "SPLIT_K": split_k,
-        "UPCAST": INTERPRET or a.dtype == torch.float32,
-        "DOT_PRECISION": _dot_precision(a.dtype),
-    }
-    args = (
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+    _gemm_kernel[grid](
         a, b, c,
         dummy if bias is None else bias,
         dummy if a_index is None else a_index,
         dummy if b_index is None else b_index,
         M, N, K, *strides,
+        GATHER_A_ROWS=a_index is not None, GATHER_B_ROWS=b_index is not None, HAS_BIAS=bias is not None,
+        ACCUMULATE=accumulate, ATOMIC=atomic, SPLIT_K=split_k,
+        UPCAST=INTERPRET or a.dtype == torch.float32, DOT_PRECISION=_dot_precision(a.dtype),
+        EVEN_K=K % cfg["BLOCK_K"] == 0,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    if not AUTOTUNE:
-        cfg = _INTERPRET_CONFIG if INTERPRET else _FIXED_GPU_CONFIG
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
-        _gemm_kernel_h[grid](*args, **flags, **cfg)
-    else:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
-
-        tuned[grid](*args, **flags)
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
-    """Reduction split for the weight gradient: enough programs to fill the GPU on small outputs."""
-    tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
-    sms = _num_sms(device)
-    if tiles >= sms or K < 1024:
-        return 1
-    split = min(16, max(1, (2 * sms) // tiles), K // 512)
-    return max(1, split)
 
 
 def _index(index: torch.Tensor | None) -> torch.Tensor | None:
     return None if index is None else index.contiguous()
+
+
+def gather_matmul_into(x, index, weight, bias, y, *, path: str = "auto", cfg: dict | None = None):
+    """Write ``x[index] @ weightᵀ (+ bias)`` into ``y`` (n, N).
+
+    ``path``: "desc" or "pointer" forces a kernel family; "auto" times both where the descriptor
+    kernel applies (the untuned default: descriptors for N > 256 and under the interpreter).
+    """
+    n, N = y.shape
+    K = x.shape[1]
+    desc_ok = path != "pointer" and (path == "desc" or (_desc_ok(weight) and x.dtype == weight.dtype))
+    # B = weightᵀ (K, N): B[k, j] = weight[j, k].
+    strides = (x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1))
+
+    def run(c):
+        if c["DESC"]:
+            _launch_fwd_desc(x, index, weight, bias, y, c)
+        else:
+            _launch_pointer(x, weight, y, bias, index, None, n, N, K, strides, c,
+                            accumulate=False, atomic=False, split_k=1)
+
+    if cfg is None:
+        def candidates():
+            cands = [{**c, "DESC": True} for c in _fwd_candidates(N)] if desc_ok else []
+            if path != "desc":
+                pointer = [{**c, "DESC": False} for c in _pointer_candidates()]
+                cands = cands + pointer if N > 256 or INTERPRET else pointer + cands
+            return cands
+
+        key = ("fwd", path, N, K, _bucket(n), x.dtype, desc_ok, index is None, bias is None)
+        cfg = _choose(key, candidates, run)
+    run(cfg)
+    return y
 
 
 @register("gather_matmul", "triton", DEVICES)
@@ -233,35 +442,54 @@ def gather_matmul_triton(x, index, weight, bias):
         return _gather_matmul_torch(x, index, weight, bias)
     index = _index(index)
     n = x.shape[0] if index is None else index.shape[0]
-    N, K = weight.shape
+    N = weight.shape[0]
     y = torch.empty((n, N), dtype=x.dtype, device=x.device)  # (n, N)
     if n == 0 or N == 0:
         return y
-    # B = weightᵀ (K, N): B[k, j] = weight[j, k].
-    strides = (x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1))
-    _launch_gemm(
-        _gemm_fwd_tuned, x, weight, y, None if bias is None else bias.contiguous(), index, None,
-        n, N, K, strides, accumulate=False, atomic=False, split_k=1,
-    )
-    return y
+    return gather_matmul_into(x, index, weight, None if bias is None else bias.contiguous(), y)
 
 
-@register("gathered_weight_grad", "triton", DEVICES)
-def gathered_weight_grad_triton(grad_out, x, index, out):
-    """``grad_outᵀ @ x[index]`` (N, K), reducing over the kept rows; adds into ``out`` when given."""
-    if grad_out.dtype not in _KERNEL_DTYPES or (out is not None and out.dtype not in _KERNEL_DTYPES):
-        return _gathered_weight_grad_torch(grad_out, x, index, out)
-    index = _index(index)
-    n, N = grad_out.shape
+# ------------------------------------------------------------------------------------- weight gradient
+
+
+def _wgrad_candidates(N: int, K: int, n: int, sms: int) -> list[dict]:
+    if INTERPRET:
+        return [{**_INTERPRET_CFG, "SPLIT_K": _split_for(triton.cdiv(N, 32) * triton.cdiv(K, 32), n, 16, sms)}]
+    out = []
+    for t in _WGRAD_TILES:
+        tiles = triton.cdiv(N, t[0]) * triton.cdiv(K, t[1])
+        for s in sorted({1, _split_for(tiles, n, t[2], sms)}):
+            out.append(_cfg(*t, PERSIST=True, SPLIT_K=s))
+    # Untuned default: the first candidate whose tiles (with their split) fill the GPU best.
+    out.sort(key=lambda c: -_fill(triton.cdiv(N, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]) * c["SPLIT_K"], sms))
+    return out
+
+
+def _fill(units: int, sms: int) -> float:
+    return units / (triton.cdiv(units, sms) * sms)
+
+
+def _launch_wgrad_desc(g, x, index, target, cfg, *, accumulate):
+    n, N = g.shape
     K = x.shape[1]
-    if out is None:
-        result = torch.empty((N, K), dtype=x.dtype, device=x.device)  # (N, K)
-        accumulate = False
-    else:
-        result, accumulate = out, True
-    if N == 0 or K == 0:
-        return result
-    split = _split_k(N, K, n, x.device)
+    bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
+    units = triton.cdiv(N, bm) * triton.cdiv(K, bn) * split
+    _wgrad_desc_kernel[(_grid_size(units, cfg, g.device),)](
+        _desc(g, [bk, bm]), x, target if index is None else index, target,
+        N, K, n, x.stride(0), x.stride(1), target.stride(0), target.stride(1),
+        HAS_INDEX=index is not None, ACCUMULATE=accumulate, ATOMIC=split > 1, SPLIT_K=split,
+        UPCAST=INTERPRET, EVEN_R=n % bk == 0,
+        FLATTEN=cfg["PERSIST"] and not INTERPRET,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def _wgrad_run(g, x, index, result, accumulate, use_desc, cfg):
+    """One weight-gradient call into ``result`` with ``cfg`` (its SPLIT_K > 1 adds through fp32)."""
+    n, N = g.shape
+    K = x.shape[1]
+    split = cfg["SPLIT_K"]
     if split > 1:
         if result.dtype == torch.float32:
             target = result
@@ -271,21 +499,68 @@ def gathered_weight_grad_triton(grad_out, x, index, out):
             target = torch.zeros((N, K), dtype=torch.float32, device=x.device)
     else:
         target = result
-    # A = grad_outᵀ (N, n): A[i, r] = grad_out[r, i]; B = x[index] (n, K).
-    strides = (
-        grad_out.stride(1), grad_out.stride(0), x.stride(0), x.stride(1),
-        target.stride(0), target.stride(1),
-    )
-    _launch_gemm(
-        _gemm_wgrad_tuned, grad_out, x, target, None, None, index,
-        N, K, n, strides, accumulate=accumulate and split == 1, atomic=split > 1, split_k=split,
-    )
+    if use_desc:
+        _launch_wgrad_desc(g, x, index, target, cfg, accumulate=accumulate and split == 1)
+    else:
+        # A = grad_outᵀ (N, n): A[i, r] = grad_out[r, i]; B = x[index] (n, K).
+        strides = (g.stride(1), g.stride(0), x.stride(0), x.stride(1), target.stride(0), target.stride(1))
+        _launch_pointer(g, x, target, None, None, index, N, K, n, strides, cfg,
+                        accumulate=accumulate and split == 1, atomic=split > 1, split_k=split)
     if target is not result:
         if accumulate:
             result.add_(target)
         else:
             result.copy_(target)
+
+
+def gathered_weight_grad_into(g, x, index, result, accumulate, *, path: str = "auto", cfg: dict | None = None):
+    """``result (+)= gᵀ @ x[index]`` (N, K).
+
+    ``path``: "desc" or "pointer" forces a kernel family; "auto" times both where the descriptor
+    kernel applies (the untuned default: descriptors).
+    """
+    n, N = g.shape
+    K = x.shape[1]
+    desc_ok = path != "pointer" and (path == "desc" or (_desc_ok(g) and x.dtype == g.dtype))
+    if cfg is None:
+        def candidates():
+            cands = [{**c, "DESC": True} for c in _wgrad_candidates(N, K, n, _num_sms(x.device))] if desc_ok else []
+            if path != "desc":
+                split = _split_k(N, K, n, x.device)
+                cands += [{**c, "SPLIT_K": split, "DESC": False} for c in _pointer_candidates()]
+            return cands
+
+        key = ("wgrad", path, N, K, _bucket(n), x.dtype, desc_ok, index is None, accumulate, result.dtype)
+        scratch = []
+
+        def trial(c):  # tuning trials write into a scratch copy, so ``result`` is touched once
+            if not scratch:
+                scratch.append(result.clone())
+            _wgrad_run(g, x, index, scratch[0], accumulate, c["DESC"], c)
+
+        cfg = _choose(key, candidates, trial)
+    _wgrad_run(g, x, index, result, accumulate, cfg["DESC"], cfg)
     return result
+
+
+@register("gathered_weight_grad", "triton", DEVICES)
+def gathered_weight_grad_triton(grad_out, x, index, out):
+    """``grad_outᵀ @ x[index]`` (N, K), reducing over the kept rows; adds into ``out`` when given."""
+    if grad_out.dtype not in _KERNEL_DTYPES or (out is not None and out.dtype not in _KERNEL_DTYPES):
+        return _gathered_weight_grad_torch(grad_out, x, index, out)
+    index = _index(index)
+    N = grad_out.shape[1]
+    K = x.shape[1]
+    if out is None:
+        result = torch.empty((N, K), dtype=x.dtype, device=x.device)  # (N, K)
+        accumulate = False
+    else:
+        result, accumulate = out, True
+    if N == 0 or K == 0:
+        return result
+    if grad_out.shape[0] == 0:
+        return result if accumulate else result.zero_()
+    return gathered_weight_grad_into(grad_out, x, index, result, accumulate)
 
 
 @triton.jit

@@ -1,0 +1,169 @@
+"""Compare the Triton GEMM kernel families on key model shapes (device script, one call).
+
+For each shape, keep 0.6 and 1.0 (16384 token rows, sorted random index; at keep 1.0 the identity
+index), both ops, bf16: cuBLAS on the compact matrix, index_select+mm, the pointer-load kernel
+(tuned) and the descriptor kernel (tuned; at keep 0.6 also every candidate). Checks each result
+against cuBLAS-compact before timing. Writes ``<out>/gemm_variants.json``; prints a table last.
+
+Usage: ``python benchmarks/kernels/gemm_variants.py [--out DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from timing import time_ms
+
+import collider_kernels as ck
+from collider_kernels.triton import gemm
+
+TOKENS = 16384
+SHAPES = {  # name: (N out, K in)
+    "TL q,o": (2048, 2048), "TL k,v": (256, 2048), "TL gate,up": (5632, 2048), "TL down": (2048, 5632),
+    "Qw q,o": (1536, 1536), "Qw k,v": (256, 1536), "TL lm_head": (32000, 2048),
+}
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def cfg_name(c):
+    s = f"{c['BLOCK_M']}x{c['BLOCK_N']}x{c['BLOCK_K']}s{c['num_stages']}w{c['num_warps']}"
+    if c.get("PERSIST"):
+        s += "p"
+    if c.get("SPLIT_K", 1) > 1:
+        s += f"k{c['SPLIT_K']}"
+    return s
+
+
+def profile_wgrad():
+    """Per-kernel device time and host time per call of the weight gradient on three shapes."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    for N, K in ((256, 2048), (2048, 2048), (2048, 5632)):
+        x = torch.randn(TOKENS, K, device="cuda", dtype=torch.bfloat16)
+        n = int(0.6 * TOKENS)
+        idx = torch.randperm(TOKENS, device="cuda")[:n].sort().values
+        g = torch.randn(n, N, device="cuda", dtype=torch.bfloat16)
+        for path in ("desc", "pointer"):
+            gemm._CHOICE.clear()
+            gemm.gathered_weight_grad_into(g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
+                                           False, path=path)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(20):
+                gemm.gathered_weight_grad_into(g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
+                                               False, path=path)
+            host = (time.perf_counter() - t0) / 20 * 1e3
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    gemm.gathered_weight_grad_into(g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
+                                                   False, path=path)
+                torch.cuda.synchronize()
+            cfg = [c for k, c in gemm._CHOICE.items() if k[1] == path]
+            print(f"profile wgrad N={N} K={K} n={n} {path} cfg={cfg_name(cfg[0]) if cfg else '?'} "
+                  f"host {host:.3f} ms/call", flush=True)
+            for ev in prof.key_averages():
+                if ev.device_time_total > 0:
+                    print(f"   {ev.key[:60]:60s} n={ev.count} avg {ev.device_time_total / ev.count:.1f} us")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--profile", action="store_true", help="only profile the weight gradient")
+    args = ap.parse_args()
+    if args.profile:
+        profile_wgrad()
+        return
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, table = [], []
+    for name, (N, K) in SHAPES.items():
+        x = torch.randn(TOKENS, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=gen) * K**-0.5
+        for keep in (0.6, 1.0):
+            n = int(round(keep * TOKENS))
+            idx = torch.randperm(TOKENS, device="cuda", generator=gen)[:n].sort().values
+            xc = x.index_select(0, idx)
+            g = torch.randn(n, N, device="cuda", dtype=torch.bfloat16, generator=gen)
+            flops = 2.0 * n * N * K
+            for op in ("fwd", "wgrad"):
+                if op == "fwd":
+                    truth = torch.mm(xc, w.t())
+                    base = {"cublas": lambda: torch.mm(xc, w.t()),
+                            "isel": lambda: ck.gather_matmul(x, idx, w, backend="torch", validate=False)}
+
+                    def mk(path, cfg=None):
+                        return lambda: gemm.gather_matmul_into(
+                            x, idx, w, None, torch.empty(n, N, device="cuda", dtype=torch.bfloat16),
+                            path=path, cfg=cfg)
+                    cands = gemm._fwd_candidates(N)
+                else:
+                    truth = torch.mm(g.t(), xc)
+                    base = {"cublas": lambda: torch.mm(g.t(), xc),
+                            "isel": lambda: ck.gathered_weight_grad(g, x, idx, backend="torch", validate=False)}
+
+                    def mk(path, cfg=None):
+                        return lambda: gemm.gathered_weight_grad_into(
+                            g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16), False,
+                            path=path, cfg=cfg)
+                    cands = gemm._wgrad_candidates(N, K, n, gemm._num_sms(x.device))
+                fns = {**base, "pointer": mk("pointer"), "desc": mk("desc"),
+                       "public": (lambda: ck.gather_matmul(x, idx, w, backend="triton", validate=False))
+                       if op == "fwd" else (lambda: ck.gathered_weight_grad(g, x, idx, backend="triton",
+                                                                             validate=False))}
+                row = {"shape": name, "N": N, "K": K, "keep": keep, "op": op}
+                for k, fn in fns.items():
+                    try:
+                        err = rel_err(fn(), truth)
+                        ms = time_ms(fn)
+                        row[k] = {"ms": ms, "tflops": flops / ms / 1e9, "err": err}
+                    except Exception as e:
+                        row[k] = {"error": f"{type(e).__name__}: {e}"[:200]}
+                key_desc = [c for kk, c in gemm._CHOICE.items() if kk[0] == op and kk[1] and kk[2] == N
+                            and kk[3] == K and kk[4] == n.bit_length()]
+                row["desc_choice"] = cfg_name(key_desc[0]) if key_desc else "?"
+                if keep == 0.6:
+                    cand_times = []
+                    for c in cands:
+                        try:
+                            fn = mk("desc", c)
+                            err = rel_err(fn(), truth)
+                            ms = time_ms(fn, budget_ms=8.0)
+                            cand_times.append((ms, cfg_name(c), err))
+                        except Exception as e:
+                            cand_times.append((float("inf"), cfg_name(c) + f" {type(e).__name__}", float("nan")))
+                    cand_times.sort()
+                    row["candidates"] = cand_times
+                rows.append(row)
+
+                def tf(k, row=row):
+                    return row[k].get("tflops", float("nan"))
+                errs = max(row[k].get("err", float("nan")) for k in ("pointer", "desc", "public"))
+                best = row.get("candidates", [(float("nan"), "-", 0)])[0]
+                line = (f"{name:11s} {op:5s} {keep:.1f} cub {tf('cublas'):4.0f} isel {tf('isel'):4.0f} "
+                        f"ptr {tf('pointer'):4.0f} desc {tf('desc'):4.0f} pub {tf('public'):4.0f} "
+                        f"d/cub {tf('desc') / tf('cublas'):.2f} d/isel {tf('desc') / tf('isel'):.2f} "
+                        f"err {errs:.1e} pick {row['desc_choice']} best {best[1]} {flops / best[0] / 1e9:.0f}")
+                print(line, flush=True)
+                for k in fns:
+                    if "error" in row[k]:
+                        print("  ", k, row[k]["error"], flush=True)
+                table.append(line)
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "gemm_variants.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    print("\n== summary (TFLOP/s) ==")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
