@@ -115,7 +115,7 @@ def main():
                         return lambda: gemm.gathered_weight_grad_into(
                             g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16), False,
                             path=path, cfg=cfg)
-                    cands = gemm._wgrad_candidates(N, K, n, gemm._num_sms(x.device))
+                    cands = gemm._wgrad_candidates(N, K, n, gemm.num_sms(x.device))
                 fns = {**base, "pointer": mk("pointer"), "desc": mk("desc"),
                        "public": (lambda: ck.gather_matmul(x, idx, w, backend="triton", validate=False))
                        if op == "fwd" else (lambda: ck.gathered_weight_grad(g, x, idx, backend="triton",

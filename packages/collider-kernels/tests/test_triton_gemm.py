@@ -50,7 +50,7 @@ def test_gathered_weight_grad_split_reduction(kc, monkeypatch):
     """A small output with a long reduction splits it over programs (atomic fp32 adds)."""
     from collider_kernels.triton import gemm
 
-    monkeypatch.setattr(gemm, "_num_sms", lambda device: 64)
+    monkeypatch.setattr(gemm, "num_sms", lambda device: 64)
     assert gemm._split_k(24, 20, 2100, torch.device(DEVICE)) > 1
     for out_dtype in (None, torch.float32, torch.float16):
         kc.weight_grad("triton", M=2500, K=20, N=24, n=2100, kind="repeats", row_pad=2,

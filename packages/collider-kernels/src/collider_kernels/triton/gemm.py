@@ -19,7 +19,6 @@ under ``TRITON_INTERPRET=1`` small fixed tiles run.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -31,7 +30,7 @@ from collider_kernels.backends import register
 from collider_kernels.gather_matmul import _gather_matmul_torch
 from collider_kernels.gathered_weight_grad import _gathered_weight_grad_torch
 from collider_kernels.scatter_add_rows import _scatter_add_rows_torch
-from collider_kernels.triton import DEVICES
+from collider_kernels.triton import DEVICES, num_sms
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # COLLIDER_TRITON_AUTOTUNE=0 runs one heuristic GPU configuration instead of tuning (fast test runs).
@@ -261,17 +260,6 @@ _POINTER_TILES = [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 
                   (128, 64, 64, 4, 4), (64, 64, 32, 4, 4), (32, 32, 32, 2, 4)]
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _split_for(tiles: int, R: int, block_k: int, sms: int) -> int:
     """Reduction split that best fills whole waves of ``sms`` programs (1 when tiles already do)."""
     def fill(s):
@@ -289,7 +277,7 @@ def _split_for(tiles: int, R: int, block_k: int, sms: int) -> int:
 
 def _split_k(M: int, N: int, K: int, device: torch.device) -> int:
     """Reduction split of the pointer kernel's weight gradient (128x128 tiles)."""
-    return _split_for(triton.cdiv(M, 128) * triton.cdiv(N, 128), K, 64, _num_sms(device))
+    return _split_for(triton.cdiv(M, 128) * triton.cdiv(N, 128), K, 64, num_sms(device))
 
 
 _CHOICE: dict[tuple, dict] = {}
@@ -332,7 +320,7 @@ def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
 
 
 def _grid_size(units: int, cfg: dict, device: torch.device) -> int:
-    return min(units, _num_sms(device)) if cfg["PERSIST"] else units
+    return min(units, num_sms(device)) if cfg["PERSIST"] else units
 
 
 def _bucket(n: int) -> int:
@@ -524,7 +512,7 @@ def gathered_weight_grad_into(g, x, index, result, accumulate, *, path: str = "a
     desc_ok = path != "pointer" and (path == "desc" or (_desc_ok(g) and x.dtype == g.dtype))
     if cfg is None:
         def candidates():
-            cands = [{**c, "DESC": True} for c in _wgrad_candidates(N, K, n, _num_sms(x.device))] if desc_ok else []
+            cands = [{**c, "DESC": True} for c in _wgrad_candidates(N, K, n, num_sms(x.device))] if desc_ok else []
             if path != "desc":
                 split = _split_k(N, K, n, x.device)
                 cands += [{**c, "SPLIT_K": split, "DESC": False} for c in _pointer_candidates()]

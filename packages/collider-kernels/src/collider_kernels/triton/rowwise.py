@@ -122,7 +122,7 @@ def swiglu_backward_triton(grad, gate, up, index):
 @triton.jit
 def _rms_norm_bwd_kernel(
     grad_ptr, x_ptr, w_ptr, index_ptr, dx_ptr, dw_part_ptr,
-    n, H, rows_per_prog, eps,
+    n, H, rows_per_prog, eps, inv_h,  # inv_h = 1/H from the host: exact for H = 1
     stride_grad, stride_x, stride_dx,
     GATHER: tl.constexpr,  # row r is x row index[r]
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -145,13 +145,13 @@ def _rms_norm_bwd_kernel(
             src = rows
         x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        ms = tl.sum(x * x, axis=1) / H  # (BLOCK_R,)
+        ms = tl.sum(x * x, axis=1) * inv_h  # (BLOCK_R,)
         rstd = tl.math.rsqrt(tl.where(mask_r, ms + eps, 1.0))  # rows past the end stay finite when eps == 0
         xhat = x * rstd[:, None]
         # dweight sees the normalised row after the forward's cast to x's dtype.
         dw += g * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
         dxhat = g * w[None, :]
-        proj = tl.sum(dxhat * xhat, axis=1) / H  # (BLOCK_R,)
+        proj = tl.sum(dxhat * xhat, axis=1) * inv_h  # (BLOCK_R,)
         dx = rstd[:, None] * (dxhat - xhat * proj[:, None])
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     tl.store(dw_part_ptr + pid.to(tl.int64) * H + cols, tl.sum(dw, axis=0), mask=mask_h)
@@ -184,7 +184,7 @@ def launch_rms_norm_backward(grad, x, weight, eps, index, cfg: dict | None = Non
     dw_part = _alloc((programs, H), torch.float32, x.device)  # (programs, H), each row written once
     _rms_norm_bwd_kernel[(programs,)](
         grad, x, weight, dx if index is None else index, dx, dw_part,
-        n, H, rows_per_prog, eps,
+        n, H, rows_per_prog, eps, 1.0 / H,
         grad.stride(0), x.stride(0), dx.stride(0),
         GATHER=index is not None, BLOCK_R=block_r, BLOCK_H=triton.next_power_of_2(H),
         num_warps=cfg["num_warps"],
@@ -273,7 +273,7 @@ def gelu_new_backward_triton(grad, x, index):
 @triton.jit
 def _layer_norm_bwd_kernel(
     grad_ptr, x_ptr, w_ptr, index_ptr, dx_ptr, part_ptr,
-    n, H, rows_per_prog, eps,
+    n, H, rows_per_prog, eps, inv_h,  # inv_h = 1/H from the host: exact for H = 1
     stride_grad, stride_x, stride_dx, stride_part,
     GATHER: tl.constexpr,  # row r is x row index[r]
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -297,16 +297,16 @@ def _layer_norm_bwd_kernel(
             src = rows
         x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) / H  # (BLOCK_R,)
+        mean = tl.sum(x, axis=1) * inv_h  # (BLOCK_R,)
         xc = tl.where(mask, x - mean[:, None], 0.0)
-        var = tl.sum(xc * xc, axis=1) / H  # (BLOCK_R,)
+        var = tl.sum(xc * xc, axis=1) * inv_h  # (BLOCK_R,)
         rstd = tl.math.rsqrt(tl.where(mask_r, var + eps, 1.0))  # rows past the end stay finite when eps == 0
         xhat = xc * rstd[:, None]
         dw += g * xhat
         db += g
         dxhat = g * w[None, :]
-        mean_dxhat = tl.sum(dxhat, axis=1) / H  # (BLOCK_R,)
-        proj = tl.sum(dxhat * xhat, axis=1) / H
+        mean_dxhat = tl.sum(dxhat, axis=1) * inv_h  # (BLOCK_R,)
+        proj = tl.sum(dxhat * xhat, axis=1) * inv_h
         dx = rstd[:, None] * (dxhat - mean_dxhat[:, None] - xhat * proj[:, None])
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     part = part_ptr + pid.to(tl.int64) * H + cols
@@ -337,7 +337,7 @@ def launch_layer_norm_backward(grad, x, weight, eps, index, cfg: dict | None = N
     part = _alloc((2, programs, H), torch.float32, x.device)  # [0]: dweight, [1]: dbias partials
     _layer_norm_bwd_kernel[(programs,)](
         grad, x, weight, dx if index is None else index, dx, part,
-        n, H, rows_per_prog, eps,
+        n, H, rows_per_prog, eps, 1.0 / H,
         grad.stride(0), x.stride(0), dx.stride(0), part.stride(0),
         GATHER=index is not None, BLOCK_R=block_r, BLOCK_H=triton.next_power_of_2(H),
         num_warps=cfg["num_warps"],
