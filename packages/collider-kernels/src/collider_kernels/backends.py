@@ -33,7 +33,7 @@ AUTO_ORDER_CUDA_BY_OP = {
     # LayerNorm and GELU (tanh) at Phi-1.5's widths (same file): Triton 7-11x and 29x faster.
     "layer_norm_backward": ("triton", "torch", "cupy"),
     "gelu_new_backward": ("triton", "torch", "cupy"),
-    # Rotary backward: one fused pass instead of ~8 torch launches (bench_rowwise.py times both).
+    # Rotary backward at the three models' query shapes (same file): Triton 2.9-5.5x faster.
     "rotary_backward": ("triton", "torch", "cupy"),
 }
 
