@@ -260,17 +260,18 @@ _POINTER_TILES = [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 
                   (128, 64, 64, 4, 4), (64, 64, 32, 4, 4), (32, 32, 32, 2, 4)]
 
 
+def _fill(units: int, sms: int) -> float:
+    """Share of ``sms`` busy over the waves that ``units`` programs take."""
+    return units / (triton.cdiv(units, sms) * sms)
+
+
 def _split_for(tiles: int, R: int, block_k: int, sms: int) -> int:
     """Reduction split that best fills whole waves of ``sms`` programs (1 when tiles already do)."""
-    def fill(s):
-        units = tiles * s
-        return units / (triton.cdiv(units, sms) * sms)
-
     best = 1
     for s in range(2, 17):
         if R < s * 8 * block_k:  # keep at least 8 reduction blocks per program
             break
-        if fill(s) > 1.15 * fill(best):  # the fp32 buffer and atomics must pay for themselves
+        if _fill(tiles * s, sms) > 1.15 * _fill(tiles * best, sms):  # the fp32 buffer and atomics must pay
             best = s
     return best
 
@@ -451,10 +452,6 @@ def _wgrad_candidates(N: int, K: int, n: int, sms: int) -> list[dict]:
     # Untuned default: the first candidate whose tiles (with their split) fill the GPU best.
     out.sort(key=lambda c: -_fill(triton.cdiv(N, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]) * c["SPLIT_K"], sms))
     return out
-
-
-def _fill(units: int, sms: int) -> float:
-    return units / (triton.cdiv(units, sms) * sms)
 
 
 def _launch_wgrad_desc(g, x, index, target, cfg, *, accumulate):
