@@ -47,8 +47,13 @@ def test_collider_bench_full_step_times_selection_and_optimizer(tmp_path):
 
     stem = tmp_path / "bench"
     bench_main(["--presets", "tinyllama-tiny", "--batch", "2", "--seq", "32", "--device", "cpu", "--dtype",
-                "float32", "--warmup", "0", "--repeats", "1", "--no-ideal", "--full-step", "--out", str(stem)])
+                "float32", "--warmup", "0", "--repeats", "1", "--no-ideal", "--full-step", "--kernels", "torch",
+                "--out", str(stem)])
     (row,) = json.loads(stem.with_suffix(".json").read_text())["results"]
+    import collider_kernels as ck
+
+    # --kernels torch holds for the run only: backend="auto" may pick every backend again after it.
+    assert ck.auto_backend("swiglu_backward", "cuda") == ck.available_backends("swiglu_backward", "cuda")[0]
     assert row["full_step"] and row["keep_fraction"] == 0.6
     for mode in ("masked", "collider"):
         r = row[mode]

@@ -133,3 +133,22 @@ def test_auto_order_on_cuda_lists_every_backend():
     orders = [backends.AUTO_ORDER_CUDA, *backends.AUTO_ORDER_CUDA_BY_OP.values()]
     for order in orders:
         assert sorted(order) == sorted(backends.BACKENDS)
+
+
+def test_set_auto_backends_restricts_auto_only():
+    op = "swiglu_backward"
+    assert ck.auto_backend(op, "cpu") == "torch"
+    expected = backends.available_backends(op, "cuda")[0]  # listing only: no CUDA tensor is made
+    assert ck.auto_backend(op, "cuda") == expected
+    previous = ck.set_auto_backends(("torch",))
+    try:
+        assert ck.auto_backend(op, "cuda") == "torch"
+        assert backends.resolve_backend(op, "auto", "cuda") is backends._REGISTRY[op]["torch"].fn
+        if "triton" in backends._REGISTRY[op]:  # an explicit backend is unaffected
+            assert backends.resolve_backend(op, "triton", "cpu") is backends._REGISTRY[op]["triton"].fn
+    finally:
+        ck.set_auto_backends(previous)
+    assert ck.auto_backend(op, "cuda") == expected
+    for bad in (("triton",), ("torch", "nope")):
+        with pytest.raises(ValueError, match="subset"):
+            ck.set_auto_backends(bad)

@@ -6,7 +6,7 @@ backward, and the row-wise SwiGLU, GELU (tanh), RMSNorm, LayerNorm and rotary ba
 :mod:`collider_kernels.reference`.
 """
 
-from collider_kernels.backends import available_backends, resolve_backend
+from collider_kernels.backends import auto_backend, available_backends, resolve_backend, set_auto_backends
 from collider_kernels.gather_matmul import gather_matmul
 from collider_kernels.gathered_weight_grad import gathered_weight_grad
 from collider_kernels.gelu_backward import gelu_new_backward
@@ -20,6 +20,7 @@ from collider_kernels.swiglu_backward import swiglu_backward
 __version__ = "0.1.0"
 
 __all__ = [
+    "auto_backend",
     "available_backends",
     "gather_matmul",
     "gathered_weight_grad",
@@ -31,5 +32,6 @@ __all__ = [
     "rotary_backward",
     "scatter_add_rows",
     "sequence_offsets",
+    "set_auto_backends",
     "swiglu_backward",
 ]

@@ -46,6 +46,7 @@ class _Impl:
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
 _OPTIONAL_LOADED = False
+_AUTO_ALLOWED: tuple[str, ...] = BACKENDS  # what backend="auto" may pick (set_auto_backends)
 
 
 def register(op: str, backend: str, devices: tuple[str, ...] = ("cpu", "cuda")):
@@ -82,11 +83,34 @@ def available_backends(op: str, device: torch.device | str) -> list[str]:
     return [b for b in order if b in impls and dev in impls[b].devices]
 
 
+def set_auto_backends(names: tuple[str, ...] | list[str] | None = None) -> tuple[str, ...]:
+    """Restrict what ``backend="auto"`` may pick to ``names`` (``None``: every backend).
+
+    ``"torch"`` must be among them (it is the fallback of every op). Ops called with an explicit
+    backend are unaffected. Returns the previous setting, so it can be restored.
+    """
+    global _AUTO_ALLOWED
+    new = BACKENDS if names is None else tuple(names)
+    unknown = [b for b in new if b not in BACKENDS]
+    if unknown or "torch" not in new:
+        raise ValueError(f"names must be a subset of {BACKENDS} containing 'torch', got {names!r}")
+    previous, _AUTO_ALLOWED = _AUTO_ALLOWED, new
+    return previous
+
+
+def auto_backend(op: str, device: torch.device | str) -> str:
+    """The backend ``backend="auto"`` resolves ``op`` to on ``device``."""
+    if torch.device(device).type != "cuda":
+        return "torch"
+    return next(b for b in available_backends(op, device) if b in _AUTO_ALLOWED)
+
+
 def resolve_backend(op: str, backend: str, device: torch.device | str) -> Callable:
     """Return the implementation of ``op`` for ``backend`` on ``device``.
 
-    ``"auto"`` means the torch backend on CPU and the first available of
-    ``AUTO_ORDER_CUDA`` on CUDA. An explicit backend that cannot run there is an error.
+    ``"auto"`` means the torch backend on CPU and, on CUDA, the first available backend of the
+    op's order (:data:`AUTO_ORDER_CUDA_BY_OP`) allowed by :func:`set_auto_backends`. An explicit
+    backend that cannot run there is an error.
     """
     _load_optional()
     dev = torch.device(device).type
@@ -94,9 +118,7 @@ def resolve_backend(op: str, backend: str, device: torch.device | str) -> Callab
     if impls is None:
         raise KeyError(f"unknown op {op!r}")
     if backend == "auto":
-        if dev != "cuda":
-            return impls["torch"].fn
-        return impls[available_backends(op, device)[0]].fn
+        return impls[auto_backend(op, device)].fn
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     impl = impls.get(backend)

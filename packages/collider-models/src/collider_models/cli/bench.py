@@ -33,12 +33,13 @@ import torch
 from collider_models.reference import masked_mean
 from collider_models.timing import Timer
 
-# Kernel backends: "auto" lets collider-kernels pick (Triton on CUDA when registered);
-# "torch" runs as if the optional Triton and CuPy backends were not installed.
+# Kernel backends: "auto" lets collider-kernels pick (the fastest measured on CUDA);
+# "torch" restricts backend="auto" to the torch backend (collider_kernels.set_auto_backends).
 KERNELS_ENV = "COLLIDER_BENCH_KERNELS"
 FULL_PRESETS = ("tinyllama-1.1b", "qwen2.5-1.5b", "phi-1.5")
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-KERNEL_OPS = ("gather_matmul", "gathered_weight_grad", "scatter_add_rows", "masked_attention_backward")
+KERNEL_OPS = ("gather_matmul", "gathered_weight_grad", "scatter_add_rows", "masked_attention_backward",
+              "rms_norm_backward", "swiglu_backward", "layer_norm_backward", "gelu_new_backward", "rotary_backward")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,14 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("bench_e2e"),
                    help="output stem: writes <out>.json and <out>.md")
     return p
-
-
-def _use_torch_kernels() -> None:
-    """Make the optional kernel backends unimportable, before any kernel has resolved one."""
-    for name in ("collider_kernels.triton", "collider_kernels.cupy"):
-        if sys.modules.get(name) is not None:
-            raise RuntimeError(f"--kernels torch must be chosen before {name} is imported")
-        sys.modules[name] = None  # an import of it now raises ImportError: the backend stays out
 
 
 def _step(model, ids, labels, keep, mode: str, timer: Timer, optimizer=None, select: float | None = None):
@@ -217,7 +210,7 @@ def _free(device: torch.device) -> None:
 
 def environment(device: torch.device, kernels: str) -> dict:
     """GPU, library versions, date, commit and the kernel backend each op resolves to."""
-    from collider_kernels import available_backends
+    from collider_kernels import auto_backend
 
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -225,7 +218,7 @@ def environment(device: torch.device, kernels: str) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "kernels": kernels,
-        "kernel_backends": {op: (available_backends(op, device) or ["?"])[0] for op in KERNEL_OPS},
+        "kernel_backends": {op: auto_backend(op, device) for op in KERNEL_OPS},
         "env": {k: v for k, v in os.environ.items() if k.startswith(("COLLIDER_", "TRITON_"))},
     }
     for mod in ("triton", "transformers"):
@@ -301,8 +294,16 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--keep must be in (0, 1], got {args.keep}")
     if args.batch < 1 or args.seq < 2 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit("--batch and --repeats must be >= 1, --seq >= 2, --warmup >= 0")
-    if args.kernels == "torch":
-        _use_torch_kernels()
+    from collider_kernels import set_auto_backends
+
+    previous = set_auto_backends(("torch",) if args.kernels == "torch" else None)
+    try:
+        return _run(args)
+    finally:
+        set_auto_backends(previous)
+
+
+def _run(args) -> int:
     from tqdm import tqdm
 
     import collider_models
