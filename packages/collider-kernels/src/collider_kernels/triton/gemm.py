@@ -50,6 +50,17 @@ def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _store_tile(c_ptrs, acc, mask_c, ACCUMULATE: tl.constexpr, ATOMIC: tl.constexpr):
+    # fp32 tile acc into C: atomically added (split reduction), added to C, or stored.
+    if ATOMIC:
+        tl.atomic_add(c_ptrs, acc, mask=mask_c)
+    else:
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=mask_c, other=0.0).to(tl.float32)
+        tl.store(c_ptrs, acc.to(c_ptrs.dtype.element_ty), mask=mask_c)
+
+
+@triton.jit
 def _gather_mm_desc_kernel(
     x_ptr, index_ptr, w_desc, y_ptr, bias_ptr,
     M, N, K,
@@ -157,12 +168,7 @@ def _wgrad_desc_kernel(
         offs_m = off_m + tl.arange(0, BLOCK_M)
         mask_c = (offs_m < M)[:, None] & mask_n[None, :]
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        if ATOMIC:
-            tl.atomic_add(c_ptrs, acc, mask=mask_c)
-        else:
-            if ACCUMULATE:
-                acc += tl.load(c_ptrs, mask=mask_c, other=0.0).to(tl.float32)
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+        _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
 
 
 @triton.jit
@@ -235,12 +241,7 @@ def _gemm_kernel(
         + offs_n.to(tl.int64)[None, :] * stride_cn
     )
     mask_c = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(c_ptrs, acc, mask=mask_c)
-    else:
-        if ACCUMULATE:
-            acc += tl.load(c_ptrs, mask=mask_c, other=0.0).to(tl.float32)
-        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c)
+    _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
 
 
 # ------------------------------------------------------------------------------------- configuration
