@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_autograd.layers._rows import grad_rows, input_grad
 from collider_kernels import gelu_new_backward
 
 
@@ -22,12 +22,8 @@ class GeluNewFunction(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1] if x.dim() else 1)  # (M, F)
-        if isinstance(grad, TokenSparseTensor):
-            g = grad.values.reshape(grad.index.shape[0], x2d.shape[1])  # (n, F) kept rows
-            dx = gelu_new_backward(g, x2d, grad.index, validate=False)
-            return grad.rows_like(dx, x.shape)
-        return gelu_new_backward(grad.reshape(x2d.shape), x2d).view(x.shape)
-
+        g, index = grad_rows(grad, (x2d.shape[1],))  # (n, F) kept rows, or all rows
+        return input_grad(grad, gelu_new_backward(g, x2d, index, validate=False), x.shape)
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """``0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`` with a sparse-aware backward."""

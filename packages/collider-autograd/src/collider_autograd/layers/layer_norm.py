@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_autograd.layers._rows import grad_rows, input_grad
 from collider_kernels import layer_norm_backward
 
 
@@ -22,19 +22,11 @@ class LayerNormFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         dim = x.shape[-1]
-        x2d = x.reshape(-1, dim)  # (M, dim)
-        sparse = isinstance(grad, TokenSparseTensor)
-        if sparse:
-            g = grad.values.reshape(-1, dim)  # (n, dim) kept rows
-            dx, dw, db = layer_norm_backward(g, x2d, weight, ctx.eps, grad.index, validate=False)
-        else:
-            dx, dw, db = layer_norm_backward(grad.reshape(-1, dim), x2d, weight, ctx.eps)
+        g, index = grad_rows(grad, (dim,))  # (n, dim) kept rows, or all rows
+        dx, dw, db = layer_norm_backward(g, x.reshape(-1, dim), weight, ctx.eps, index, validate=False)
         dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = db.to(weight.dtype) if ctx.needs_input_grad[2] else None
-        if not ctx.needs_input_grad[0]:
-            dx = None
-        else:
-            dx = grad.rows_like(dx, x.shape) if sparse else dx.view(x.shape)
+        dx = input_grad(grad, dx, x.shape) if ctx.needs_input_grad[0] else None
         return dx, dw, db, None
 
 

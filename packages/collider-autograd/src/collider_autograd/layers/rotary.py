@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_autograd.layers._rows import grad_rows, input_grad
 from collider_kernels import rotary_backward
 
 
@@ -48,17 +48,10 @@ class RotaryFunction(torch.autograd.Function):
     def backward(ctx, grad):
         # The kernel op's backward of the rotation, on kept rows (sparse) or all B*T rows (dense).
         cos, sin = ctx.saved_tensors
-        T = ctx.seqlen
-        if isinstance(grad, TokenSparseTensor):
-            pos = grad.index % T  # (n,) position of each kept row
-            g = grad.values.reshape((grad.index.numel(),) + tuple(grad.shape[2:]))  # (n, H, D)
-            dx = rotary_backward(g, cos, sin, pos, validate=False)
-            return grad.rows_like(dx, grad.shape, 2), None, None
-        B = grad.shape[0]
-        pos = torch.arange(T, device=grad.device).repeat(B)  # (B*T,)
-        dx = rotary_backward(grad.reshape((B * T,) + tuple(grad.shape[2:])), cos, sin, pos, validate=False)
-        return dx.view(grad.shape), None, None
-
+        g, index = grad_rows(grad, tuple(grad.shape[2:]))  # (n, H, D)
+        rows = torch.arange(g.shape[0], device=g.device) if index is None else index  # flat b * T + t
+        dx = rotary_backward(g, cos, sin, rows % ctx.seqlen, validate=False)
+        return input_grad(grad, dx, grad.shape, 2), None, None
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``cos.shape[-1]`` dims of each head of ``x`` (B, T, H, D)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_autograd.layers._rows import grad_rows, input_grad
 from collider_kernels import swiglu_backward
 
 
@@ -24,14 +24,9 @@ class SwiGLUFunction(torch.autograd.Function):
         common = torch.promote_types(gate.dtype, up.dtype)
         gate2d = gate.reshape(-1, width).to(common)  # (M, I)
         up2d = up.reshape(-1, width).to(common)
-        if isinstance(grad, TokenSparseTensor):
-            g = grad.values.reshape(-1, width)  # (n, I) kept rows
-            dgate, dup = swiglu_backward(g, gate2d, up2d, grad.index, validate=False)
-            dgate, dup = dgate.to(gate.dtype), dup.to(up.dtype)
-            return grad.rows_like(dgate, gate.shape), grad.rows_like(dup, up.shape)
-        dgate, dup = swiglu_backward(grad.reshape(-1, width), gate2d, up2d)
-        return dgate.to(gate.dtype).view(gate.shape), dup.to(up.dtype).view(up.shape)
-
+        g, index = grad_rows(grad, (width,))  # (n, I) kept rows, or all rows
+        dgate, dup = swiglu_backward(g, gate2d, up2d, index, validate=False)
+        return input_grad(grad, dgate.to(gate.dtype), gate.shape), input_grad(grad, dup.to(up.dtype), up.shape)
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` with a sparse-aware backward."""
