@@ -5,11 +5,11 @@ in fp32 and write each output once in the output dtype.
 
 * SwiGLU and GELU: elementwise over (rows, columns) tiles; input rows are gathered, ``grad`` and
   the outputs are compact.
-* RMSNorm: a program owns a contiguous run of rows and holds a whole row in registers (the row
-  reductions need all of it); it writes ``dx`` per row and its partial ``dweight`` sum to row
-  ``pid`` of an fp32 (programs, H) buffer, which torch sums afterwards (deterministic: the split
-  depends only on the GPU and the shape). LayerNorm works the same way, with its dweight and dbias
-  partial sums in a (2, programs, H) buffer.
+* RMSNorm and LayerNorm (one kernel): a program owns a contiguous run of rows and holds a whole
+  row in registers (the row reductions need all of it); it writes ``dx`` per row and its partial
+  ``dweight`` (and LayerNorm's ``dbias``) sums to row ``pid`` of an fp32 (sums, programs, H)
+  buffer, which torch sums afterwards (deterministic: the split depends only on the GPU and the
+  shape).
 
 Block shapes are fixed heuristics of the row width (these kernels are memory-bound); under
 ``TRITON_INTERPRET=1`` small blocks keep the interpreter fast. fp64 inputs, and RMSNorm/LayerNorm
@@ -116,15 +116,16 @@ def swiglu_backward_triton(grad, gate, up, index):
     return launch_swiglu_backward(grad, gate, up, index)
 
 
-# ----------------------------------------------------------------------------------------- RMSNorm
+# ------------------------------------------------------------------------------ RMSNorm, LayerNorm
 
 
 @triton.jit
-def _rms_norm_bwd_kernel(
-    grad_ptr, x_ptr, w_ptr, index_ptr, dx_ptr, dw_part_ptr,
+def _norm_bwd_kernel(
+    grad_ptr, x_ptr, w_ptr, index_ptr, dx_ptr, part_ptr,
     n, H, rows_per_prog, eps, inv_h,  # inv_h = 1/H from the host: exact for H = 1
-    stride_grad, stride_x, stride_dx,
+    stride_grad, stride_x, stride_dx, stride_part,
     GATHER: tl.constexpr,  # row r is x row index[r]
+    CENTER: tl.constexpr,  # LayerNorm (subtract the mean; dbias partials too), else RMSNorm
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -132,6 +133,7 @@ def _rms_norm_bwd_kernel(
     mask_h = cols < H
     w = tl.load(w_ptr + cols, mask=mask_h, other=0.0).to(tl.float32)  # (BLOCK_H,)
     dw = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    db = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
     start = pid * rows_per_prog
     stop = min(n, start + rows_per_prog)
     for r0 in range(start, stop, BLOCK_R):
@@ -145,20 +147,32 @@ def _rms_norm_bwd_kernel(
             src = rows
         x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        ms = tl.sum(x * x, axis=1) * inv_h  # (BLOCK_R,)
-        rstd = tl.math.rsqrt(tl.where(mask_r, ms + eps, 1.0))  # rows past the end stay finite when eps == 0
-        xhat = x * rstd[:, None]
-        # dweight sees the normalised row after the forward's cast to x's dtype.
-        dw += g * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
+        if CENTER:
+            xc = tl.where(mask, x - (tl.sum(x, axis=1) * inv_h)[:, None], 0.0)
+        else:
+            xc = x
+        var = tl.sum(xc * xc, axis=1) * inv_h  # (BLOCK_R,) variance, or mean square
+        rstd = tl.math.rsqrt(tl.where(mask_r, var + eps, 1.0))  # rows past the end stay finite when eps == 0
+        xhat = xc * rstd[:, None]
         dxhat = g * w[None, :]
         proj = tl.sum(dxhat * xhat, axis=1) * inv_h  # (BLOCK_R,)
-        dx = rstd[:, None] * (dxhat - xhat * proj[:, None])
+        if CENTER:
+            dw += g * xhat
+            db += g
+            dx = rstd[:, None] * (dxhat - (tl.sum(dxhat, axis=1) * inv_h)[:, None] - xhat * proj[:, None])
+        else:
+            # RMSNorm's dweight sees the normalised row after the forward's cast to x's dtype.
+            dw += g * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
+            dx = rstd[:, None] * (dxhat - xhat * proj[:, None])
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_part_ptr + pid.to(tl.int64) * H + cols, tl.sum(dw, axis=0), mask=mask_h)
+    part = part_ptr + pid.to(tl.int64) * H + cols
+    tl.store(part, tl.sum(dw, axis=0), mask=mask_h)
+    if CENTER:
+        tl.store(part + stride_part, tl.sum(db, axis=0), mask=mask_h)
 
 
 def rms_config(H: int) -> dict:
-    """Rows per step, warps and programs per SM of the RMSNorm kernel for width ``H``."""
+    """Rows per step, warps and programs per SM of the RMSNorm/LayerNorm kernel for width ``H``."""
     block_h = triton.next_power_of_2(H)
     if INTERPRET:
         return {"block_r": max(1, min(8, 1024 // block_h)), "num_warps": 4, "programs_per_sm": 2}
@@ -167,12 +181,16 @@ def rms_config(H: int) -> dict:
     return {"block_r": block_r, "num_warps": num_warps, "programs_per_sm": 8}
 
 
-def launch_rms_norm_backward(grad, x, weight, eps, index, cfg: dict | None = None):
-    """Run the RMSNorm kernel; ``cfg`` overrides :func:`rms_config` (block_r, num_warps, programs_per_sm)."""
+layer_norm_config = rms_config
+
+
+def _launch_norm_backward(grad, x, weight, eps, index, cfg, center: bool):
+    """dx (n, H) and the fp32 parameter sums: (dweight,) for RMSNorm, (dweight, dbias) for LayerNorm."""
     n, H = grad.shape
+    sums = 2 if center else 1
     dx = _alloc((n, H), x.dtype, x.device)  # (n, H)
     if n == 0 or H == 0:
-        return dx, torch.zeros(H, dtype=torch.float32, device=x.device)
+        return dx, *torch.zeros(sums, H, dtype=torch.float32, device=x.device)
     grad, x = _rows(grad), _rows(x)
     weight = weight.contiguous()
     index = None if index is None else index.contiguous()
@@ -181,15 +199,25 @@ def launch_rms_norm_backward(grad, x, weight, eps, index, cfg: dict | None = Non
     programs = max(1, min(triton.cdiv(n, block_r), cfg["programs_per_sm"] * num_sms(x.device)))
     rows_per_prog = triton.cdiv(n, programs)
     programs = triton.cdiv(n, rows_per_prog)  # every program owns at least one row
-    dw_part = _alloc((programs, H), torch.float32, x.device)  # (programs, H), each row written once
-    _rms_norm_bwd_kernel[(programs,)](
-        grad, x, weight, dx if index is None else index, dx, dw_part,
+    part = _alloc((sums, programs, H), torch.float32, x.device)  # partial sums, each row written once
+    _norm_bwd_kernel[(programs,)](
+        grad, x, weight, dx if index is None else index, dx, part,
         n, H, rows_per_prog, eps, 1.0 / H,
-        grad.stride(0), x.stride(0), dx.stride(0),
-        GATHER=index is not None, BLOCK_R=block_r, BLOCK_H=triton.next_power_of_2(H),
+        grad.stride(0), x.stride(0), dx.stride(0), part.stride(0),
+        GATHER=index is not None, CENTER=center, BLOCK_R=block_r, BLOCK_H=triton.next_power_of_2(H),
         num_warps=cfg["num_warps"],
     )
-    return dx, dw_part.sum(0)
+    return dx, *part.sum(1)  # (H,) each, summed in a fixed order
+
+
+def launch_rms_norm_backward(grad, x, weight, eps, index, cfg: dict | None = None):
+    """RMSNorm ``(dx, dweight)``; ``cfg`` overrides :func:`rms_config` (block_r, num_warps, programs_per_sm)."""
+    return _launch_norm_backward(grad, x, weight, eps, index, cfg, center=False)
+
+
+def launch_layer_norm_backward(grad, x, weight, eps, index, cfg: dict | None = None):
+    """LayerNorm ``(dx, dweight, dbias)``; ``cfg`` overrides :func:`rms_config`."""
+    return _launch_norm_backward(grad, x, weight, eps, index, cfg, center=True)
 
 
 @register("rms_norm_backward", "triton", DEVICES)
@@ -199,6 +227,15 @@ def rms_norm_backward_triton(grad, x, weight, eps, index):
     if not dtypes_ok or x.shape[1] > MAX_RMS_WIDTH:
         return _rms_norm_backward_torch(grad, x, weight, eps, index)
     return launch_rms_norm_backward(grad, x, weight, eps, index)
+
+
+@register("layer_norm_backward", "triton", DEVICES)
+def layer_norm_backward_triton(grad, x, weight, eps, index):
+    """Fused LayerNorm backward (dx, dweight and dbias in one pass) with the row gather inside the kernel."""
+    dtypes_ok = all(t.dtype in _KERNEL_DTYPES for t in (grad, x, weight))
+    if not dtypes_ok or x.shape[1] > MAX_RMS_WIDTH:
+        return _layer_norm_backward_torch(grad, x, weight, eps, index)
+    return launch_layer_norm_backward(grad, x, weight, eps, index)
 
 
 # ------------------------------------------------------------------------------------- GELU (tanh)
@@ -265,91 +302,3 @@ def gelu_new_backward_triton(grad, x, index):
     if x.dtype not in _KERNEL_DTYPES or grad.dtype not in _KERNEL_DTYPES:
         return _gelu_new_backward_torch(grad, x, index)
     return launch_gelu_new_backward(grad, x, index)
-
-
-# --------------------------------------------------------------------------------------- LayerNorm
-
-
-@triton.jit
-def _layer_norm_bwd_kernel(
-    grad_ptr, x_ptr, w_ptr, index_ptr, dx_ptr, part_ptr,
-    n, H, rows_per_prog, eps, inv_h,  # inv_h = 1/H from the host: exact for H = 1
-    stride_grad, stride_x, stride_dx, stride_part,
-    GATHER: tl.constexpr,  # row r is x row index[r]
-    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_H)
-    mask_h = cols < H
-    w = tl.load(w_ptr + cols, mask=mask_h, other=0.0).to(tl.float32)  # (BLOCK_H,)
-    dw = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
-    db = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
-    start = pid * rows_per_prog
-    stop = min(n, start + rows_per_prog)
-    for r0 in range(start, stop, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < stop
-        mask = mask_r[:, None] & mask_h[None, :]
-        rows = offs_r.to(tl.int64)
-        if GATHER:
-            src = tl.load(index_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
-        else:
-            src = rows
-        x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=1) * inv_h  # (BLOCK_R,)
-        xc = tl.where(mask, x - mean[:, None], 0.0)
-        var = tl.sum(xc * xc, axis=1) * inv_h  # (BLOCK_R,)
-        rstd = tl.math.rsqrt(tl.where(mask_r, var + eps, 1.0))  # rows past the end stay finite when eps == 0
-        xhat = xc * rstd[:, None]
-        dw += g * xhat
-        db += g
-        dxhat = g * w[None, :]
-        mean_dxhat = tl.sum(dxhat, axis=1) * inv_h  # (BLOCK_R,)
-        proj = tl.sum(dxhat * xhat, axis=1) * inv_h
-        dx = rstd[:, None] * (dxhat - mean_dxhat[:, None] - xhat * proj[:, None])
-        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    part = part_ptr + pid.to(tl.int64) * H + cols
-    tl.store(part, tl.sum(dw, axis=0), mask=mask_h)
-    tl.store(part + stride_part, tl.sum(db, axis=0), mask=mask_h)
-
-
-def layer_norm_config(H: int) -> dict:
-    """Rows per step, warps and programs per SM of the LayerNorm kernel for width ``H``."""
-    return rms_config(H)
-
-
-def launch_layer_norm_backward(grad, x, weight, eps, index, cfg: dict | None = None):
-    """Run the LayerNorm kernel; ``cfg`` overrides :func:`layer_norm_config` (block_r, num_warps, programs_per_sm)."""
-    n, H = grad.shape
-    dx = _alloc((n, H), x.dtype, x.device)  # (n, H)
-    if n == 0 or H == 0:
-        zeros = torch.zeros(H, dtype=torch.float32, device=x.device)
-        return dx, zeros, zeros.clone()
-    grad, x = _rows(grad), _rows(x)
-    weight = weight.contiguous()
-    index = None if index is None else index.contiguous()
-    cfg = {**layer_norm_config(H), **(cfg or {})}
-    block_r = cfg["block_r"]
-    programs = max(1, min(triton.cdiv(n, block_r), cfg["programs_per_sm"] * num_sms(x.device)))
-    rows_per_prog = triton.cdiv(n, programs)
-    programs = triton.cdiv(n, rows_per_prog)  # every program owns at least one row
-    part = _alloc((2, programs, H), torch.float32, x.device)  # [0]: dweight, [1]: dbias partials
-    _layer_norm_bwd_kernel[(programs,)](
-        grad, x, weight, dx if index is None else index, dx, part,
-        n, H, rows_per_prog, eps, 1.0 / H,
-        grad.stride(0), x.stride(0), dx.stride(0), part.stride(0),
-        GATHER=index is not None, BLOCK_R=block_r, BLOCK_H=triton.next_power_of_2(H),
-        num_warps=cfg["num_warps"],
-    )
-    dweight, dbias = part.sum(1)  # (H,) each
-    return dx, dweight, dbias
-
-
-@register("layer_norm_backward", "triton", DEVICES)
-def layer_norm_backward_triton(grad, x, weight, eps, index):
-    """Fused LayerNorm backward (dx, dweight and dbias in one pass) with the row gather inside the kernel."""
-    dtypes_ok = all(t.dtype in _KERNEL_DTYPES for t in (grad, x, weight))
-    if not dtypes_ok or x.shape[1] > MAX_RMS_WIDTH:
-        return _layer_norm_backward_torch(grad, x, weight, eps, index)
-    return launch_layer_norm_backward(grad, x, weight, eps, index)
