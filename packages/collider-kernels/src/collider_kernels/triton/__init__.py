@@ -9,8 +9,13 @@ import os
 import torch
 import triton  # noqa: F401  (ImportError here leaves the backend unavailable)
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Devices the Triton kernels accept: CUDA, plus CPU when running under the interpreter.
-DEVICES = ("cpu", "cuda") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+DEVICES = ("cpu", "cuda") if INTERPRET else ("cuda",)
+# COLLIDER_TRITON_AUTOTUNE=0 runs fixed GPU configurations instead of tuning (fast test runs).
+AUTOTUNE = not INTERPRET and os.environ.get("COLLIDER_TRITON_AUTOTUNE", "1") != "0"
+# Input dtypes the kernels take; others (fp64) run the torch backend.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @functools.cache

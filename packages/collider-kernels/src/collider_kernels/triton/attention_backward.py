@@ -42,12 +42,7 @@ import triton.language as tl
 
 from collider_kernels.backends import register
 from collider_kernels.masked_attention import _masked_attention_backward_torch
-from collider_kernels.triton import DEVICES, num_sms
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# COLLIDER_TRITON_AUTOTUNE=0 runs one fixed GPU configuration instead of tuning.
-AUTOTUNE = not INTERPRET and os.environ.get("COLLIDER_TRITON_AUTOTUNE", "1") != "0"
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from collider_kernels.triton import AUTOTUNE, DEVICES, INTERPRET, KERNEL_DTYPES, num_sms
 
 # How dQ gets the kept keys' terms: "separate" (dQ pass over all visible keys) or "atomic"
 # (the dK/dV pass adds them atomically; the dQ pass visits filtered keys only).
@@ -503,7 +498,7 @@ def masked_attention_backward_triton(
     ``compact_q`` overrides :data:`COMPACT_Q`; ``dq``/``dk``/``dv`` are optional preallocated
     outputs (n, Hq, D), (n, Hkv, D), (n, Hkv, D) (every row is overwritten).
     """
-    if q.dtype not in _KERNEL_DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         return _masked_attention_backward_torch(q, k, v, out, lse, grad_out, index, offsets, scale)
     strategy = DQ_STRATEGY if dq_strategy is None else dq_strategy
     if strategy not in _STRATEGIES:

@@ -19,8 +19,6 @@ under ``TRITON_INTERPRET=1`` small fixed tiles run.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -30,12 +28,7 @@ from collider_kernels.backends import register
 from collider_kernels.gather_matmul import _gather_matmul_torch
 from collider_kernels.gathered_weight_grad import _gathered_weight_grad_torch
 from collider_kernels.scatter_add_rows import _scatter_add_rows_torch
-from collider_kernels.triton import DEVICES, num_sms
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# COLLIDER_TRITON_AUTOTUNE=0 runs one heuristic GPU configuration instead of tuning (fast test runs).
-AUTOTUNE = not INTERPRET and os.environ.get("COLLIDER_TRITON_AUTOTUNE", "1") != "0"
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from collider_kernels.triton import AUTOTUNE, DEVICES, INTERPRET, KERNEL_DTYPES, num_sms
 
 
 @triton.jit
@@ -428,7 +421,7 @@ def gather_matmul_into(x, index, weight, bias, y, *, path: str = "auto", cfg: di
 @register("gather_matmul", "triton", DEVICES)
 def gather_matmul_triton(x, index, weight, bias):
     """``x[index] @ weightᵀ (+ bias)`` with the row gather fused into the A-tile loads."""
-    if x.dtype not in _KERNEL_DTYPES:
+    if x.dtype not in KERNEL_DTYPES:
         return _gather_matmul_torch(x, index, weight, bias)
     index = _index(index)
     n = x.shape[0] if index is None else index.shape[0]
@@ -532,7 +525,7 @@ def gathered_weight_grad_into(g, x, index, result, accumulate, *, path: str = "a
 @register("gathered_weight_grad", "triton", DEVICES)
 def gathered_weight_grad_triton(grad_out, x, index, out):
     """``grad_outᵀ @ x[index]`` (N, K), reducing over the kept rows; adds into ``out`` when given."""
-    if grad_out.dtype not in _KERNEL_DTYPES or (out is not None and out.dtype not in _KERNEL_DTYPES):
+    if grad_out.dtype not in KERNEL_DTYPES or (out is not None and out.dtype not in KERNEL_DTYPES):
         return _gathered_weight_grad_torch(grad_out, x, index, out)
     index = _index(index)
     N = grad_out.shape[1]
@@ -602,7 +595,7 @@ def segment_plan(index: torch.Tensor):
 @register("scatter_add_rows", "triton", DEVICES)
 def scatter_add_rows_triton(src, index, out, deterministic):
     """``out[index[i]] += src[i]``; deterministic (sorted segments) unless fp32 ``out`` allows atomics."""
-    if src.dtype not in _KERNEL_DTYPES or out.dtype not in _KERNEL_DTYPES:
+    if src.dtype not in KERNEL_DTYPES or out.dtype not in KERNEL_DTYPES:
         return _scatter_add_rows_torch(src, index, out, deterministic)
     n, F = src.shape
     if n == 0 or F == 0:

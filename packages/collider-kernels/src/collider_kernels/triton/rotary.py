@@ -6,18 +6,13 @@ over the heads. Dims past the rotated width pass through.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from collider_kernels.backends import register
 from collider_kernels.rotary_backward import _rotary_backward_torch
-from collider_kernels.triton import DEVICES
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from collider_kernels.triton import DEVICES, INTERPRET, KERNEL_DTYPES
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -85,6 +80,6 @@ def launch_rotary_backward(grad, cos, sin, positions, cfg: dict | None = None):
 @register("rotary_backward", "triton", DEVICES)
 def rotary_backward_triton(grad, cos, sin, positions):
     """Fused rotary backward with the cos/sin rows gathered by position inside the kernel."""
-    if grad.dtype not in _KERNEL_DTYPES or cos.dtype not in _KERNEL_DTYPES or sin.dtype not in _KERNEL_DTYPES:
+    if grad.dtype not in KERNEL_DTYPES or cos.dtype not in KERNEL_DTYPES or sin.dtype not in KERNEL_DTYPES:
         return _rotary_backward_torch(grad, cos, sin, positions)
     return launch_rotary_backward(grad, cos, sin, positions)

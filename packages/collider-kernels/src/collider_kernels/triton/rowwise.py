@@ -18,8 +18,6 @@ rows wider than :data:`MAX_RMS_WIDTH`, run the torch backend.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -29,10 +27,8 @@ from collider_kernels.gelu_backward import GELU_COEF, SQRT_2_OVER_PI, _gelu_new_
 from collider_kernels.layer_norm_backward import _layer_norm_backward_torch
 from collider_kernels.rms_norm_backward import _rms_norm_backward_torch
 from collider_kernels.swiglu_backward import _swiglu_backward_torch
-from collider_kernels.triton import DEVICES, num_sms
+from collider_kernels.triton import DEVICES, INTERPRET, KERNEL_DTYPES, num_sms
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Widest RMSNorm/LayerNorm row held in registers by one program; wider rows use the torch backend.
 MAX_RMS_WIDTH = 16384
 
@@ -111,7 +107,7 @@ def launch_swiglu_backward(grad, gate, up, index, cfg: dict | None = None):
 @register("swiglu_backward", "triton", DEVICES)
 def swiglu_backward_triton(grad, gate, up, index):
     """Fused SwiGLU backward with the row gather inside the kernel."""
-    if gate.dtype not in _KERNEL_DTYPES or grad.dtype not in _KERNEL_DTYPES:
+    if gate.dtype not in KERNEL_DTYPES or grad.dtype not in KERNEL_DTYPES:
         return _swiglu_backward_torch(grad, gate, up, index)
     return launch_swiglu_backward(grad, gate, up, index)
 
@@ -223,7 +219,7 @@ def launch_layer_norm_backward(grad, x, weight, eps, index, cfg: dict | None = N
 @register("rms_norm_backward", "triton", DEVICES)
 def rms_norm_backward_triton(grad, x, weight, eps, index):
     """Fused RMSNorm backward (dx and dweight in one pass) with the row gather inside the kernel."""
-    dtypes_ok = all(t.dtype in _KERNEL_DTYPES for t in (grad, x, weight))
+    dtypes_ok = all(t.dtype in KERNEL_DTYPES for t in (grad, x, weight))
     if not dtypes_ok or x.shape[1] > MAX_RMS_WIDTH:
         return _rms_norm_backward_torch(grad, x, weight, eps, index)
     return launch_rms_norm_backward(grad, x, weight, eps, index)
@@ -232,7 +228,7 @@ def rms_norm_backward_triton(grad, x, weight, eps, index):
 @register("layer_norm_backward", "triton", DEVICES)
 def layer_norm_backward_triton(grad, x, weight, eps, index):
     """Fused LayerNorm backward (dx, dweight and dbias in one pass) with the row gather inside the kernel."""
-    dtypes_ok = all(t.dtype in _KERNEL_DTYPES for t in (grad, x, weight))
+    dtypes_ok = all(t.dtype in KERNEL_DTYPES for t in (grad, x, weight))
     if not dtypes_ok or x.shape[1] > MAX_RMS_WIDTH:
         return _layer_norm_backward_torch(grad, x, weight, eps, index)
     return launch_layer_norm_backward(grad, x, weight, eps, index)
@@ -299,6 +295,6 @@ def launch_gelu_new_backward(grad, x, index, cfg: dict | None = None):
 @register("gelu_new_backward", "triton", DEVICES)
 def gelu_new_backward_triton(grad, x, index):
     """Fused GELU (tanh) backward with the row gather inside the kernel."""
-    if x.dtype not in _KERNEL_DTYPES or grad.dtype not in _KERNEL_DTYPES:
+    if x.dtype not in KERNEL_DTYPES or grad.dtype not in KERNEL_DTYPES:
         return _gelu_new_backward_torch(grad, x, index)
     return launch_gelu_new_backward(grad, x, index)
