@@ -385,56 +385,38 @@ _DQ_CONFIGS = {
 }
 
 
-def _dkdv_config_list():
-    seen, out = set(), []
-    for cfgs in _DKDV_CONFIGS.values():
-        for bn, bm, w, st in cfgs:
-            if (bn, bm, w, st) not in seen:
-                seen.add((bn, bm, w, st))
-                out.append(triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=st))
-    return out
+def _config_list(table: dict, names: tuple[str, str]) -> list:
+    """Every distinct (block, block, warps, stages) of ``table`` as a triton.Config over ``names``."""
+    tiles = dict.fromkeys(t for cfgs in table.values() for t in cfgs)  # ordered, no repeats
+    return [triton.Config(dict(zip(names, (a, c), strict=True)), num_warps=w, num_stages=st)
+            for a, c, w, st in tiles]
 
 
-def _dq_config_list():
-    seen, out = set(), []
-    for cfgs in _DQ_CONFIGS.values():
-        for bm, bn, w, st in cfgs:
-            if (bm, bn, w, st) not in seen:
-                seen.add((bm, bn, w, st))
-                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st))
-    return out
+def _pruner(table: dict, names: tuple[str, str]):
+    """Early config prune: keep the configs listed for the launch's head-dim class."""
+    def prune(configs, named_args, **kwargs):
+        bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+        want = set(table[64 if bd <= 64 else 128])
+        keep = [c for c in configs
+                if (c.kwargs[names[0]], c.kwargs[names[1]], c.num_warps, c.num_stages) in want]
+        return keep or configs[:1]
+
+    return prune
 
 
-def _head_dim_class(kwargs, named_args) -> int:
-    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
-    return 64 if bd <= 64 else 128
-
-
-def _prune_dkdv(configs, named_args, **kwargs):
-    want = set(_DKDV_CONFIGS[_head_dim_class(kwargs, named_args)])
-    keep = [c for c in configs
-            if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) in want]
-    return keep or configs[:1]
-
-
-def _prune_dq(configs, named_args, **kwargs):
-    want = set(_DQ_CONFIGS[_head_dim_class(kwargs, named_args)])
-    keep = [c for c in configs
-            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
-    return keep or configs[:1]
-
+_DKDV_NAMES, _DQ_NAMES = ("BLOCK_N", "BLOCK_M"), ("BLOCK_M", "BLOCK_N")
 
 if AUTOTUNE:
     _dkdv_kernel = triton.autotune(
-        configs=_dkdv_config_list(),
+        configs=_config_list(_DKDV_CONFIGS, _DKDV_NAMES),
         key=["HEAD_DIM", "GROUP", "ATOMIC_DQ", "COMPACT_Q", "SPLIT"],
-        prune_configs_by={"early_config_prune": _prune_dkdv},
+        prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS, _DKDV_NAMES)},
         restore_value=["DQ_ACC"],  # tuning runs add into the accumulator: undo them
     )(_attn_bwd_dkdv)
     _dq_kernel = triton.autotune(
-        configs=_dq_config_list(),
+        configs=_config_list(_DQ_CONFIGS, _DQ_NAMES),
         key=["HEAD_DIM", "GROUP", "FILTERED_KEYS"],
-        prune_configs_by={"early_config_prune": _prune_dq},
+        prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS, _DQ_NAMES)},
     )(_attn_bwd_dq)
 else:
     _dkdv_kernel = _attn_bwd_dkdv
