@@ -62,3 +62,16 @@ def _scatter_add_rows_torch(src, index, out, deterministic):
     else:
         out.index_add_(0, index.long(), src)
     return out
+
+
+def segment_plan(index: torch.Tensor):
+    """Sort ``index`` stably into segments of equal rows.
+
+    Returns ``(order, seg_start, seg_row)``: source rows in summation order (n,), segment
+    boundaries into ``order`` (S + 1,), and each segment's destination row (S,).
+    """
+    sorted_rows, order = torch.sort(index.to(torch.int64), stable=True)  # (n,), (n,)
+    seg_row, counts = torch.unique_consecutive(sorted_rows, return_counts=True)  # (S,), (S,)
+    seg_start = torch.zeros(seg_row.shape[0] + 1, dtype=torch.int64, device=index.device)
+    torch.cumsum(counts, 0, out=seg_start[1:])
+    return order, seg_start, seg_row

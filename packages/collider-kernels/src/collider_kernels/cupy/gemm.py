@@ -20,7 +20,7 @@ import torch
 from collider_kernels.backends import register
 from collider_kernels.gather_matmul import _gather_matmul_torch
 from collider_kernels.gathered_weight_grad import _gathered_weight_grad_torch
-from collider_kernels.scatter_add_rows import _scatter_add_rows_torch
+from collider_kernels.scatter_add_rows import _scatter_add_rows_torch, segment_plan
 
 try:
     from cupy_backends.cuda.libs import cublas
@@ -262,15 +262,6 @@ def gathered_weight_grad_cupy(grad_out, x, index, out):
     return result
 
 
-def _segment_plan(index: torch.Tensor):
-    """Stable sort of ``index`` into segments: (order (n,), seg_start (S + 1,), seg_row (S,))."""
-    sorted_rows, order = torch.sort(index.to(torch.int64), stable=True)
-    seg_row, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    seg_start = torch.zeros(seg_row.shape[0] + 1, dtype=torch.int64, device=index.device)
-    torch.cumsum(counts, 0, out=seg_start[1:])
-    return order, seg_start, seg_row
-
-
 @register("scatter_add_rows", "cupy", DEVICES)
 def scatter_add_rows_cupy(src, index, out, deterministic):
     """``out[index[i]] += src[i]`` by sorted segments: always in a fixed order (deterministic)."""
@@ -283,7 +274,7 @@ def scatter_add_rows_cupy(src, index, out, deterministic):
         if src.stride(1) != 1:
             src = src.contiguous()
         target = out if out.stride(1) == 1 else out.contiguous()
-        order, seg_start, seg_row = _segment_plan(index)
+        order, seg_start, seg_row = segment_plan(index)
         threads = 256 if F >= 256 else max(32, F)
         grid = (seg_row.shape[0], (F + threads - 1) // threads)
         kernel = _segment_kernel(src.dtype, target.dtype, src.device.index)

@@ -27,7 +27,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from collider_kernels.backends import register
 from collider_kernels.gather_matmul import _gather_matmul_torch
 from collider_kernels.gathered_weight_grad import _gathered_weight_grad_torch
-from collider_kernels.scatter_add_rows import _scatter_add_rows_torch
+from collider_kernels.scatter_add_rows import _scatter_add_rows_torch, segment_plan
 from collider_kernels.triton import AUTOTUNE, DEVICES, INTERPRET, KERNEL_DTYPES, num_sms
 
 
@@ -577,19 +577,6 @@ def _atomic_scatter_kernel(
     rows = tl.load(index_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
     vals = tl.load(src_ptr + offs_r.to(tl.int64)[:, None] * stride_src + offs_f[None, :], mask=mask, other=0.0)
     tl.atomic_add(out_ptr + rows[:, None] * stride_out + offs_f[None, :], vals.to(tl.float32), mask=mask)
-
-
-def segment_plan(index: torch.Tensor):
-    """Sort ``index`` stably into segments of equal rows.
-
-    Returns ``(order, seg_start, seg_row)``: source rows in summation order (n,), segment
-    boundaries into ``order`` (S + 1,), and each segment's destination row (S,).
-    """
-    sorted_rows, order = torch.sort(index, stable=True)  # (n,), (n,)
-    seg_row, counts = torch.unique_consecutive(sorted_rows, return_counts=True)  # (S,), (S,)
-    seg_start = torch.zeros(seg_row.shape[0] + 1, dtype=torch.int64, device=index.device)
-    torch.cumsum(counts, 0, out=seg_start[1:])
-    return order, seg_start, seg_row
 
 
 @register("scatter_add_rows", "triton", DEVICES)
