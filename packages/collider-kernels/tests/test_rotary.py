@@ -5,8 +5,6 @@ fp16) and on CUDA in the ``gpu`` tests (bf16, fp16, fp32) with the rule
 ``max|out - ref32| <= 2 max|out_torch - ref32| + atol``. Triton outputs are allocated NaN-filled.
 """
 
-import unittest.mock
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -74,7 +72,8 @@ def test_triton_matches_reference(n, H, D, rot_share, head_pad, dtype, seed):
         pytest.skip("the GPU variant runs in test_gpu_rule")
     R = int(D * rot_share) // 2 * 2
     grad, cos, sin, pos = case(n, H, D, R, 33, dtype, DEVICE, seed, head_pad=head_pad)
-    with unittest.mock.patch.object(rotary, "_alloc", nan_alloc):
+    with pytest.MonkeyPatch.context() as mp:  # NaN-filled outputs (a fixture cannot wrap hypothesis examples)
+        mp.setattr(rotary, "_alloc", nan_alloc)
         out = ck.rotary_backward(grad, cos, sin, pos, backend="triton")
     truth = ref32(grad, cos, sin, pos, torch.float32)
     torch_out = ck.rotary_backward(grad, cos, sin, pos, backend="torch")
