@@ -8,10 +8,13 @@ with 16384 token rows and keep ratios 1.0/0.8/0.6/0.4 (index = sorted random sub
 * ``index_select+mm``: the torch backend (gather copy, then torch.mm);
 * ``cublas_compact``: torch.mm on the pre-gathered compact matrix (the roofline: no gather at all).
 
-Also times the embedding-gradient scatter-add. CUDA events around back-to-back calls, warm-up, median of batches. Writes
-``<out>/gemm_h200.json`` and ``<out>/gemm_h200.md``.
+Two timings per call, both with CUDA events, warm-up and the median of batches: ``eager`` queues the
+calls back to back from Python (host launch cost included: it bounds the narrow shapes), ``graph``
+replays them captured in a CUDA graph (device time only: the kernels themselves; not for CuPy).
+Also times the embedding-gradient scatter-add. Writes ``<out>/gemm_h200.json`` (after every model)
+and ``<out>/gemm_h200.md``.
 
-Usage: ``python benchmarks/kernels/bench_gemm.py [--out DIR] [--quick]``
+Usage: ``python benchmarks/kernels/bench_gemm.py [--out DIR] [--quick] [--keeps 1.0 0.6 ...]``
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import sys
 import time
 
 import torch
-from timing import time_ms
+from timing import graph_ms, time_ms
 
 import collider_kernels as ck
 
@@ -54,7 +57,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def bench_gemms(backends: list[str], log) -> list[dict]:
+def bench_gemms(backends: list[str], log, save) -> list[dict]:
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(0)
     for model, layers in MODELS.items():
@@ -95,10 +98,19 @@ def bench_gemms(backends: list[str], log) -> list[dict]:
                             row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_cublas": err}
                         except Exception as e:  # a failing backend is reported, not fatal
                             row[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                            continue
+                        if name == "cupy":  # CuPy's own cuBLAS handle is not captured here
+                            continue
+                        try:
+                            gms = graph_ms(fn)
+                            row[name].update(graph_ms=gms, graph_tflops=flops / gms / 1e9)
+                        except Exception as e:
+                            row[name]["graph_error"] = f"{type(e).__name__}: {e}"[:300]
                     del truth
                     rows.append(row)
                     log(_fmt_row(row, backends))
             torch.cuda.empty_cache()
+        save(rows)
     return rows
 
 
@@ -106,7 +118,8 @@ def _fmt_row(row, backends) -> str:
     cells = []
     for name in ("cublas_compact", "index_select+mm", *backends):
         r = row.get(name, {})
-        cells.append(f"{name}={r['tflops']:.0f}" if "tflops" in r else f"{name}=ERR")
+        cells.append(f"{name}={r['tflops']:.0f}/{r.get('graph_tflops', float('nan')):.0f}"
+                     if "tflops" in r else f"{name}=ERR")
     return f"{row['model']:15s} {row['layers']:8s} {row['op']:13s} keep={row['keep']:.1f} " + " ".join(cells)
 
 
@@ -164,15 +177,17 @@ def summarize(rows, backends):
     for op in ("gather_matmul", "weight_grad"):
         for b in backends:
             for keep in KEEPS:
-                sel = [r for r in rows if r["op"] == op and r["keep"] == keep and "tflops" in r.get(b, {})]
-                if not sel:
-                    continue
-                vs_cublas = [r[b]["tflops"] / r["cublas_compact"]["tflops"] for r in sel]
-                vs_isel = [r[b]["tflops"] / r["index_select+mm"]["tflops"] for r in sel]
-                summary[f"{op}/{b}/keep{keep}"] = {
-                    "min_vs_cublas_compact": min(vs_cublas), "geomean_vs_cublas_compact": geomean(vs_cublas),
-                    "min_vs_index_select_mm": min(vs_isel), "geomean_vs_index_select_mm": geomean(vs_isel),
-                }
+                for metric in ("tflops", "graph_tflops"):
+                    sel = [r for r in rows if r["op"] == op and r["keep"] == keep and metric in r.get(b, {})
+                           and metric in r["cublas_compact"] and metric in r["index_select+mm"]]
+                    if not sel:
+                        continue
+                    vs_cublas = [r[b][metric] / r["cublas_compact"][metric] for r in sel]
+                    vs_isel = [r[b][metric] / r["index_select+mm"][metric] for r in sel]
+                    summary[f"{op}/{b}/keep{keep}/{'graph' if metric == 'graph_tflops' else 'eager'}"] = {
+                        "min_vs_cublas_compact": min(vs_cublas), "geomean_vs_cublas_compact": geomean(vs_cublas),
+                        "min_vs_index_select_mm": min(vs_isel), "geomean_vs_index_select_mm": geomean(vs_isel),
+                    }
         # Fastest public backend per op (geomean time over all shapes and keeps).
         best = {}
         for b in ("index_select+mm", *backends):
@@ -188,11 +203,12 @@ def write_md(path, meta, rows, summary, scatter, backends):
         "# Gather-GEMM and weight-gradient GEMM on the model shapes",
         "",
         f"GPU {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, cupy {meta['cupy']}; {meta['date']}.",
-        f"{TOKENS} token rows, bf16, index = sorted random subset; TFLOP/s = 2·n·N·K / time per call "
-        "(calls queued back to back between CUDA events; median of 5 batches).",
+        f"{TOKENS} token rows, bf16, index = sorted random subset; TFLOP/s = 2·n·N·K / time per call, "
+        "median of 5 batches. Each cell is **eager / graph**: eager queues the calls back to back from "
+        "Python (host launch cost included), graph replays them from a CUDA graph (device time only).",
         "cuBLAS-compact = torch.mm on the pre-gathered matrix (no gather: the roofline).",
         "",
-        "## keep 0.6 (TFLOP/s; ratios of Triton)",
+        "## keep 0.6 (TFLOP/s, eager / graph; ratios of Triton)",
         "",
         "| model | layers | N×K | op | Triton | CuPy | index_select+mm | cuBLAS-compact "
         "| Triton/cuBLAS-compact | Triton/index_select+mm |",
@@ -200,39 +216,48 @@ def write_md(path, meta, rows, summary, scatter, backends):
     ]
 
     def tf(r, k):
-        return f"{r[k]['tflops']:.0f}" if "tflops" in r.get(k, {}) else "err"
+        c = r.get(k, {})
+        if "tflops" not in c:
+            return "err"
+        return f"{c['tflops']:.0f} / {c['graph_tflops']:.0f}" if "graph_tflops" in c else f"{c['tflops']:.0f} / err"
+
+    def ratio(r, a, b):
+        out = []
+        for m in ("tflops", "graph_tflops"):
+            x, y = r.get(a, {}).get(m), r.get(b, {}).get(m)
+            out.append(f"{x / y:.2f}" if x and y else "–")
+        return " / ".join(out)
 
     for r in rows:
         if r["keep"] != 0.6:
             continue
-        t = r.get("triton", {}).get("tflops")
-        c = r["cublas_compact"].get("tflops")
-        i = r["index_select+mm"].get("tflops")
         lines.append(
             f"| {r['model']} | {r['layers']} | {r['N']}×{r['K']} | {r['op']} | {tf(r, 'triton')} | {tf(r, 'cupy')} "
-            f"| {tf(r, 'index_select+mm')} | {tf(r, 'cublas_compact')} | "
-            f"{(t / c if t and c else float('nan')):.2f} | {(t / i if t and i else float('nan')):.2f} |"
+            f"| {tf(r, 'index_select+mm')} | {tf(r, 'cublas_compact')} | {ratio(r, 'triton', 'cublas_compact')} "
+            f"| {ratio(r, 'triton', 'index_select+mm')} |"
         )
-    lines += ["", "## Triton ratios per keep (min / geomean over shapes)", "",
-              "| op | backend | keep | vs cuBLAS-compact | vs index_select+mm |", "|---|---|---|---|---|"]
+    lines += ["", "## Ratios per keep (min / geomean over shapes)", "",
+              "| op | backend | keep | timing | vs cuBLAS-compact | vs index_select+mm |", "|---|---|---|---|---|---|"]
     for key, v in summary.items():
         if "/keep" not in key:
             continue
-        op, b, keep = key.split("/")
+        op, b, keep, timing = key.split("/")
         lines.append(
-            f"| {op} | {b} | {keep[4:]} | {v['min_vs_cublas_compact']:.2f} / {v['geomean_vs_cublas_compact']:.2f} "
-            f"| {v['min_vs_index_select_mm']:.2f} / {v['geomean_vs_index_select_mm']:.2f} |"
+            f"| {op} | {b} | {keep[4:]} | {timing} | {v['min_vs_cublas_compact']:.2f} / "
+            f"{v['geomean_vs_cublas_compact']:.2f} | {v['min_vs_index_select_mm']:.2f} / "
+            f"{v['geomean_vs_index_select_mm']:.2f} |"
         )
-    lines += ["", "## Geomean time per op (ms, all shapes and keeps)", ""]
+    lines += ["", "## Geomean eager time per op (ms, all shapes and keeps)", ""]
     for op in ("gather_matmul", "weight_grad"):
         best = summary.get(f"{op}/geomean_ms", {})
         lines.append(f"- {op}: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(best.items(), key=lambda kv: kv[1])))
-    lines += ["", "## Embedding-gradient scatter-add (keep 0.6, bf16 rows into fp32, ms)", "",
-              "| model | vocab×hidden | " + " | ".join(k for k in scatter[0] if isinstance(scatter[0][k], dict)) + " |",
-              "|---|---|" + "---|" * sum(isinstance(v, dict) for v in scatter[0].values())]
-    for r in scatter:
-        cells = [f"{v['ms']:.3f}" if "ms" in v else "err" for v in r.values() if isinstance(v, dict)]
-        lines.append(f"| {r['model']} | {r['vocab']}×{r['hidden']} | " + " | ".join(cells) + " |")
+    if scatter:
+        lines += ["", "## Embedding-gradient scatter-add (keep 0.6, bf16 rows into fp32, ms)", "",
+                  "| model | vocab×hidden | " + " | ".join(k for k in scatter[0] if isinstance(scatter[0][k], dict))
+                  + " |", "|---|---|" + "---|" * sum(isinstance(v, dict) for v in scatter[0].values())]
+        for r in scatter:
+            cells = [f"{v['ms']:.3f}" if "ms" in v else "err" for v in r.values() if isinstance(v, dict)]
+            lines.append(f"| {r['model']} | {r['vocab']}×{r['hidden']} | " + " | ".join(cells) + " |")
     lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
@@ -242,6 +267,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     ap.add_argument("--quick", action="store_true", help="one model, keep 0.6 only (smoke run)")
+    ap.add_argument("--keeps", type=float, nargs="+", default=None, help="kept shares to time (default: all)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, "bench_gemm.log"), "a")
@@ -252,6 +278,8 @@ def main() -> None:
         log_file.flush()
 
     global KEEPS, MODELS
+    if args.keeps:
+        KEEPS = tuple(args.keeps)
     if args.quick:
         KEEPS = (0.6,)
         MODELS = {"TinyLlama-1.1B": MODELS["TinyLlama-1.1B"]}
@@ -267,18 +295,24 @@ def main() -> None:
     meta = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
         "cupy": cupy_version, "date": datetime.date.today().isoformat(), "tokens": TOKENS,
-        "dtype": "bfloat16", "backends": backends, "python": sys.version.split()[0],
+        "dtype": "bfloat16", "backends": backends, "python": sys.version.split()[0], "keeps": KEEPS,
     }
     log(json.dumps(meta))
     t0 = time.time()
     acc = check_accumulate_tuned(log) if "triton" in backends else {}
-    rows = bench_gemms(backends, log)
+
+    def save(rows, scatter=()):
+        summary = summarize(rows, backends)
+        result = {"meta": meta, "accumulate_check_rel_err": acc, "gemm": rows, "scatter": list(scatter),
+                  "summary": summary}
+        with open(os.path.join(args.out, "gemm_h200.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        write_md(os.path.join(args.out, "gemm_h200.md"), meta, rows, summary, list(scatter), backends)
+        return summary
+
+    rows = bench_gemms(backends, log, save)
     scatter = bench_scatter(backends, log)
-    summary = summarize(rows, backends)
-    result = {"meta": meta, "accumulate_check_rel_err": acc, "gemm": rows, "scatter": scatter, "summary": summary}
-    with open(os.path.join(args.out, "gemm_h200.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    write_md(os.path.join(args.out, "gemm_h200.md"), meta, rows, summary, scatter, backends)
+    summary = save(rows, scatter)
     log(f"done in {time.time() - t0:.0f}s")
     for k, v in summary.items():
         log(f"{k}: {json.dumps(v)}")

@@ -27,3 +27,30 @@ def time_ms(fn, *, batches: int = 5, budget_ms: float = 20.0, max_reps: int = 10
         stop.synchronize()
         times.append(start.elapsed_time(stop) / reps)
     return statistics.median(times)
+
+
+def graph_ms(fn, *, reps: int = 20, batches: int = 5) -> float:
+    """Device time per call of ``fn`` in ms without host launch cost: ``reps`` calls captured in one
+    CUDA graph, whose replays are timed with CUDA events (median over ``batches``). Call ``fn`` once
+    before (tuning and compilation must not happen inside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(batches):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / reps)
+    del graph
+    return statistics.median(times)

@@ -43,6 +43,7 @@ import triton.language as tl
 from collider_kernels.backends import register
 from collider_kernels.masked_attention import _masked_attention_backward_torch
 from collider_kernels.triton import AUTOTUNE, DEVICES, INTERPRET, KERNEL_DTYPES, num_sms
+from collider_kernels.triton.launch import Launcher
 
 # How dQ gets the kept keys' terms: "separate" (dQ pass over all visible keys) or "atomic"
 # (the dK/dV pass adds them atomically; the dQ pass visits filtered keys only).
@@ -69,6 +70,7 @@ _FP32_GPU_BLOCKS = {"dkdv": (64, 32, 4, 2), "dq": (64, 32, 4, 2)}
 # ----------------------------------------------------------------------------------------------
 
 
+@Launcher
 @triton.jit(do_not_specialize=["n", "T", "NUM_HEADS", "stride_lb", "stride_lh"])
 def _attn_bwd_preprocess(
     O, DO, DELTA, DQ_ACC, INDEX, Q, LSE, QC, LSEC,
@@ -236,6 +238,7 @@ def _attn_bwd_dkdv(
             tl.store(DV_PART + part, dv, mask=mkd)
 
 
+@Launcher
 @triton.jit(do_not_specialize=["rows", "NUM_KV_HEADS"])
 def _attn_bwd_dkdv_reduce(
     DK_PART, DV_PART, DK, DV, rows, NUM_KV_HEADS,

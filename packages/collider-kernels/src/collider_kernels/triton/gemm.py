@@ -29,6 +29,7 @@ from collider_kernels.gather_matmul import _gather_matmul_torch
 from collider_kernels.gathered_weight_grad import _gathered_weight_grad_torch
 from collider_kernels.scatter_add_rows import _scatter_add_rows_torch, segment_plan
 from collider_kernels.triton import AUTOTUNE, DEVICES, INTERPRET, KERNEL_DTYPES, num_sms
+from collider_kernels.triton.launch import Launcher
 
 
 @triton.jit
@@ -53,6 +54,7 @@ def _store_tile(c_ptrs, acc, mask_c, ACCUMULATE: tl.constexpr, ATOMIC: tl.conste
         tl.store(c_ptrs, acc.to(c_ptrs.dtype.element_ty), mask=mask_c)
 
 
+@Launcher
 @triton.jit
 def _gather_mm_desc_kernel(
     x_ptr, index_ptr, w_desc, y_ptr, bias_ptr,
@@ -111,6 +113,7 @@ def _index_block(index_ptr, rr, r_stop, HAS_INDEX: tl.constexpr):
         return tl.where(rr < r_stop, rr, 0).to(tl.int64)
 
 
+@Launcher
 @triton.jit
 def _wgrad_desc_kernel(
     g_desc, x_ptr, index_ptr, c_ptr,
@@ -164,6 +167,7 @@ def _wgrad_desc_kernel(
         _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
 
 
+@Launcher
 @triton.jit
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, a_index_ptr, b_index_ptr,
@@ -282,23 +286,20 @@ def _tuning_bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=25)
 
 
-def _choose(key: tuple, candidates, run) -> dict:
-    """The fastest of ``candidates()`` for ``key``: timed once per key (``run(cfg)`` does one call),
-    then a dict lookup, so repeated calls pay no candidate bookkeeping on the host."""
-    cfg = _CHOICE.get(key)
-    if cfg is None:
-        cands = candidates()
-        cfg = cands[0]
-        if AUTOTUNE and len(cands) > 1:
-            best = float("inf")
-            for c in cands:
-                try:
-                    t = _tuning_bench(lambda c=c: run(c))
-                except triton.runtime.errors.OutOfResources:  # tile does not fit this dtype
-                    continue
-                if t < best:
-                    best, cfg = t, c
-        _CHOICE[key] = cfg
+def _tune(key: tuple, cands: list[dict], run) -> dict:
+    """The fastest of ``cands`` (``run(cfg)`` does one call), remembered in ``_CHOICE[key]``; callers
+    look the key up first, so repeated calls pay no candidate bookkeeping on the host."""
+    cfg = cands[0]
+    if AUTOTUNE and len(cands) > 1:
+        best = float("inf")
+        for c in cands:
+            try:
+                t = _tuning_bench(lambda c=c: run(c))
+            except triton.runtime.errors.OutOfResources:  # tile does not fit this dtype
+                continue
+            if t < best:
+                best, cfg = t, c
+    _CHOICE[key] = cfg
     return cfg
 
 
@@ -394,28 +395,28 @@ def gather_matmul_into(x, index, weight, bias, y, *, path: str = "auto", cfg: di
     n, N = y.shape
     K = x.shape[1]
     desc_ok = path != "pointer" and (path == "desc" or (_desc_ok(weight) and x.dtype == weight.dtype))
-    # B = weightᵀ (K, N): B[k, j] = weight[j, k].
-    strides = (x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1))
-
-    def run(c):
-        if c["DESC"]:
-            _launch_fwd_desc(x, index, weight, bias, y, c)
-        else:
-            _launch_pointer(x, weight, y, bias, index, None, n, N, K, strides, c,
-                            accumulate=False, atomic=False, split_k=1)
-
     if cfg is None:
-        def candidates():
+        key = ("fwd", path, N, K, _bucket(n), x.dtype, desc_ok, index is None, bias is None)
+        cfg = _CHOICE.get(key)
+        if cfg is None:
             cands = [{**c, "DESC": True} for c in _fwd_candidates(N)] if desc_ok else []
             if path != "desc":
                 pointer = [{**c, "DESC": False} for c in _pointer_candidates()]
                 cands = cands + pointer if N > 256 or INTERPRET else pointer + cands
-            return cands
-
-        key = ("fwd", path, N, K, _bucket(n), x.dtype, desc_ok, index is None, bias is None)
-        cfg = _choose(key, candidates, run)
-    run(cfg)
+            cfg = _tune(key, cands, lambda c: _fwd_run(x, index, weight, bias, y, c))
+    _fwd_run(x, index, weight, bias, y, cfg)
     return y
+
+
+def _fwd_run(x, index, weight, bias, y, cfg):
+    if cfg["DESC"]:
+        _launch_fwd_desc(x, index, weight, bias, y, cfg)
+    else:
+        n, N = y.shape
+        # B = weightᵀ (K, N): B[k, j] = weight[j, k].
+        strides = (x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1))
+        _launch_pointer(x, weight, y, bias, index, None, n, N, x.shape[1], strides, cfg,
+                        accumulate=False, atomic=False, split_k=1)
 
 
 @register("gather_matmul", "triton", DEVICES)
@@ -502,22 +503,15 @@ def gathered_weight_grad_into(g, x, index, result, accumulate, *, path: str = "a
     K = x.shape[1]
     desc_ok = path != "pointer" and (path == "desc" or (_desc_ok(g) and x.dtype == g.dtype))
     if cfg is None:
-        def candidates():
+        key = ("wgrad", path, N, K, _bucket(n), x.dtype, desc_ok, index is None, accumulate, result.dtype)
+        cfg = _CHOICE.get(key)
+        if cfg is None:
             cands = [{**c, "DESC": True} for c in _wgrad_candidates(N, K, n, num_sms(x.device))] if desc_ok else []
             if path != "desc":
                 split = _split_k(N, K, n, x.device)
                 cands += [{**c, "SPLIT_K": split, "DESC": False} for c in _pointer_candidates()]
-            return cands
-
-        key = ("wgrad", path, N, K, _bucket(n), x.dtype, desc_ok, index is None, accumulate, result.dtype)
-        scratch = []
-
-        def trial(c):  # tuning trials write into a scratch copy, so ``result`` is touched once
-            if not scratch:
-                scratch.append(result.clone())
-            _wgrad_run(g, x, index, scratch[0], accumulate, c["DESC"], c)
-
-        cfg = _choose(key, candidates, trial)
+            scratch = result.clone()  # tuning trials write here, so ``result`` is touched once
+            cfg = _tune(key, cands, lambda c: _wgrad_run(g, x, index, scratch, accumulate, c["DESC"], c))
     _wgrad_run(g, x, index, result, accumulate, cfg["DESC"], cfg)
     return result
 
@@ -542,6 +536,7 @@ def gathered_weight_grad_triton(grad_out, x, index, out):
     return gathered_weight_grad_into(grad_out, x, index, result, accumulate)
 
 
+@Launcher
 @triton.jit
 def _segment_sum_kernel(
     src_ptr, order_ptr, seg_start_ptr, seg_row_ptr, out_ptr,
@@ -564,6 +559,7 @@ def _segment_sum_kernel(
     tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=mask_f)
 
 
+@Launcher
 @triton.jit
 def _atomic_scatter_kernel(
     src_ptr, index_ptr, out_ptr, n, F, stride_src, stride_out,

@@ -13,6 +13,7 @@ import triton.language as tl
 from collider_kernels.backends import register
 from collider_kernels.rotary_backward import _rotary_backward_torch
 from collider_kernels.triton import DEVICES, INTERPRET, KERNEL_DTYPES
+from collider_kernels.triton.launch import Launcher
 
 
 def _alloc(shape, dtype, device) -> torch.Tensor:
@@ -20,6 +21,7 @@ def _alloc(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+@Launcher
 @triton.jit
 def _rotary_bwd_kernel(
     grad_ptr, cos_ptr, sin_ptr, pos_ptr, dx_ptr,

@@ -28,6 +28,7 @@ from collider_kernels.layer_norm_backward import _layer_norm_backward_torch
 from collider_kernels.rms_norm_backward import _rms_norm_backward_torch
 from collider_kernels.swiglu_backward import _swiglu_backward_torch
 from collider_kernels.triton import DEVICES, INTERPRET, KERNEL_DTYPES, num_sms
+from collider_kernels.triton.launch import Launcher
 
 # Widest RMSNorm/LayerNorm row held in registers by one program; wider rows use the torch backend.
 MAX_RMS_WIDTH = 16384
@@ -46,6 +47,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ SwiGLU
 
 
+@Launcher
 @triton.jit
 def _swiglu_bwd_kernel(
     grad_ptr, gate_ptr, up_ptr, index_ptr, dgate_ptr, dup_ptr,
@@ -115,6 +117,7 @@ def swiglu_backward_triton(grad, gate, up, index):
 # ------------------------------------------------------------------------------ RMSNorm, LayerNorm
 
 
+@Launcher
 @triton.jit
 def _norm_bwd_kernel(
     grad_ptr, x_ptr, w_ptr, index_ptr, dx_ptr, part_ptr,
@@ -237,6 +240,7 @@ def layer_norm_backward_triton(grad, x, weight, eps, index):
 # ------------------------------------------------------------------------------------- GELU (tanh)
 
 
+@Launcher
 @triton.jit
 def _gelu_new_bwd_kernel(
     grad_ptr, x_ptr, index_ptr, dx_ptr,
