@@ -5,6 +5,8 @@ import time
 
 import torch
 
+from collider_kernels.triton.timing import graph_time_ms
+
 
 def time_ms(fn, *, batches: int = 5, budget_ms: float = 20.0, max_reps: int = 100) -> float:
     """Time per call of ``fn`` in ms: calls queued back to back between two CUDA events (launch
@@ -29,28 +31,8 @@ def time_ms(fn, *, batches: int = 5, budget_ms: float = 20.0, max_reps: int = 10
     return statistics.median(times)
 
 
+
 def graph_ms(fn, *, reps: int = 20, batches: int = 5) -> float:
     """Device time per call of ``fn`` in ms without host launch cost: ``reps`` calls captured in one
-    CUDA graph, whose replays are timed with CUDA events (median over ``batches``). Call ``fn`` once
-    before (tuning and compilation must not happen inside the capture)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(batches):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / reps)
-    del graph
-    return statistics.median(times)
+    CUDA graph, replays timed with CUDA events, median over ``batches``."""
+    return graph_time_ms(fn, calls=reps, replays=batches, reduce=statistics.median)

@@ -223,3 +223,27 @@ def test_gpu_weight_grad_offsets_past_int32():
     err = ((out.float() - ref).norm() / ref.norm()).item()
     assert err < 1e-2, err
     del buf
+
+
+@pytest.mark.gpu
+def test_gpu_tuner_times_candidates_once_and_leaves_out_untouched(kc, monkeypatch):
+    """With tuning on, the first call of a shape times several candidates (CUDA-graph replays into
+    scratch), later calls reuse the choice, and an accumulating call adds into ``out`` once."""
+    from collider_kernels.triton import gemm
+
+    timed = []
+    bench = gemm._tuning_bench
+    monkeypatch.setattr(gemm, "AUTOTUNE", True)
+    monkeypatch.setattr(gemm, "_CHOICE", {})
+    monkeypatch.setattr(gemm, "_tuning_bench", lambda fn: timed.append(fn) or bench(fn))
+    for _ in range(2):
+        kc.weight_grad("triton", M=3000, K=512, N=264, n=2900, kind="repeats", row_pad=0,
+                       dtype=torch.bfloat16, device="cuda", seed=1, out_dtype=torch.float32)
+        kc.gather_matmul("triton", M=3000, K=512, N=264, n=2900, kind="sorted_subset", has_bias=True,
+                         row_pad=0, dtype=torch.bfloat16, device="cuda", seed=2)
+    assert len(gemm._CHOICE) == 2
+    assert len(timed) >= 4  # several candidates per op, timed on the first call only
+    n_timed = len(timed)
+    kc.weight_grad("triton", M=3000, K=512, N=264, n=2900, kind="repeats", row_pad=0,
+                   dtype=torch.bfloat16, device="cuda", seed=3, out_dtype=torch.float32)
+    assert len(timed) == n_timed

@@ -18,13 +18,12 @@ BACKENDS = ("torch", "triton", "cupy")
 # Preference of ``backend="auto"`` on CUDA; CPU always resolves to "torch".
 AUTO_ORDER_CUDA = ("triton", "cupy", "torch")
 # Per-op preference where measured (benchmarks/results/gemm_h200.md, H200, bf16, model shapes):
-# geomean time per call over all shapes and keeps, gather_matmul: torch 0.420 ms, triton 0.527,
-# cupy 0.556; gathered_weight_grad: torch 0.431, cupy 0.544, triton 0.734 (before a fix that
-# re-measured 0.53-0.65 x cuBLAS on three shapes); scatter_add_rows (embedding grad):
-# triton 0.09-0.13 ms, torch 0.15-0.21, cupy 0.38-0.50.
+# geomean eager time per call over all shapes and keeps, gather_matmul: torch 0.413 ms, triton
+# 0.418, cupy 0.566; gathered_weight_grad: torch 0.417, triton 0.474, cupy 0.559; scatter_add_rows
+# (embedding grad): triton 0.09-0.13 ms, torch 0.16-0.21, cupy 0.41-0.46.
 AUTO_ORDER_CUDA_BY_OP = {
     "gather_matmul": ("torch", "triton", "cupy"),
-    "gathered_weight_grad": ("torch", "cupy", "triton"),
+    "gathered_weight_grad": ("torch", "triton", "cupy"),
     "scatter_add_rows": ("triton", "torch", "cupy"),
     # Fused row-wise backwards (benchmarks/results/rowwise_h200.md, H200, bf16, 16384 rows): Triton
     # 8-15x faster than the op-by-op torch backward. CuPy has no implementation (listed for order).
