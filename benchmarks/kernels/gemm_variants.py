@@ -37,7 +37,7 @@ def cfg_name(c):
     if c.get("PERSIST"):
         s += "p"
     if c.get("SPLIT_K", 1) > 1:
-        s += f"k{c['SPLIT_K']}"
+        s += f"k{c['SPLIT_K']}" + ("a" if c.get("SPLIT_MODE") == "atomic" else "")
     return s
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_testing import nan_alloc
 
 import collider_kernels as ck
 
@@ -108,6 +109,40 @@ def test_descriptor_kernels_split_reduction_and_persistent_tiles(kc):
         for out_dtype in (None, torch.float32, torch.float16):
             kc.weight_grad("triton", M=2500, K=24, N=40, n=2100, kind="repeats", row_pad=0,
                            dtype=torch.float16, device=DEVICE, seed=7, out_dtype=out_dtype)
+
+
+@pytest.mark.parametrize("mode", ("partial", "atomic"))
+def test_weight_grad_split_modes(kc, monkeypatch, mode):
+    """A split reduction through ordered fp32 partial tiles plus a summing launch (bitwise
+    reproducible) or through fp32 atomics; into new, fp32-accumulating and fp16-accumulating outputs."""
+    from collider_kernels.triton import gemm
+
+    cfg = {**gemm._INTERPRET_CFG, "SPLIT_K": 3, "SPLIT_MODE": mode}
+    monkeypatch.setattr(gemm, "_wgrad_candidates", lambda *args, **kwargs: [cfg])
+    monkeypatch.setattr(gemm, "_CHOICE", {})
+    monkeypatch.setattr(gemm, "_alloc", nan_alloc)  # outputs and partial tiles start as NaN
+    with _only("desc"):
+        for out_dtype in (None, torch.float32, torch.float16):
+            kc.weight_grad("triton", M=300, K=24, N=40, n=250, kind="repeats", row_pad=0,
+                           dtype=torch.float16, device=DEVICE, seed=11, out_dtype=out_dtype)
+    assert all(c["SPLIT_MODE"] == mode for c in gemm._CHOICE.values())
+    g = torch.randn(250, 40, dtype=torch.float16, device=DEVICE)
+    x = torch.randn(300, 24, dtype=torch.float16, device=DEVICE)
+    idx = torch.randint(0, 300, (250,), device=DEVICE)
+    first = ck.gathered_weight_grad(g, x, idx, backend="triton")
+    if mode == "partial":
+        assert torch.equal(first, ck.gathered_weight_grad(g, x, idx, backend="triton"))
+
+
+def test_deterministic_mode_excludes_atomic_split_candidates(monkeypatch):
+    from collider_kernels.triton import gemm
+
+    monkeypatch.setattr(gemm, "INTERPRET", False)  # the GPU candidate lists (nothing is launched)
+    det = gemm._wgrad_candidates(256, 2048, 9830, 132, deterministic=True)
+    free = gemm._wgrad_candidates(256, 2048, 9830, 132, deterministic=False)
+    assert any(c["SPLIT_K"] > 1 for c in det)
+    assert all(c["SPLIT_MODE"] == "partial" for c in det)
+    assert {c["SPLIT_MODE"] for c in free if c["SPLIT_K"] > 1} == {"partial", "atomic"}
 
 
 def test_pointer_kernel_for_unaligned_rows(kc):

@@ -19,6 +19,10 @@ def gathered_weight_grad(
 ) -> torch.Tensor:
     """Weight gradient of a linear layer from kept rows.
 
+    The Triton backend splits the reduction of small outputs over several programs; their fp32
+    partial tiles are added in a fixed order (bitwise reproducible), and splits adding through fp32
+    atomics are also tried unless ``torch.use_deterministic_algorithms(True)`` is in effect.
+
     Args:
         grad_out: (n, N) output gradient of the kept rows.
         x: (M, K) layer inputs; row ``index[i]`` pairs with ``grad_out[i]``.

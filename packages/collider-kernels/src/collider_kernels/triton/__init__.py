@@ -18,6 +18,12 @@ AUTOTUNE = not INTERPRET and os.environ.get("COLLIDER_TRITON_AUTOTUNE", "1") != 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def alloc_output(shape, dtype, device) -> torch.Tensor:
+    """Uninitialised storage for a kernel output whose every element the kernel writes (tests
+    replace it with a NaN-filled allocation to catch unwritten elements)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 @functools.cache
 def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -8,7 +8,8 @@ families serve them:
   forward, dY in the weight gradient) is read through a tensor descriptor (on Hopper the bulk
   tensor-copy engine), the gathered one through pointer loads; a persistent tile loop with grouped
   tile order. The weight gradient reduces over kept rows; small outputs split that reduction over
-  programs that add into an fp32 buffer atomically.
+  programs, which either write fp32 partial tiles that a second launch adds in a fixed order
+  (deterministic) or add into an fp32 buffer atomically.
 * one pointer-load kernel for everything else (fp32, unaligned strides):
   ``C[m, n] (+)= sum_k A[ra(m), k] B[rb(k), n]`` with optional row indexes ``ra``/``rb``.
 
@@ -29,6 +30,7 @@ from collider_kernels.gather_matmul import _gather_matmul_torch
 from collider_kernels.gathered_weight_grad import _gathered_weight_grad_torch
 from collider_kernels.scatter_add_rows import _scatter_add_rows_torch, segment_plan
 from collider_kernels.triton import AUTOTUNE, DEVICES, INTERPRET, KERNEL_DTYPES, num_sms
+from collider_kernels.triton import alloc_output as _alloc
 from collider_kernels.triton.launch import Launcher
 from collider_kernels.triton.timing import graph_time_ms
 
@@ -119,7 +121,7 @@ def _index_block(index_ptr, rr, r_stop, HAS_INDEX: tl.constexpr):
 def _wgrad_desc_kernel(
     g_desc, x_ptr, index_ptr, c_ptr,
     M, N, R,
-    stride_xm, stride_xn, stride_cm, stride_cn,
+    stride_xm, stride_xn, stride_cs, stride_cm, stride_cn,  # stride_cs: C offset of each split
     HAS_INDEX: tl.constexpr,  # reduction row r of X is x row index[r] (else row r)
     ACCUMULATE: tl.constexpr,  # C += ... instead of C = ...
     ATOMIC: tl.constexpr,  # add into fp32 C with atomics (split reduction)
@@ -129,7 +131,9 @@ def _wgrad_desc_kernel(
     FLATTEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``C (M, N) (+)= Gᵀ @ X[index]``: G (R, M) is read through ``g_desc``, the reduction runs over R."""
+    """``C (M, N) (+)= Gᵀ @ X[index]``: G (R, M) is read through ``g_desc``, the reduction runs over R.
+
+    Split s of the reduction writes at ``C + s·stride_cs`` (0: all splits add into one C atomically)."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = num_pid_m * num_pid_n
@@ -137,7 +141,8 @@ def _wgrad_desc_kernel(
     offs_r = tl.arange(0, BLOCK_K)
     for unit in tl.range(tl.program_id(0), num_tiles * SPLIT_K, tl.num_programs(0), flatten=FLATTEN):
         tile = unit % num_tiles
-        r_start = (unit // num_tiles) * r_per_split
+        split = unit // num_tiles
+        r_start = split * r_per_split
         r_stop = min(R, r_start + r_per_split)
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
@@ -164,7 +169,8 @@ def _wgrad_desc_kernel(
             acc = tl.dot(a.T, b, acc)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         mask_c = (offs_m < M)[:, None] & mask_n[None, :]
-        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_split = c_ptr + split.to(tl.int64) * stride_cs
+        c_ptrs = c_split + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
         _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
 
 
@@ -173,7 +179,7 @@ def _wgrad_desc_kernel(
 def _gemm_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, a_index_ptr, b_index_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
     GATHER_A_ROWS: tl.constexpr,  # A row m is a_ptr row a_index[m]
     GATHER_B_ROWS: tl.constexpr,  # B row k is b_ptr row b_index[k]
     HAS_BIAS: tl.constexpr,  # add bias[n] to every row of C
@@ -185,7 +191,8 @@ def _gemm_kernel(
     EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no mask on the reduction
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Pointer-load GEMM for any dtype and strides: ``C (+)= A[a_index] @ B[b_index]``."""
+    """Pointer-load GEMM for any dtype and strides: ``C (+)= A[a_index] @ B[b_index]``; reduction
+    split k (``program_id(1)``) writes at ``C + k·stride_cs``."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -235,11 +242,31 @@ def _gemm_kernel(
         acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
     c_ptrs = (
         c_ptr
+        + pid_k.to(tl.int64) * stride_cs
         + offs_m.to(tl.int64)[:, None] * stride_cm
         + offs_n.to(tl.int64)[None, :] * stride_cn
     )
     mask_c = mask_m[:, None] & mask_n[None, :]
     _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
+
+
+@Launcher
+@triton.jit
+def _sum_splits_kernel(
+    ws_ptr, out_ptr, S, M, N, stride_ws, stride_om, stride_on,
+    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``out (M, N) (+)= sum_s ws[s]`` over fp32 partials ws (S, M, N) (row stride N), s in order."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(S):
+        acc += tl.load(ws, mask=mask, other=0.0)
+        ws += stride_ws
+    o = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    _store_tile(o, acc, mask, ACCUMULATE, False)
 
 
 # ------------------------------------------------------------------------------------- configuration
@@ -367,7 +394,8 @@ def _pointer_candidates() -> list[dict]:
 
 
 def _launch_pointer(a, b, c, bias, a_index, b_index, M, N, K, strides, cfg, *, accumulate, atomic, split_k):
-    """Pointer kernel: C (M, N) (+)= A[a_index] (M, K) @ B[b_index] (K, N)."""
+    """Pointer kernel: C (M, N) (+)= A[a_index] (M, K) @ B[b_index] (K, N); ``strides`` in the
+    kernel's order (A m, k; B k, n; C split, m, n)."""
     dummy = c  # stands in for absent optional pointers (never dereferenced)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
     _gemm_kernel[grid](
@@ -417,7 +445,7 @@ def _fwd_run(x, index, weight, bias, y, cfg):
     else:
         n, N = y.shape
         # B = weightᵀ (K, N): B[k, j] = weight[j, k].
-        strides = (x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1))
+        strides = (x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), 0, y.stride(0), y.stride(1))
         _launch_pointer(x, weight, y, bias, index, None, n, N, x.shape[1], strides, cfg,
                         accumulate=False, atomic=False, split_k=1)
 
@@ -430,7 +458,7 @@ def gather_matmul_triton(x, index, weight, bias):
     index = _index(index)
     n = x.shape[0] if index is None else index.shape[0]
     N = weight.shape[0]
-    y = torch.empty((n, N), dtype=x.dtype, device=x.device)  # (n, N)
+    y = _alloc((n, N), x.dtype, x.device)  # (n, N)
     if n == 0 or N == 0:
         return y
     return gather_matmul_into(x, index, weight, None if bias is None else bias.contiguous(), y)
@@ -439,28 +467,33 @@ def gather_matmul_triton(x, index, weight, bias):
 # ------------------------------------------------------------------------------------- weight gradient
 
 
-def _wgrad_candidates(N: int, K: int, n: int, sms: int) -> list[dict]:
+def _wgrad_candidates(N: int, K: int, n: int, sms: int, *, deterministic: bool = True) -> list[dict]:
+    """Descriptor-kernel candidates; split reductions add partial tiles in order, and also through
+    fp32 atomics unless ``deterministic``."""
     if INTERPRET:
-        return [{**_INTERPRET_CFG, "SPLIT_K": _split_for(triton.cdiv(N, 32) * triton.cdiv(K, 32), n, 16, sms)}]
+        split = _split_for(triton.cdiv(N, 32) * triton.cdiv(K, 32), n, 16, sms)
+        return [{**_INTERPRET_CFG, "SPLIT_K": split, "SPLIT_MODE": "partial"}]
+    modes = ("partial",) if deterministic else ("partial", "atomic")
     out = []
     for t in _WGRAD_TILES:
         tiles = triton.cdiv(N, t[0]) * triton.cdiv(K, t[1])
         for s in sorted({1, _split_for(tiles, n, t[2], sms)}):
-            out.append(_cfg(*t, PERSIST=True, SPLIT_K=s))
+            for mode in modes if s > 1 else ("partial",):
+                out.append(_cfg(*t, PERSIST=True, SPLIT_K=s, SPLIT_MODE=mode))
     # Untuned default: the first candidate whose tiles (with their split) fill the GPU best.
     out.sort(key=lambda c: -_fill(triton.cdiv(N, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]) * c["SPLIT_K"], sms))
     return out
 
 
-def _launch_wgrad_desc(g, x, index, target, cfg, *, accumulate):
+def _launch_wgrad_desc(g, x, index, target, cfg, *, accumulate, atomic, stride_cs):
     n, N = g.shape
     K = x.shape[1]
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     units = triton.cdiv(N, bm) * triton.cdiv(K, bn) * split
     _wgrad_desc_kernel[(_grid_size(units, cfg, g.device),)](
         _desc(g, [bk, bm]), x, target if index is None else index, target,
-        N, K, n, x.stride(0), x.stride(1), target.stride(0), target.stride(1),
-        HAS_INDEX=index is not None, ACCUMULATE=accumulate, ATOMIC=split > 1, SPLIT_K=split,
+        N, K, n, x.stride(0), x.stride(1), stride_cs, target.stride(-2), target.stride(-1),
+        HAS_INDEX=index is not None, ACCUMULATE=accumulate, ATOMIC=atomic, SPLIT_K=split,
         UPCAST=INTERPRET, EVEN_R=n % bk == 0,
         FLATTEN=cfg["PERSIST"] and not INTERPRET,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
@@ -469,27 +502,39 @@ def _launch_wgrad_desc(g, x, index, target, cfg, *, accumulate):
 
 
 def _wgrad_run(g, x, index, result, accumulate, use_desc, cfg):
-    """One weight-gradient call into ``result`` with ``cfg`` (its SPLIT_K > 1 adds through fp32)."""
+    """One weight-gradient call into ``result`` with ``cfg``. A split reduction (SPLIT_K > 1) either
+    writes fp32 partial tiles that ``_sum_splits_kernel`` adds in order (SPLIT_MODE "partial",
+    deterministic) or adds into an fp32 buffer with atomics ("atomic")."""
     n, N = g.shape
     K = x.shape[1]
     split = cfg["SPLIT_K"]
-    if split > 1:
-        if result.dtype == torch.float32:
-            target = result
-            if not accumulate:
-                target.zero_()
-        else:
-            target = torch.zeros((N, K), dtype=torch.float32, device=x.device)
+    atomic = split > 1 and cfg.get("SPLIT_MODE") == "atomic"
+    if split == 1:
+        target, stride_cs = result, 0
+    elif not atomic:
+        target = _alloc((split, N, K), torch.float32, x.device)  # every split writes all of its slice
+        stride_cs = target.stride(0)
+    elif result.dtype == torch.float32:
+        target, stride_cs = result, 0
+        if not accumulate:
+            target.zero_()
     else:
-        target = result
+        target, stride_cs = torch.zeros((N, K), dtype=torch.float32, device=x.device), 0
+    into_c = accumulate and split == 1
     if use_desc:
-        _launch_wgrad_desc(g, x, index, target, cfg, accumulate=accumulate and split == 1)
+        _launch_wgrad_desc(g, x, index, target, cfg, accumulate=into_c, atomic=atomic, stride_cs=stride_cs)
     else:
         # A = grad_outᵀ (N, n): A[i, r] = grad_out[r, i]; B = x[index] (n, K).
-        strides = (g.stride(1), g.stride(0), x.stride(0), x.stride(1), target.stride(0), target.stride(1))
+        strides = (g.stride(1), g.stride(0), x.stride(0), x.stride(1), stride_cs, target.stride(-2),
+                   target.stride(-1))
         _launch_pointer(g, x, target, None, None, index, N, K, n, strides, cfg,
-                        accumulate=accumulate and split == 1, atomic=split > 1, split_k=split)
-    if target is not result:
+                        accumulate=into_c, atomic=atomic, split_k=split)
+    if split > 1 and not atomic:
+        block = 32 if INTERPRET else 64
+        grid = (triton.cdiv(N, block), triton.cdiv(K, block))
+        _sum_splits_kernel[grid](target, result, split, N, K, target.stride(0), result.stride(0),
+                                 result.stride(1), ACCUMULATE=accumulate, BLOCK_M=block, BLOCK_N=block)
+    elif target is not result:
         if accumulate:
             result.add_(target)
         else:
@@ -500,19 +545,24 @@ def gathered_weight_grad_into(g, x, index, result, accumulate, *, path: str = "a
     """``result (+)= gᵀ @ x[index]`` (N, K).
 
     ``path``: "desc" or "pointer" forces a kernel family; "auto" times both where the descriptor
-    kernel applies (the untuned default: descriptors).
+    kernel applies (the untuned default: descriptors). Split reductions through fp32 atomics (not
+    bitwise reproducible) are candidates only while ``torch.are_deterministic_algorithms_enabled()``
+    is false.
     """
     n, N = g.shape
     K = x.shape[1]
     desc_ok = path != "pointer" and (path == "desc" or (_desc_ok(g) and x.dtype == g.dtype))
     if cfg is None:
-        key = ("wgrad", path, N, K, _bucket(n), x.dtype, desc_ok, index is None, accumulate, result.dtype)
+        det = torch.are_deterministic_algorithms_enabled()
+        key = ("wgrad", path, N, K, _bucket(n), x.dtype, desc_ok, index is None, accumulate, result.dtype, det)
         cfg = _CHOICE.get(key)
         if cfg is None:
-            cands = [{**c, "DESC": True} for c in _wgrad_candidates(N, K, n, num_sms(x.device))] if desc_ok else []
+            sms = num_sms(x.device)
+            cands = [{**c, "DESC": True} for c in _wgrad_candidates(N, K, n, sms, deterministic=det)] if desc_ok else []
             if path != "desc":
                 split = _split_k(N, K, n, x.device)
-                cands += [{**c, "SPLIT_K": split, "DESC": False} for c in _pointer_candidates()]
+                cands += [{**c, "SPLIT_K": split, "SPLIT_MODE": "partial", "DESC": False}
+                          for c in _pointer_candidates()]
             scratch = result.clone()  # tuning trials write here, so ``result`` is touched once
             cfg = _tune(key, cands, lambda c: _wgrad_run(g, x, index, scratch, accumulate, c["DESC"], c))
     _wgrad_run(g, x, index, result, accumulate, cfg["DESC"], cfg)
@@ -528,7 +578,7 @@ def gathered_weight_grad_triton(grad_out, x, index, out):
     N = grad_out.shape[1]
     K = x.shape[1]
     if out is None:
-        result = torch.empty((N, K), dtype=x.dtype, device=x.device)  # (N, K)
+        result = _alloc((N, K), x.dtype, x.device)  # (N, K)
         accumulate = False
     else:
         result, accumulate = out, True

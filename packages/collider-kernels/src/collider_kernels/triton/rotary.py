@@ -6,19 +6,14 @@ over the heads. Dims past the rotated width pass through.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from collider_kernels.backends import register
 from collider_kernels.rotary_backward import _rotary_backward_torch
 from collider_kernels.triton import DEVICES, INTERPRET, KERNEL_DTYPES
+from collider_kernels.triton import alloc_output as _alloc
 from collider_kernels.triton.launch import Launcher
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Uninitialised output storage (every element is written by the kernel)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 @Launcher

@@ -28,15 +28,11 @@ from collider_kernels.layer_norm_backward import _layer_norm_backward_torch
 from collider_kernels.rms_norm_backward import _rms_norm_backward_torch
 from collider_kernels.swiglu_backward import _swiglu_backward_torch
 from collider_kernels.triton import DEVICES, INTERPRET, KERNEL_DTYPES, num_sms
+from collider_kernels.triton import alloc_output as _alloc
 from collider_kernels.triton.launch import Launcher
 
 # Widest RMSNorm/LayerNorm row held in registers by one program; wider rows use the torch backend.
 MAX_RMS_WIDTH = 16384
-
-
-def _alloc(shape, dtype, device) -> torch.Tensor:
-    """Uninitialised output storage (every element is written by a kernel)."""
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
