@@ -76,44 +76,56 @@ def profile_wgrad():
                     print(f"   {ev.key[:60]:60s} n={ev.count} avg {ev.device_time_total / ev.count:.1f} us")
 
 
-def wgrad_candidates_graph():
-    """Device time (CUDA-graph replay) of every weight-gradient candidate on narrow outputs."""
+def candidates_graph():
+    """Device time (CUDA-graph replay) of every candidate of both ops on the narrow shapes."""
     from timing import graph_ms
 
     for N, K in ((1536, 1536), (256, 1536), (256, 2048)):
         x = torch.randn(TOKENS, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
         n = int(0.6 * TOKENS)
         idx = torch.randperm(TOKENS, device="cuda")[:n].sort().values
         xc = x.index_select(0, idx)
         g = torch.randn(n, N, device="cuda", dtype=torch.bfloat16)
-        out = torch.empty(N, K, device="cuda", dtype=torch.bfloat16)
+        y = torch.empty(n, N, device="cuda", dtype=torch.bfloat16)
+        dw = torch.empty(N, K, device="cuda", dtype=torch.bfloat16)
         flops = 2.0 * n * N * K
-        ms = graph_ms(lambda: torch.mm(g.t(), xc))
-        print(f"wgrad N={N} K={K} n={n}: cuBLAS-compact {ms * 1e3:.1f} us ({flops / ms / 1e9:.0f} TFLOP/s)")
-        res = []
-        for c in gemm._wgrad_candidates(N, K, n, gemm.num_sms(x.device)):
-            c = {**c, "DESC": True}
-            try:
-                ms = graph_ms(lambda c=c: gemm.gathered_weight_grad_into(g, x, idx, out, False, cfg=c))
-                res.append((ms, cfg_name(c)))
-            except Exception as e:
-                res.append((float("inf"), f"{cfg_name(c)} {type(e).__name__}"))
-        for ms, name in sorted(res):
-            print(f"   {name:24s} {ms * 1e3:7.1f} us {flops / ms / 1e9:5.0f} TFLOP/s", flush=True)
+        sms = gemm.num_sms(x.device)
+        ops = {
+            "fwd": (lambda: torch.mm(xc, w.t()),
+                    [{**c, "DESC": True} for c in gemm._fwd_candidates(N)]
+                    + [{**c, "DESC": False} for c in gemm._pointer_candidates()],
+                    lambda c: gemm.gather_matmul_into(x, idx, w, None, y, cfg=c)),
+            "wgrad": (lambda: torch.mm(g.t(), xc),
+                      [{**c, "DESC": True} for c in gemm._wgrad_candidates(N, K, n, sms, deterministic=False)],
+                      lambda c: gemm.gathered_weight_grad_into(g, x, idx, dw, False, cfg=c)),
+        }
+        for op, (cublas, cands, run) in ops.items():
+            ms = graph_ms(cublas)
+            print(f"{op} N={N} K={K} n={n}: cuBLAS-compact {ms * 1e3:.1f} us ({flops / ms / 1e9:.0f} TFLOP/s)")
+            res = []
+            for c in cands:
+                try:
+                    ms = graph_ms(lambda c=c: run(c))
+                    res.append((ms, ("desc " if c["DESC"] else "ptr ") + cfg_name(c)))
+                except Exception as e:
+                    res.append((float("inf"), f"{cfg_name(c)} {type(e).__name__}"))
+            for ms, name in sorted(res):
+                print(f"   {name:26s} {ms * 1e3:7.1f} us {flops / ms / 1e9:5.0f} TFLOP/s", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--profile", action="store_true", help="only profile the weight gradient")
-    ap.add_argument("--wgrad-candidates", action="store_true",
-                    help="only time every weight-gradient candidate on narrow outputs (graph replay)")
+    ap.add_argument("--candidates", action="store_true",
+                    help="only time every candidate of both ops on the narrow shapes (graph replay)")
     args = ap.parse_args()
     if args.profile:
         profile_wgrad()
         return
-    if args.wgrad_candidates:
-        wgrad_candidates_graph()
+    if args.candidates:
+        candidates_graph()
         return
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, table = [], []
