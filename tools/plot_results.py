@@ -75,11 +75,35 @@ def plot_attention() -> None:
     plt.close(fig)
 
 
+def plot_gemm() -> None:
+    """Triton over cuBLAS on the compact matrix per layer shape at keep 0.6 (graph and eager)."""
+    data = json.loads((RESULTS / "gemm_h200.json").read_text())
+    short = {"TinyLlama-1.1B": "TL", "Qwen2.5-1.5B": "Qw", "Phi-1.5": "Phi"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, op, title in zip(axes, ("gather_matmul", "weight_grad"), ("gather-GEMM", "weight gradient"), strict=True):
+        rows = [r for r in data["gemm"] if r["keep"] == 0.6 and r["op"] == op and "graph_tflops" in r["triton"]]
+        xs = range(len(rows))
+        for k, (metric, label) in enumerate((("graph_tflops", "kernel (CUDA graph)"), ("tflops", "eager call"))):
+            ratio = [r["triton"][metric] / r["cublas_compact"][metric] for r in rows]
+            ax.bar([x + (k - 0.5) * 0.4 for x in xs], ratio, 0.4, label=label)
+        ax.axhline(0.9, color="black", lw=0.8, ls="--", label="0.9 target")
+        ax.set_xticks(list(xs), [f"{short[r['model']]} {r['layers']}" for r in rows], rotation=60, fontsize=7,
+                     ha="right")
+        ax.set_title(f"{title}, keep 0.6", fontsize=9)
+    axes[0].set_ylabel("Triton / cuBLAS on compact rows")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{data['meta']['gpu']}, bf16, 16384 token rows ({data['meta']['date']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(OUT / "gemm_h200.png", dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     plot_cpu_crossover()
     plot_e2e()
     plot_attention()
+    plot_gemm()
     print(f"wrote plots to {OUT.relative_to(ROOT)}")
 
 
