@@ -206,7 +206,9 @@ def write_md(path, meta, rows, summary, scatter, backends):
         f"{TOKENS} token rows, bf16, index = sorted random subset; TFLOP/s = 2·n·N·K / time per call, "
         "median of 5 batches. Each cell is **eager / graph**: eager queues the calls back to back from "
         "Python (host launch cost included), graph replays them from a CUDA graph (device time only).",
-        "cuBLAS-compact = torch.mm on the pre-gathered matrix (no gather: the roofline).",
+        "cuBLAS-compact = torch.mm on the pre-gathered matrix (no gather: the roofline). Triton = the "
+        "descriptor (TMA) kernels where rows are 16-byte aligned, else the pointer kernel; kernel family, "
+        "tile and reduction split are timed per shape on first use (CUDA-graph replay).",
         "",
         "## keep 0.6 (TFLOP/s, eager / graph; ratios of Triton)",
         "",
