@@ -38,6 +38,8 @@ def cfg_name(c):
         s += "p"
     if c.get("SPLIT_K", 1) > 1:
         s += f"k{c['SPLIT_K']}" + ("a" if c.get("SPLIT_MODE") == "atomic" else "")
+    if c.get("STREAM_K"):
+        s += "sk"
     return s
 
 

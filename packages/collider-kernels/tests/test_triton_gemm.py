@@ -134,6 +134,32 @@ def test_weight_grad_split_modes(kc, monkeypatch, mode):
         assert torch.equal(first, ck.gathered_weight_grad(g, x, idx, backend="triton"))
 
 
+@pytest.mark.parametrize("N", (224, 64, 128))
+def test_weight_grad_stream_k(kc, monkeypatch, N):
+    """Stream-K: whole tiles first, then the last partial wave's tiles cut into runs of reduction
+    blocks shared by all programs (one program spanning two tiles when N = 224: 7 tiles on 4
+    programs; N = 128: 4 tiles, no stream-K share); partial tiles in a NaN-filled workspace, added in
+    program order."""
+    from collider_kernels.triton import gemm
+
+    cfg = {**gemm._INTERPRET_CFG, "SPLIT_K": 1, "STREAM_K": True}
+    monkeypatch.setattr(gemm, "_wgrad_candidates", lambda *args, **kwargs: [cfg])
+    monkeypatch.setattr(gemm, "_CHOICE", {})
+    monkeypatch.setattr(gemm, "_alloc", nan_alloc)
+    sms = gemm.num_sms(torch.device(DEVICE))
+    tiles = -(-N // 32)
+    assert gemm._stream_k_plan(N, 24, 250, cfg, sms)[0] == tiles % sms
+    with _only("desc"):
+        for out_dtype in (None, torch.float32, torch.float16):
+            kc.weight_grad("triton", M=300, K=24, N=N, n=250, kind="repeats", row_pad=0,
+                           dtype=torch.float16, device=DEVICE, seed=N, out_dtype=out_dtype)
+    g = torch.randn(250, N, dtype=torch.float16, device=DEVICE)
+    x = torch.randn(300, 24, dtype=torch.float16, device=DEVICE)
+    idx = torch.randint(0, 300, (250,), device=DEVICE)
+    assert torch.equal(ck.gathered_weight_grad(g, x, idx, backend="triton"),
+                       ck.gathered_weight_grad(g, x, idx, backend="triton"))
+
+
 def test_deterministic_mode_excludes_atomic_split_candidates(monkeypatch):
     from collider_kernels.triton import gemm
 
@@ -141,8 +167,11 @@ def test_deterministic_mode_excludes_atomic_split_candidates(monkeypatch):
     det = gemm._wgrad_candidates(256, 2048, 9830, 132, deterministic=True)
     free = gemm._wgrad_candidates(256, 2048, 9830, 132, deterministic=False)
     assert any(c["SPLIT_K"] > 1 for c in det)
-    assert all(c["SPLIT_MODE"] == "partial" for c in det)
+    assert all(c.get("SPLIT_MODE") != "atomic" for c in det)
     assert {c["SPLIT_MODE"] for c in free if c["SPLIT_K"] > 1} == {"partial", "atomic"}
+    # Stream-K (deterministic) only where the tiles leave a partial last wave on 132 SMs.
+    sk = [c for c in det if c.get("STREAM_K")]
+    assert sk and all((-(-256 // c["BLOCK_M"]) * -(-2048 // c["BLOCK_N"])) % 132 for c in sk)
 
 
 def test_pointer_kernel_for_unaligned_rows(kc):

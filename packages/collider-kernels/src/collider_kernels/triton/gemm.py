@@ -116,16 +116,55 @@ def _index_block(index_ptr, rr, r_stop, HAS_INDEX: tl.constexpr):
         return tl.where(rr < r_stop, rr, 0).to(tl.int64)
 
 
+@triton.jit
+def _wgrad_tile(
+    g_desc, x_ptr, index_ptr, N, r_start, r_stop, off_m, offs_n, stride_xm, stride_xn,
+    HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr, EVEN_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 (BLOCK_M, BLOCK_N) tile of ``Gᵀ @ X[index]`` over reduction rows [r_start, r_stop)."""
+    offs_r = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    x_cols = x_ptr + offs_n[None, :] * stride_xn  # (1, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The index block of the next step is loaded one step ahead, off the B loads' critical path.
+    rows_next = _index_block(index_ptr, r_start + offs_r, r_stop, HAS_INDEX)
+    for r0 in range(r_start, r_stop, BLOCK_K):
+        rr = r0 + offs_r
+        if EVEN_R:
+            mask_r = tl.full((BLOCK_K,), 1, tl.int1)
+        else:
+            mask_r = rr < r_stop
+        rows = rows_next
+        rows_next = _index_block(index_ptr, rr + BLOCK_K, r_stop, HAS_INDEX)
+        # Rows past this range are zero in B, so A's rows there (another range's) add 0.
+        b = tl.load(x_cols + rows[:, None] * stride_xm, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        a = g_desc.load([r0, off_m])  # (BLOCK_K, BLOCK_M); zero past the edges
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a.T, b, acc)
+    return acc
+
+
+@triton.jit
+def _stream_k_range(program, programs, sk_tiles, k_blocks):
+    # Stream-K: the sk_tiles * k_blocks reduction blocks of the last tiles, shared evenly by programs.
+    total = sk_tiles * k_blocks
+    return program * total // programs, (program + 1) * total // programs
+
+
 @Launcher
 @triton.jit
 def _wgrad_desc_kernel(
-    g_desc, x_ptr, index_ptr, c_ptr,
-    M, N, R,
+    g_desc, x_ptr, index_ptr, c_ptr, ws_ptr,
+    M, N, R, SK_TILES, SK_SLOTS,
     stride_xm, stride_xn, stride_cs, stride_cm, stride_cn,  # stride_cs: C offset of each split
     HAS_INDEX: tl.constexpr,  # reduction row r of X is x row index[r] (else row r)
     ACCUMULATE: tl.constexpr,  # C += ... instead of C = ...
     ATOMIC: tl.constexpr,  # add into fp32 C with atomics (split reduction)
     SPLIT_K: tl.constexpr,  # programs sharing the reduction of one C tile
+    STREAM_K: tl.constexpr,  # the last SK_TILES tiles are shared block-wise by all programs
     UPCAST: tl.constexpr,
     EVEN_R: tl.constexpr,  # every reduction block is full: no masks on the reduction
     FLATTEN: tl.constexpr,
@@ -133,45 +172,78 @@ def _wgrad_desc_kernel(
 ):
     """``C (M, N) (+)= Gᵀ @ X[index]``: G (R, M) is read through ``g_desc``, the reduction runs over R.
 
-    Split s of the reduction writes at ``C + s·stride_cs`` (0: all splits add into one C atomically)."""
+    Split s of the reduction writes at ``C + s·stride_cs`` (0: all splits add into one C atomically).
+    With ``STREAM_K`` the first tiles are whole units and the last ``SK_TILES`` are cut into runs of
+    reduction blocks, an equal share per program; each run's fp32 partial tile goes to workspace
+    slot ``program · SK_SLOTS + j`` (j-th tile the program touches) for ``_stream_k_fixup_kernel``."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_tiles = num_pid_m * num_pid_n
+    unit_tiles = num_pid_m * num_pid_n - SK_TILES  # tiles computed whole (or split SPLIT_K ways)
     r_per_split = tl.cdiv(tl.cdiv(R, SPLIT_K), BLOCK_K) * BLOCK_K
-    offs_r = tl.arange(0, BLOCK_K)
-    for unit in tl.range(tl.program_id(0), num_tiles * SPLIT_K, tl.num_programs(0), flatten=FLATTEN):
-        tile = unit % num_tiles
-        split = unit // num_tiles
+    for unit in tl.range(tl.program_id(0), unit_tiles * SPLIT_K, tl.num_programs(0), flatten=FLATTEN):
+        tile = unit % unit_tiles
+        split = unit // unit_tiles
         r_start = split * r_per_split
         r_stop = min(R, r_start + r_per_split)
         pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        x_cols = x_ptr + offs_n[None, :] * stride_xn  # (1, BLOCK_N)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # The index block of the next step is loaded one step ahead, off the B loads' critical path.
-        rows_next = _index_block(index_ptr, r_start + offs_r, r_stop, HAS_INDEX)
-        for r0 in range(r_start, r_stop, BLOCK_K):
-            rr = r0 + offs_r
-            if EVEN_R:
-                mask_r = tl.full((BLOCK_K,), 1, tl.int1)
-            else:
-                mask_r = rr < r_stop
-            rows = rows_next
-            rows_next = _index_block(index_ptr, rr + BLOCK_K, r_stop, HAS_INDEX)
-            # Rows past this split's range are zero in B, so A's rows there (another split's) add 0.
-            b = tl.load(x_cols + rows[:, None] * stride_xm, mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-            a = g_desc.load([r0, off_m])  # (BLOCK_K, BLOCK_M); zero past the edges
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a.T, b, acc)
+        acc = _wgrad_tile(g_desc, x_ptr, index_ptr, N, r_start, r_stop, off_m, offs_n, stride_xm, stride_xn,
+                          HAS_INDEX, UPCAST, EVEN_R, BLOCK_M, BLOCK_N, BLOCK_K)
         offs_m = off_m + tl.arange(0, BLOCK_M)
-        mask_c = (offs_m < M)[:, None] & mask_n[None, :]
+        mask_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         c_split = c_ptr + split.to(tl.int64) * stride_cs
         c_ptrs = c_split + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
         _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
+    if STREAM_K:
+        k_blocks = tl.cdiv(R, BLOCK_K)
+        program = tl.program_id(0)
+        it, it_end = _stream_k_range(program, tl.num_programs(0), SK_TILES, k_blocks)
+        first = it // k_blocks
+        offs_ws = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        while it < it_end:
+            t = it // k_blocks  # stream-K tile, 0 .. SK_TILES-1
+            k0 = it - t * k_blocks
+            k1 = min(k_blocks, k0 + it_end - it)
+            pid_m, pid_n = _tile_coords(unit_tiles + t, num_pid_m, num_pid_n, GROUP_M)
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            acc = _wgrad_tile(g_desc, x_ptr, index_ptr, N, k0 * BLOCK_K, min(R, k1 * BLOCK_K), pid_m * BLOCK_M,
+                              offs_n, stride_xm, stride_xn, HAS_INDEX, UPCAST, EVEN_R, BLOCK_M, BLOCK_N, BLOCK_K)
+            slot = (program * SK_SLOTS + t - first).to(tl.int64)
+            tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + offs_ws, acc)
+            it += k1 - k0
+
+
+@Launcher
+@triton.jit
+def _stream_k_fixup_kernel(
+    ws_ptr, c_ptr, M, N, R, SK_TILES, SK_SLOTS, PROGRAMS, stride_cm, stride_cn,
+    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr, SUB_M: tl.constexpr,
+):
+    """Rows ``SUB_M·program_id(1) ..`` of stream-K tile ``program_id(0)``: the sum, in program order,
+    of the partial tiles the programs of ``_wgrad_desc_kernel`` wrote, (added) into C."""
+    t = tl.program_id(0)
+    sub = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_blocks = tl.cdiv(R, BLOCK_K)
+    lo = t * k_blocks
+    hi = lo + k_blocks
+    rows = sub * SUB_M + tl.arange(0, SUB_M)
+    offs_ws = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    acc = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
+    for program in range(PROGRAMS):
+        it, it_end = _stream_k_range(program, PROGRAMS, SK_TILES, k_blocks)
+        if (it < it_end) & (it < hi) & (it_end > lo):  # the program's run covers part of tile t
+            slot = (program * SK_SLOTS + t - it // k_blocks).to(tl.int64)
+            acc += tl.load(ws_ptr + slot * (BLOCK_M * BLOCK_N) + offs_ws)
+    pid_m, pid_n = _tile_coords(num_pid_m * num_pid_n - SK_TILES + t, num_pid_m, num_pid_n, GROUP_M)
+    offs_m = pid_m * BLOCK_M + rows
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, False)
 
 
 @Launcher
@@ -470,8 +542,9 @@ def gather_matmul_triton(x, index, weight, bias):
 
 
 def _wgrad_candidates(N: int, K: int, n: int, sms: int, *, deterministic: bool = True) -> list[dict]:
-    """Descriptor-kernel candidates; split reductions add partial tiles in order, and also through
-    fp32 atomics unless ``deterministic``."""
+    """Descriptor-kernel candidates: whole tiles; split reductions (partial tiles added in order, and
+    fp32 atomics unless ``deterministic``); stream-K for a partial last wave (partial tiles added in
+    order)."""
     if INTERPRET:
         split = _split_for(triton.cdiv(N, 32) * triton.cdiv(K, 32), n, 16, sms)
         return [{**_INTERPRET_CFG, "SPLIT_K": split, "SPLIT_MODE": "partial"}]
@@ -482,21 +555,34 @@ def _wgrad_candidates(N: int, K: int, n: int, sms: int, *, deterministic: bool =
         for s in sorted({1, _split_for(tiles, n, t[2], sms)}):
             for mode in modes if s > 1 else ("partial",):
                 out.append(_cfg(*t, PERSIST=True, SPLIT_K=s, SPLIT_MODE=mode))
+        if tiles % sms:  # a partial last wave: share its tiles' reduction blocks over all programs
+            out.append(_cfg(*t, PERSIST=True, SPLIT_K=1, STREAM_K=True))
     # Untuned default: the first candidate whose tiles (with their split) fill the GPU best.
     out.sort(key=lambda c: -_fill(triton.cdiv(N, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]) * c["SPLIT_K"], sms))
     return out
 
 
-def _launch_wgrad_desc(g, x, index, target, cfg, *, accumulate, atomic, stride_cs):
+def _stream_k_plan(N: int, K: int, n: int, cfg: dict, sms: int) -> tuple[int, int]:
+    """(tiles shared stream-K, workspace slots per program) of ``cfg`` on ``sms`` programs."""
+    tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"])
+    sk_tiles = tiles % sms
+    k_blocks = triton.cdiv(n, cfg["BLOCK_K"])
+    # A program's run of ceil(total / sms) blocks touches at most this many tiles.
+    slots = triton.cdiv(triton.cdiv(sk_tiles * k_blocks, sms), k_blocks) + 1
+    return sk_tiles, slots
+
+
+def _launch_wgrad_desc(g, x, index, target, cfg, *, accumulate, atomic, stride_cs, ws=None, sk=(0, 0)):
     n, N = g.shape
     K = x.shape[1]
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     units = triton.cdiv(N, bm) * triton.cdiv(K, bn) * split
-    _wgrad_desc_kernel[(_grid_size(units, cfg, g.device),)](
-        _desc(g, [bk, bm]), x, target if index is None else index, target,
-        N, K, n, x.stride(0), x.stride(1), stride_cs, target.stride(-2), target.stride(-1),
+    grid = num_sms(g.device) if ws is not None else _grid_size(units, cfg, g.device)
+    _wgrad_desc_kernel[(grid,)](
+        _desc(g, [bk, bm]), x, target if index is None else index, target, target if ws is None else ws,
+        N, K, n, sk[0], sk[1], x.stride(0), x.stride(1), stride_cs, target.stride(-2), target.stride(-1),
         HAS_INDEX=index is not None, ACCUMULATE=accumulate, ATOMIC=atomic, SPLIT_K=split,
-        UPCAST=INTERPRET, EVEN_R=n % bk == 0,
+        STREAM_K=ws is not None, UPCAST=INTERPRET, EVEN_R=n % bk == 0,
         FLATTEN=cfg["PERSIST"] and not INTERPRET,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -506,7 +592,11 @@ def _launch_wgrad_desc(g, x, index, target, cfg, *, accumulate, atomic, stride_c
 def _wgrad_run(g, x, index, result, accumulate, use_desc, cfg):
     """One weight-gradient call into ``result`` with ``cfg``. A split reduction (SPLIT_K > 1) either
     writes fp32 partial tiles that ``_sum_splits_kernel`` adds in order (SPLIT_MODE "partial",
-    deterministic) or adds into an fp32 buffer with atomics ("atomic")."""
+    deterministic) or adds into an fp32 buffer with atomics ("atomic"); STREAM_K: see
+    ``_wgrad_stream_k``."""
+    if use_desc and cfg.get("STREAM_K"):
+        _wgrad_stream_k(g, x, index, result, accumulate, cfg)
+        return
     n, N = g.shape
     K = x.shape[1]
     split = cfg["SPLIT_K"]
@@ -541,6 +631,26 @@ def _wgrad_run(g, x, index, result, accumulate, use_desc, cfg):
             result.add_(target)
         else:
             result.copy_(target)
+
+
+def _wgrad_stream_k(g, x, index, result, accumulate, cfg):
+    """Whole tiles first, then the partial last wave's tiles shared block-wise by every program;
+    their partial tiles are added in program order by a second launch (deterministic)."""
+    n, N = g.shape
+    K = x.shape[1]
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    sms = num_sms(x.device)
+    sk_tiles, slots = _stream_k_plan(N, K, n, cfg, sms)
+    ws = _alloc((sms * slots, bm, bn), torch.float32, x.device)  # partial tiles (slots never read stay unset)
+    _launch_wgrad_desc(g, x, index, result, cfg, accumulate=accumulate, atomic=False, stride_cs=0, ws=ws,
+                       sk=(sk_tiles, slots))
+    if sk_tiles:
+        sub_m = min(bm, 32 if INTERPRET else 64)
+        _stream_k_fixup_kernel[(sk_tiles, bm // sub_m)](
+            ws, result, N, K, n, sk_tiles, slots, sms, result.stride(0), result.stride(1),
+            ACCUMULATE=accumulate, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
+            SUB_M=sub_m, num_warps=4,
+        )
 
 
 def gathered_weight_grad_into(g, x, index, result, accumulate, *, path: str = "auto", cfg: dict | None = None):
