@@ -9,7 +9,8 @@ families serve them:
   tensor-copy engine), the gathered one through pointer loads; a persistent tile loop with grouped
   tile order. The weight gradient reduces over kept rows; small outputs split that reduction over
   programs, which either write fp32 partial tiles that a second launch adds in a fixed order
-  (deterministic) or add into an fp32 buffer atomically.
+  (deterministic) or add into an fp32 buffer atomically; a stream-K schedule shares the tiles of a
+  partial last wave block-wise over all programs (partial tiles, added in order).
 * one pointer-load kernel for everything else (fp32, unaligned strides):
   ``C[m, n] (+)= sum_k A[ra(m), k] B[rb(k), n]`` with optional row indexes ``ra``/``rb``.
 
