@@ -160,6 +160,26 @@ def test_weight_grad_stream_k(kc, monkeypatch, N):
                        ck.gathered_weight_grad(g, x, idx, backend="triton"))
 
 
+def test_tuner_skips_candidates_that_fail_and_says_so(monkeypatch):
+    from collider_kernels.triton import gemm
+
+    monkeypatch.setattr(gemm, "AUTOTUNE", True)
+    monkeypatch.setattr(gemm, "_CHOICE", {})
+    monkeypatch.setattr(gemm, "_tuning_bench", lambda fn: fn())  # the "time" is what run returns
+
+    def run(c):
+        if c["broken"]:
+            raise ValueError("does not compile")
+        return c["t"]
+
+    cands = [{"broken": True, "t": 0.1}, {"broken": False, "t": 2.0}, {"broken": False, "t": 1.0}]
+    with pytest.warns(RuntimeWarning, match="failed and is skipped"):
+        assert gemm._tune("key", cands, run) is cands[2]
+    assert gemm._CHOICE["key"] is cands[2]
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="every GEMM candidate"):
+        gemm._tune("other", [cands[0], cands[0]], run)
+
+
 def test_deterministic_mode_excludes_atomic_split_candidates(monkeypatch):
     from collider_kernels.triton import gemm
 

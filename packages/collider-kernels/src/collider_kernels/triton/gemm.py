@@ -21,6 +21,8 @@ under ``TRITON_INTERPRET=1`` small fixed tiles run.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -396,14 +398,21 @@ def _tune(key: tuple, cands: list[dict], run) -> dict:
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return cfg  # no timing inside a caller's graph capture; tuned on a later eager call
     if AUTOTUNE and len(cands) > 1:
-        best = float("inf")
+        best, failures = float("inf"), []
         for c in cands:
             try:
                 t = _tuning_bench(lambda c=c: run(c))
             except triton.runtime.errors.OutOfResources:  # tile does not fit this dtype
                 continue
+            except Exception as e:  # a candidate that fails to build is skipped, and said so
+                failures.append(e)
+                warnings.warn(f"collider: GEMM candidate {c} failed and is skipped: {type(e).__name__}: {e}",
+                              RuntimeWarning, stacklevel=2)
+                continue
             if t < best:
                 best, cfg = t, c
+        if best == float("inf") and failures:
+            raise RuntimeError(f"every GEMM candidate for {key} failed") from failures[-1]
     _CHOICE[key] = cfg
     return cfg
 
