@@ -7,7 +7,7 @@ import types
 
 import pytest
 import torch
-from kernel_testing import INDEX_KINDS, assert_rule, make_index, rand
+from kernel_testing import INDEX_KINDS, assert_rule, make_index, nan_outputs, rand
 from kernel_testing import small_atol as atol_for
 
 import collider_kernels as ck
@@ -72,6 +72,13 @@ def check_scatter(backend, *, n, R, F, deterministic, src_dtype, out_dtype, devi
         assert torch.equal(again, out), f"scatter_add_rows[{backend}] deterministic run differs"
     fresh = ck.scatter_add_rows(src, idx, R, deterministic=deterministic, backend=backend)
     assert fresh.shape == (R, F) and fresh.dtype == src_dtype
+
+
+@pytest.fixture
+def poison():
+    """Every Triton kernel output and workspace allocated NaN-filled during the test."""
+    with nan_outputs():
+        yield
 
 
 @pytest.fixture(scope="session")

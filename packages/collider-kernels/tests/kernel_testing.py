@@ -5,6 +5,9 @@ fp32/fp64 reference by at most twice what the torch backend computing in the sam
 plus a small absolute slack.
 """
 
+import contextlib
+
+import pytest
 import torch
 
 # "none" is index=None (all rows in order); "repeats" may repeat rows (embedding gradients).
@@ -39,6 +42,35 @@ def rand(rows: int, cols: int, dtype, device, gen, *, scale=1.0, shift=0.0, row_
 def nan_alloc(shape, dtype, device) -> torch.Tensor:
     """An allocator whose outputs are NaN-filled, so unwritten elements fail the checks."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@contextlib.contextmanager
+def nan_outputs():
+    """Every Triton kernel output (and workspace) allocated NaN-filled while the block runs."""
+    from collider_kernels.triton import gemm, rotary, rowwise
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (gemm, rotary, rowwise):
+            mp.setattr(module, "_alloc", nan_alloc)
+        yield
+
+
+def poison_cuda_allocator() -> None:
+    """Leave NaN-filled blocks in the CUDA caching allocator, so outputs that torch allocates and a
+    kernel fails to write show up as NaN."""
+    torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
+    torch.cuda.synchronize()
+
+
+def norm_case(M, H, n, kind, dtype, device, seed, row_pad=0, weight_dtype=None, grad_dtype=None):
+    """``(grad, x, weight, index)`` of a normalisation backward (RMSNorm or LayerNorm): x (M, H)
+    with a non-zero mean, weight (H,) around 1, grad (n, H) for the rows ``index``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = rand(M, H, dtype, device, gen, scale=2.0, shift=0.5, row_pad=row_pad)  # (M, H)
+    w = rand(1, H, weight_dtype or dtype, device, gen, shift=1.0)[0]  # (H,)
+    idx = make_index(kind, M, n, gen, device)
+    grad = rand(M if idx is None else idx.shape[0], H, grad_dtype or dtype, device, gen, row_pad=row_pad)
+    return grad, x, w, idx
 
 
 def assert_rule(out, ref32, torch_out, *, atol: float, what: str, same_dtype: bool = False) -> None:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from kernel_testing import poison_cuda_allocator
 
 import collider_kernels as ck
 
@@ -12,10 +13,6 @@ pytest.importorskip("cupy", reason="CuPy is not installed")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHAPES = [(300, 200, 260, 170), (2049, 1024, 768, 1300), (4096, 2048, 256, 2500), (37, 9, 5, 11)]
 
-
-def _poison_allocator():
-    torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
-    torch.cuda.synchronize()
 
 
 pytestmark = pytest.mark.gpu
@@ -33,7 +30,7 @@ def test_gather_matmul(kc, dtype, shape, kind):
     M, K, N, n = shape
     for has_bias in (False, True):
         for row_pad in (0, 3):
-            _poison_allocator()
+            poison_cuda_allocator()
             kc.gather_matmul("cupy", M=M, K=K, N=N, n=n, kind=kind, has_bias=has_bias,
                              row_pad=row_pad, dtype=dtype, device="cuda", seed=M + K)
 
@@ -43,7 +40,7 @@ def test_gather_matmul(kc, dtype, shape, kind):
 @pytest.mark.parametrize("out_dtype", (None, torch.float32, torch.float16))
 def test_gathered_weight_grad(kc, dtype, shape, out_dtype):
     M, K, N, n = shape
-    _poison_allocator()
+    poison_cuda_allocator()
     kc.weight_grad("cupy", M=M, K=K, N=N, n=n, kind="repeats", row_pad=8, dtype=dtype,
                    device="cuda", seed=N, out_dtype=out_dtype)
 

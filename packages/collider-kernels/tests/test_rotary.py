@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import assert_rule, nan_alloc, small_atol
+from kernel_testing import assert_rule, nan_outputs, small_atol
 
 import collider_kernels as ck
 from collider_kernels import reference
@@ -20,9 +20,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 rotary = pytest.importorskip("collider_kernels.triton.rotary")
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    monkeypatch.setattr(rotary, "_alloc", nan_alloc)
 
 
 def case(n, H, D, R, T, dtype, device, seed, head_pad=0):
@@ -72,8 +69,7 @@ def test_triton_matches_reference(n, H, D, rot_share, head_pad, dtype, seed):
         pytest.skip("the GPU variant runs in test_gpu_rule")
     R = int(D * rot_share) // 2 * 2
     grad, cos, sin, pos = case(n, H, D, R, 33, dtype, DEVICE, seed, head_pad=head_pad)
-    with pytest.MonkeyPatch.context() as mp:  # NaN-filled outputs (a fixture cannot wrap hypothesis examples)
-        mp.setattr(rotary, "_alloc", nan_alloc)
+    with nan_outputs():  # NaN-filled outputs (a fixture cannot wrap hypothesis examples)
         out = ck.rotary_backward(grad, cos, sin, pos, backend="triton")
     truth = ref32(grad, cos, sin, pos, torch.float32)
     torch_out = ck.rotary_backward(grad, cos, sin, pos, backend="torch")

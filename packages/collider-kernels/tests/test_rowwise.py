@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_testing import INDEX_KINDS as KINDS
-from kernel_testing import assert_rule, make_index, nan_alloc, rand, small_atol
+from kernel_testing import assert_rule, make_index, nan_outputs, norm_case, poison_cuda_allocator, rand, small_atol
 
 import collider_kernels as ck
 from collider_kernels import backends, reference
@@ -22,12 +22,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 rowwise = pytest.importorskip("collider_kernels.triton.rowwise")
 
 
-@pytest.fixture
-def poison(monkeypatch):
-    """Allocate every Triton output NaN-filled."""
-    monkeypatch.setattr(rowwise, "_alloc", nan_alloc)
-
-
 def swiglu_case(M, I, n, kind, dtype, device, seed, row_pad=0):
     gen = torch.Generator().manual_seed(seed)
     gate = rand(M, I, dtype, device, gen, scale=3.0, row_pad=row_pad)  # (M, I)
@@ -35,15 +29,6 @@ def swiglu_case(M, I, n, kind, dtype, device, seed, row_pad=0):
     idx = make_index(kind, M, n, gen, device)
     grad = rand(M if idx is None else idx.shape[0], I, dtype, device, gen, row_pad=row_pad)  # (n, I)
     return grad, gate, up, idx
-
-
-def rms_case(M, H, n, kind, dtype, device, seed, row_pad=0, weight_dtype=None, grad_dtype=None):
-    gen = torch.Generator().manual_seed(seed)
-    x = rand(M, H, dtype, device, gen, scale=2.0, shift=0.5, row_pad=row_pad)  # (M, H)
-    w = rand(1, H, weight_dtype or dtype, device, gen, shift=1.0)[0]  # (H,)
-    idx = make_index(kind, M, n, gen, device)
-    grad = rand(M if idx is None else idx.shape[0], H, grad_dtype or dtype, device, gen, row_pad=row_pad)
-    return grad, x, w, idx
 
 
 def check_swiglu(backend, grad, gate, up, idx):
@@ -103,7 +88,7 @@ def test_swiglu_torch_fp64(M, I, n, kind, seed):
 @settings(deadline=None, max_examples=15)
 @given(M=row_counts, H=widths, n=row_counts, kind=kinds, eps=epsilons, seed=seeds)
 def test_rms_norm_torch_fp64(M, H, n, kind, eps, seed):
-    grad, x, w, idx = rms_case(M, H, n, kind, torch.float64, "cpu", seed)
+    grad, x, w, idx = norm_case(M, H, n, kind, torch.float64, "cpu", seed)
     dx, dw = ck.rms_norm_backward(grad, x, w, eps, idx, backend="torch")
     ref_dx, ref_dw = reference.rms_norm_backward_reference(grad, x, w, eps, idx)
     assert dx.dtype == dw.dtype == torch.float64
@@ -138,8 +123,7 @@ def test_triton_backend_is_registered():
 @given(M=row_counts, I=widths, n=row_counts, kind=kinds, dtype=CPU_DTYPES, row_pad=st.sampled_from((0, 3)),
        seed=seeds)
 def test_swiglu_triton(M, I, n, kind, dtype, row_pad, seed):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rowwise, "_alloc", lambda s, d, dev: torch.full(s, float("nan"), dtype=d, device=dev))
+    with nan_outputs():
         check_swiglu("triton", *swiglu_case(M, I, n, kind, dtype, DEVICE, seed, row_pad))
 
 
@@ -147,16 +131,15 @@ def test_swiglu_triton(M, I, n, kind, dtype, row_pad, seed):
 @given(M=row_counts, H=widths, n=row_counts, kind=kinds, dtype=CPU_DTYPES, eps=epsilons,
        row_pad=st.sampled_from((0, 5)), seed=seeds)
 def test_rms_norm_triton(M, H, n, kind, dtype, eps, row_pad, seed):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rowwise, "_alloc", lambda s, d, dev: torch.full(s, float("nan"), dtype=d, device=dev))
-        check_rms("triton", *rms_case(M, H, n, kind, dtype, DEVICE, seed, row_pad), eps)
+    with nan_outputs():
+        check_rms("triton", *norm_case(M, H, n, kind, dtype, DEVICE, seed, row_pad), eps)
 
 
 def test_rms_norm_triton_many_programs(poison, monkeypatch):
     """More rows than programs: each program loops over a run of rows; partial dweights sum up."""
     monkeypatch.setattr(rowwise, "num_sms", lambda device: 3)
     for kind in ("none", "sorted_subset", "repeats"):
-        case = rms_case(150, 40, 97, kind, torch.float32, DEVICE, seed=11)
+        case = norm_case(150, 40, 97, kind, torch.float32, DEVICE, seed=11)
         check_rms("triton", *case, 1e-5)
         dw1 = ck.rms_norm_backward(*case[:3], 1e-5, case[3], backend="triton")[1]
         dw2 = ck.rms_norm_backward(*case[:3], 1e-5, case[3], backend="triton")[1]
@@ -166,14 +149,14 @@ def test_rms_norm_triton_many_programs(poison, monkeypatch):
 def test_rms_norm_triton_eps_zero_partial_row_block(poison):
     """eps = 0 with a last row block only partly filled: rows past the end must not turn the
     partial dweight into NaN (rsqrt(0) * 0)."""
-    case = rms_case(11, 24, 11, "none", torch.float32, DEVICE, seed=5)
+    case = norm_case(11, 24, 11, "none", torch.float32, DEVICE, seed=5)
     dx, dw = check_rms("triton", *case, 0.0)
     assert torch.isfinite(dw).all() and torch.isfinite(dx).all()
 
 
 def test_rms_norm_triton_mixed_dtypes(poison):
     """fp16 activations with an fp32 weight and fp32 gradient (output of fp32 weight * fp16 xhat)."""
-    case = rms_case(33, 70, 20, "sorted_subset", torch.float16, DEVICE, seed=3,
+    case = norm_case(33, 70, 20, "sorted_subset", torch.float16, DEVICE, seed=3,
                     weight_dtype=torch.float32, grad_dtype=torch.float32)
     check_rms("triton", *case, 1e-6)
 
@@ -193,7 +176,7 @@ def test_triton_fp64_falls_back_to_torch():
     got = ck.swiglu_backward(grad, gate, up, idx, backend="triton")
     want = ck.swiglu_backward(grad, gate, up, idx, backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
-    grad, x, w, idx = rms_case(9, 13, 4, "sorted_subset", torch.float64, DEVICE, seed=2)
+    grad, x, w, idx = norm_case(9, 13, 4, "sorted_subset", torch.float64, DEVICE, seed=2)
     got = ck.rms_norm_backward(grad, x, w, 1e-5, idx, backend="triton")
     want = ck.rms_norm_backward(grad, x, w, 1e-5, idx, backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
@@ -252,11 +235,6 @@ def test_validate_false_skips_the_range_check():
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _poison_allocator():
-    """Leave NaN-filled blocks in the CUDA caching allocator so unwritten outputs show up."""
-    torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
-    torch.cuda.synchronize()
-
 
 @pytest.mark.gpu
 def test_gpu_auto_picks_triton():
@@ -269,7 +247,7 @@ def test_gpu_auto_picks_triton():
 @pytest.mark.parametrize("I", (5632, 8960, 300))
 @pytest.mark.parametrize("kind", ("none", "sorted_subset", "repeats"))
 def test_gpu_swiglu(poison, dtype, I, kind):
-    _poison_allocator()
+    poison_cuda_allocator()
     check_swiglu("triton", *swiglu_case(3000, I, 1800, kind, dtype, "cuda", seed=I, row_pad=8))
 
 
@@ -278,30 +256,30 @@ def test_gpu_swiglu(poison, dtype, I, kind):
 @pytest.mark.parametrize("H", (2048, 1536, 300, 1))
 @pytest.mark.parametrize("kind", ("none", "sorted_subset", "repeats"))
 def test_gpu_rms_norm(poison, dtype, H, kind):
-    _poison_allocator()
-    check_rms("triton", *rms_case(5000, H, 3000, kind, dtype, "cuda", seed=H, row_pad=8), 1e-5)
+    poison_cuda_allocator()
+    check_rms("triton", *norm_case(5000, H, 3000, kind, dtype, "cuda", seed=H, row_pad=8), 1e-5)
 
 
 @pytest.mark.gpu
 def test_gpu_edge_index_sets(poison):
     for kind in KINDS:
         check_swiglu("triton", *swiglu_case(513, 777, 77, kind, torch.bfloat16, "cuda", seed=5))
-        check_rms("triton", *rms_case(513, 777, 77, kind, torch.bfloat16, "cuda", seed=5), 1e-6)
+        check_rms("triton", *norm_case(513, 777, 77, kind, torch.bfloat16, "cuda", seed=5), 1e-6)
 
 
 @pytest.mark.gpu
 def test_gpu_rms_norm_mixed_and_wide(poison):
-    case = rms_case(700, 2048, 400, "sorted_subset", torch.bfloat16, "cuda", seed=9,
+    case = norm_case(700, 2048, 400, "sorted_subset", torch.bfloat16, "cuda", seed=9,
                     weight_dtype=torch.float32, grad_dtype=torch.float32)
     check_rms("triton", *case, 1e-5)
     # Wider than one program's row block: the torch backend runs.
-    check_rms("triton", *rms_case(40, rowwise.MAX_RMS_WIDTH + 3, 20, "sorted_subset", torch.bfloat16, "cuda",
+    check_rms("triton", *norm_case(40, rowwise.MAX_RMS_WIDTH + 3, 20, "sorted_subset", torch.bfloat16, "cuda",
                                   seed=1), 1e-5)
 
 
 @pytest.mark.gpu
 def test_gpu_rms_norm_dweight_deterministic():
-    grad, x, w, idx = rms_case(16384, 2048, 9830, "sorted_subset", torch.bfloat16, "cuda", seed=4)
+    grad, x, w, idx = norm_case(16384, 2048, 9830, "sorted_subset", torch.bfloat16, "cuda", seed=4)
     first = ck.rms_norm_backward(grad, x, w, 1e-5, idx, backend="triton")[1]
     for _ in range(3):
         assert torch.equal(ck.rms_norm_backward(grad, x, w, 1e-5, idx, backend="triton")[1], first)

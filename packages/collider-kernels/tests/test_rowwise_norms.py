@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_testing import INDEX_KINDS as KINDS
-from kernel_testing import assert_rule, make_index, nan_alloc, rand, small_atol
+from kernel_testing import assert_rule, make_index, nan_outputs, norm_case, poison_cuda_allocator, rand, small_atol
 
 import collider_kernels as ck
 from collider_kernels import backends, reference
@@ -23,21 +23,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 OPS = ("layer_norm_backward", "gelu_new_backward")
 
 rowwise = pytest.importorskip("collider_kernels.triton.rowwise")
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Allocate every Triton output NaN-filled."""
-    monkeypatch.setattr(rowwise, "_alloc", nan_alloc)
-
-
-def ln_case(M, H, n, kind, dtype, device, seed, row_pad=0, weight_dtype=None, grad_dtype=None):
-    gen = torch.Generator().manual_seed(seed)
-    x = rand(M, H, dtype, device, gen, scale=2.0, shift=0.5, row_pad=row_pad)  # (M, H)
-    w = rand(1, H, weight_dtype or dtype, device, gen, shift=1.0)[0]  # (H,)
-    idx = make_index(kind, M, n, gen, device)
-    grad = rand(M if idx is None else idx.shape[0], H, grad_dtype or dtype, device, gen, row_pad=row_pad)
-    return grad, x, w, idx
 
 
 def gelu_case(M, F, n, kind, dtype, device, seed, row_pad=0, scale=3.0):
@@ -83,7 +68,7 @@ epsilons = st.sampled_from((1e-5, 1e-6, 0.1))
 @settings(deadline=None, max_examples=15)
 @given(M=row_counts, H=widths, n=row_counts, kind=kinds, eps=epsilons, seed=seeds)
 def test_layer_norm_torch_fp64(M, H, n, kind, eps, seed):
-    grad, x, w, idx = ln_case(M, H, n, kind, torch.float64, "cpu", seed)
+    grad, x, w, idx = norm_case(M, H, n, kind, torch.float64, "cpu", seed)
     out = ck.layer_norm_backward(grad, x, w, eps, idx, backend="torch")
     ref = reference.layer_norm_backward_reference(grad, x, w, eps, idx)
     assert all(t.dtype == torch.float64 for t in out)
@@ -103,7 +88,7 @@ def test_gelu_torch_fp64(M, F, n, kind, seed):
 
 def test_torch_low_precision_computes_in_fp32():
     """bf16 inputs: statistics and formula in fp32, dx rounded once to bf16, dweight/dbias fp32."""
-    grad, x, w, idx = ln_case(12, 40, 7, "sorted_subset", torch.bfloat16, "cpu", seed=1)
+    grad, x, w, idx = norm_case(12, 40, 7, "sorted_subset", torch.bfloat16, "cpu", seed=1)
     dx, dw, db = ck.layer_norm_backward(grad, x, w, 1e-5, idx, backend="torch")
     rdx, rdw, rdb = reference.layer_norm_backward_reference(grad.float(), x.float(), w.float(), 1e-5, idx)
     assert dx.dtype == torch.bfloat16 and dw.dtype == db.dtype == torch.float32
@@ -132,17 +117,15 @@ def test_triton_backend_is_registered():
 @given(M=row_counts, H=widths, n=row_counts, kind=kinds, dtype=CPU_DTYPES, eps=epsilons,
        row_pad=st.sampled_from((0, 5)), seed=seeds)
 def test_layer_norm_triton(M, H, n, kind, dtype, eps, row_pad, seed):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rowwise, "_alloc", nan_alloc)
-        check_ln("triton", *ln_case(M, H, n, kind, dtype, DEVICE, seed, row_pad), eps)
+    with nan_outputs():
+        check_ln("triton", *norm_case(M, H, n, kind, dtype, DEVICE, seed, row_pad), eps)
 
 
 @settings(deadline=None, max_examples=15)
 @given(M=row_counts, F=widths, n=row_counts, kind=kinds, dtype=CPU_DTYPES, row_pad=st.sampled_from((0, 3)),
        seed=seeds)
 def test_gelu_triton(M, F, n, kind, dtype, row_pad, seed):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rowwise, "_alloc", nan_alloc)
+    with nan_outputs():
         check_gelu("triton", *gelu_case(M, F, n, kind, dtype, DEVICE, seed, row_pad))
 
 
@@ -150,7 +133,7 @@ def test_layer_norm_triton_many_programs(poison, monkeypatch):
     """More rows than programs: each program loops over a run of rows; partial sums add up."""
     monkeypatch.setattr(rowwise, "num_sms", lambda device: 3)
     for kind in ("none", "sorted_subset", "repeats"):
-        case = ln_case(150, 40, 97, kind, torch.float32, DEVICE, seed=11)
+        case = norm_case(150, 40, 97, kind, torch.float32, DEVICE, seed=11)
         check_ln("triton", *case, 1e-5)
         first = ck.layer_norm_backward(*case[:3], 1e-5, case[3], backend="triton")
         again = ck.layer_norm_backward(*case[:3], 1e-5, case[3], backend="triton")
@@ -160,13 +143,13 @@ def test_layer_norm_triton_many_programs(poison, monkeypatch):
 def test_layer_norm_triton_eps_zero(poison, monkeypatch):
     """eps == 0 with a partial last row block: the padding rows must not poison dweight/dbias."""
     monkeypatch.setattr(rowwise, "num_sms", lambda device: 1)
-    check_ln("triton", *ln_case(11, 24, 11, "none", torch.float32, DEVICE, seed=8), 0.0)
-    check_ln("triton", *ln_case(11, 24, 5, "sorted_subset", torch.float32, DEVICE, seed=8), 0)
+    check_ln("triton", *norm_case(11, 24, 11, "none", torch.float32, DEVICE, seed=8), 0.0)
+    check_ln("triton", *norm_case(11, 24, 5, "sorted_subset", torch.float32, DEVICE, seed=8), 0)
 
 
 def test_layer_norm_triton_mixed_dtypes(poison):
     """fp16 activations with an fp32 weight and fp32 gradient."""
-    case = ln_case(33, 70, 20, "sorted_subset", torch.float16, DEVICE, seed=3,
+    case = norm_case(33, 70, 20, "sorted_subset", torch.float16, DEVICE, seed=3,
                    weight_dtype=torch.float32, grad_dtype=torch.float32)
     check_ln("triton", *case, 1e-6)
 
@@ -182,13 +165,13 @@ def test_gelu_triton_saturated_inputs(poison):
 
 def test_triton_int32_index(poison):
     idx = torch.tensor([1, 4, 4, 9], dtype=torch.int32, device=DEVICE)
-    grad, x, w, _ = ln_case(10, 17, 4, "repeats", torch.float32, DEVICE, seed=5)
+    grad, x, w, _ = norm_case(10, 17, 4, "repeats", torch.float32, DEVICE, seed=5)
     check_ln("triton", grad, x, w, idx, 1e-5)
     check_gelu("triton", grad, x, idx)
 
 
 def test_triton_fp64_falls_back_to_torch():
-    grad, x, w, idx = ln_case(9, 13, 4, "sorted_subset", torch.float64, DEVICE, seed=2)
+    grad, x, w, idx = norm_case(9, 13, 4, "sorted_subset", torch.float64, DEVICE, seed=2)
     got = ck.layer_norm_backward(grad, x, w, 1e-5, idx, backend="triton")
     want = ck.layer_norm_backward(grad, x, w, 1e-5, idx, backend="torch")
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
@@ -205,7 +188,7 @@ def test_triton_empty_width(poison):
 
 
 def test_triton_no_rows(poison):
-    grad, x, w, idx = ln_case(6, 9, 0, "empty", torch.float32, DEVICE, seed=0)
+    grad, x, w, idx = norm_case(6, 9, 0, "empty", torch.float32, DEVICE, seed=0)
     dx, dw, db = ck.layer_norm_backward(grad, x, w, 1e-5, idx, backend="triton")
     assert dx.shape == (0, 9) and not dw.any() and not db.any()
 
@@ -258,11 +241,6 @@ def test_validate_false_skips_the_range_check():
 GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _poison_allocator():
-    """Leave NaN-filled blocks in the CUDA caching allocator so unwritten outputs show up."""
-    torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
-    torch.cuda.synchronize()
-
 
 @pytest.mark.gpu
 def test_gpu_auto_follows_the_order():
@@ -278,8 +256,8 @@ def test_gpu_auto_follows_the_order():
 @pytest.mark.parametrize("H", (2048, 300, 1))
 @pytest.mark.parametrize("kind", ("none", "sorted_subset", "repeats"))
 def test_gpu_layer_norm(poison, dtype, H, kind):
-    _poison_allocator()
-    check_ln("triton", *ln_case(5000, H, 3000, kind, dtype, "cuda", seed=H, row_pad=8), 1e-5)
+    poison_cuda_allocator()
+    check_ln("triton", *norm_case(5000, H, 3000, kind, dtype, "cuda", seed=H, row_pad=8), 1e-5)
 
 
 @pytest.mark.gpu
@@ -287,30 +265,30 @@ def test_gpu_layer_norm(poison, dtype, H, kind):
 @pytest.mark.parametrize("F", (8192, 300))
 @pytest.mark.parametrize("kind", ("none", "sorted_subset", "repeats"))
 def test_gpu_gelu(poison, dtype, F, kind):
-    _poison_allocator()
+    poison_cuda_allocator()
     check_gelu("triton", *gelu_case(3000, F, 1800, kind, dtype, "cuda", seed=F, row_pad=8))
 
 
 @pytest.mark.gpu
 def test_gpu_edge_index_sets(poison):
     for kind in KINDS:
-        check_ln("triton", *ln_case(513, 777, 77, kind, torch.bfloat16, "cuda", seed=5), 1e-6)
+        check_ln("triton", *norm_case(513, 777, 77, kind, torch.bfloat16, "cuda", seed=5), 1e-6)
         check_gelu("triton", *gelu_case(513, 777, 77, kind, torch.bfloat16, "cuda", seed=5))
 
 
 @pytest.mark.gpu
 def test_gpu_layer_norm_mixed_and_wide(poison):
-    case = ln_case(700, 2048, 400, "sorted_subset", torch.bfloat16, "cuda", seed=9,
+    case = norm_case(700, 2048, 400, "sorted_subset", torch.bfloat16, "cuda", seed=9,
                    weight_dtype=torch.float32, grad_dtype=torch.float32)
     check_ln("triton", *case, 1e-5)
     # Wider than one program's row block: the torch backend runs.
-    check_ln("triton", *ln_case(40, rowwise.MAX_RMS_WIDTH + 3, 20, "sorted_subset", torch.bfloat16, "cuda",
+    check_ln("triton", *norm_case(40, rowwise.MAX_RMS_WIDTH + 3, 20, "sorted_subset", torch.bfloat16, "cuda",
                                 seed=1), 1e-5)
 
 
 @pytest.mark.gpu
 def test_gpu_layer_norm_partials_deterministic():
-    grad, x, w, idx = ln_case(16384, 2048, 9830, "sorted_subset", torch.bfloat16, "cuda", seed=4)
+    grad, x, w, idx = norm_case(16384, 2048, 9830, "sorted_subset", torch.bfloat16, "cuda", seed=4)
     first = ck.layer_norm_backward(grad, x, w, 1e-5, idx, backend="triton")
     for _ in range(3):
         again = ck.layer_norm_backward(grad, x, w, 1e-5, idx, backend="triton")

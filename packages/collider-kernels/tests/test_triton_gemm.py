@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import nan_alloc
+from kernel_testing import poison_cuda_allocator
 
 import collider_kernels as ck
 
@@ -112,7 +112,7 @@ def test_descriptor_kernels_split_reduction_and_persistent_tiles(kc):
 
 
 @pytest.mark.parametrize("mode", ("partial", "atomic"))
-def test_weight_grad_split_modes(kc, monkeypatch, mode):
+def test_weight_grad_split_modes(kc, poison, monkeypatch, mode):
     """A split reduction through ordered fp32 partial tiles plus a summing launch (bitwise
     reproducible) or through fp32 atomics; into new, fp32-accumulating and fp16-accumulating outputs."""
     from collider_kernels.triton import gemm
@@ -120,7 +120,6 @@ def test_weight_grad_split_modes(kc, monkeypatch, mode):
     cfg = {**gemm._INTERPRET_CFG, "SPLIT_K": 3, "SPLIT_MODE": mode}
     monkeypatch.setattr(gemm, "_wgrad_candidates", lambda *args, **kwargs: [cfg])
     monkeypatch.setattr(gemm, "_CHOICE", {})
-    monkeypatch.setattr(gemm, "_alloc", nan_alloc)  # outputs and partial tiles start as NaN
     with _only("desc"):
         for out_dtype in (None, torch.float32, torch.float16):
             kc.weight_grad("triton", M=300, K=24, N=40, n=250, kind="repeats", row_pad=0,
@@ -135,7 +134,7 @@ def test_weight_grad_split_modes(kc, monkeypatch, mode):
 
 
 @pytest.mark.parametrize("N", (224, 64, 128))
-def test_weight_grad_stream_k(kc, monkeypatch, N):
+def test_weight_grad_stream_k(kc, poison, monkeypatch, N):
     """Stream-K: whole tiles first, then the last partial wave's tiles cut into runs of reduction
     blocks shared by all programs (one program spanning two tiles when N = 224: 7 tiles on 4
     programs; N = 128: 4 tiles, no stream-K share); partial tiles in a NaN-filled workspace, added in
@@ -145,7 +144,6 @@ def test_weight_grad_stream_k(kc, monkeypatch, N):
     cfg = {**gemm._INTERPRET_CFG, "SPLIT_K": 1, "STREAM_K": True}
     monkeypatch.setattr(gemm, "_wgrad_candidates", lambda *args, **kwargs: [cfg])
     monkeypatch.setattr(gemm, "_CHOICE", {})
-    monkeypatch.setattr(gemm, "_alloc", nan_alloc)
     sms = gemm.num_sms(torch.device(DEVICE))
     tiles = -(-N // 32)
     assert gemm._stream_k_plan(N, 24, 250, cfg, sms)[0] == tiles % sms
@@ -223,11 +221,6 @@ def test_fp64_falls_back_to_torch(kc):
 # ---------------------------------------------------------------------------------------------- GPU
 
 
-def _poison_allocator():
-    """Leave NaN-filled blocks in the CUDA caching allocator so unwritten outputs show up."""
-    torch.empty(64 << 20, dtype=torch.float32, device="cuda").fill_(float("nan"))
-    torch.cuda.synchronize()
-
 
 GPU_SHAPES = [  # (M, K, N, n)
     (300, 200, 260, 170),
@@ -243,7 +236,7 @@ GPU_SHAPES = [  # (M, K, N, n)
 def test_gpu_gather_matmul(kc, dtype, shape, kind):
     M, K, N, n = shape
     for has_bias in (False, True):
-        _poison_allocator()
+        poison_cuda_allocator()
         kc.gather_matmul("triton", M=M, K=K, N=N, n=n, kind=kind, has_bias=has_bias, row_pad=8,
                          dtype=dtype, device="cuda", seed=M + N)
 
@@ -254,7 +247,7 @@ def test_gpu_gather_matmul(kc, dtype, shape, kind):
 @pytest.mark.parametrize("out_dtype", (None, torch.float32))
 def test_gpu_gathered_weight_grad(kc, dtype, shape, out_dtype):
     M, K, N, n = shape
-    _poison_allocator()
+    poison_cuda_allocator()
     kc.weight_grad("triton", M=M, K=K, N=N, n=n, kind="sorted_subset", row_pad=8, dtype=dtype,
                    device="cuda", seed=K, out_dtype=out_dtype)
 
@@ -284,7 +277,7 @@ def test_gpu_descriptor_kernels(kc, shape):
     M, K, N, n = shape
     # Narrow forward outputs (N <= 256) may take the pointer kernel; the weight gradient may not.
     with _only("desc") if N > 256 else contextlib.nullcontext():
-        _poison_allocator()
+        poison_cuda_allocator()
         kc.gather_matmul("triton", M=M, K=K, N=N, n=n, kind="sorted_subset", has_bias=True, row_pad=0,
                          dtype=torch.bfloat16, device="cuda", seed=M)
     with _only("desc"):
