@@ -28,11 +28,10 @@ import sys
 import time
 
 import torch
-from timing import graph_ms, time_ms
+from timing import TOKENS, graph_ms, rel_err, time_ms
 
 import collider_kernels as ck
 
-TOKENS = 16384
 KEEPS = (1.0, 0.8, 0.6, 0.4)
 # (model, {layer names: (out_features N, in_features K)}); identical shapes are grouped.
 MODELS = {
@@ -49,12 +48,6 @@ MODELS = {
     },
 }
 VOCAB = {"TinyLlama-1.1B": (32000, 2048), "Qwen2.5-1.5B": (151936, 1536), "Phi-1.5": (51200, 2048)}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖ in fp32."""
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def bench_gemms(backends: list[str], log, save) -> list[dict]:

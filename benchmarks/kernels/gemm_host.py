@@ -17,11 +17,10 @@ import pstats
 import time
 
 import torch
+from timing import TOKENS, time_ms
 
 import collider_kernels as ck
 from collider_kernels.triton import gemm
-
-TOKENS = 16384
 
 
 def host_us(fn, calls: int = 200) -> float:
@@ -35,19 +34,6 @@ def host_us(fn, calls: int = 200) -> float:
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) / calls * 1e6
-
-
-def gpu_us(fn, calls: int = 50) -> float:
-    """Device microseconds per call (events around back-to-back calls)."""
-    fn()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(calls):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return start.elapsed_time(stop) / calls * 1e3
 
 
 def profile_top(fn, calls: int = 300, top: int = 22) -> str:
@@ -93,7 +79,7 @@ def main() -> None:
             fns["fwd desc launch only"] = lambda: gemm._launch_fwd_desc(x, idx, w, None, y, fwd_cfg)
         print(f"== N={N} K={K} n={n}: fwd cfg {fwd_cfg}; wgrad cfg {wg_cfg}", flush=True)
         for name, fn in fns.items():
-            print(f"{name:28s} host {host_us(fn):7.1f} us/call   gpu {gpu_us(fn):7.1f} us/call", flush=True)
+            print(f"{name:28s} host {host_us(fn):7.1f} us/call   gpu {time_ms(fn) * 1e3:7.1f} us/call", flush=True)
         # The launch alone: Triton's plain JIT dispatch against the cached launcher, same arguments.
         if fwd_cfg["DESC"]:
             bm, bn, bk = fwd_cfg["BLOCK_M"], fwd_cfg["BLOCK_N"], fwd_cfg["BLOCK_K"]

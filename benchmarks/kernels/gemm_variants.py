@@ -5,7 +5,12 @@ index), both ops, bf16: cuBLAS on the compact matrix, index_select+mm, the point
 (tuned) and the descriptor kernel (tuned; at keep 0.6 also every candidate). Checks each result
 against cuBLAS-compact before timing. Writes ``<out>/gemm_variants.json``; prints a table last.
 
-Usage: ``python benchmarks/kernels/gemm_variants.py [--out DIR]``
+Other modes: ``--profile`` (kernel and host time of the weight gradient), ``--candidates`` (every
+candidate of both ops on the narrow shapes, CUDA-graph replay) and ``--ncu-targets`` (one
+cuBLAS-compact and one tuned Triton weight gradient per narrow shape inside
+``torch.cuda.profiler`` start/stop, for ``ncu --profile-from-start off --clock-control none``).
+
+Usage: ``python benchmarks/kernels/gemm_variants.py [--out DIR] [--profile | --candidates | --ncu-targets]``
 """
 
 from __future__ import annotations
@@ -15,21 +20,15 @@ import json
 import os
 
 import torch
-from timing import time_ms
+from timing import TOKENS, rel_err, time_ms
 
 import collider_kernels as ck
 from collider_kernels.triton import gemm
 
-TOKENS = 16384
 SHAPES = {  # name: (N out, K in)
     "TL q,o": (2048, 2048), "TL k,v": (256, 2048), "TL gate,up": (5632, 2048), "TL down": (2048, 5632),
     "Qw q,o": (1536, 1536), "Qw k,v": (256, 1536), "TL lm_head": (32000, 2048),
 }
-
-
-def rel_err(a, b):
-    a, b = a.float(), b.float()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def cfg_name(c):
@@ -43,6 +42,35 @@ def cfg_name(c):
     return s
 
 
+def problem(N: int, K: int, keep: float = 0.6, gen=None):
+    """bf16 ``(x (TOKENS, K), w (N, K), idx (n,) sorted, xc = x[idx], g (n, N))`` of one layer shape."""
+    x = torch.randn(TOKENS, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=gen) * K**-0.5
+    n = int(round(keep * TOKENS))
+    idx = torch.randperm(TOKENS, device="cuda", generator=gen)[:n].sort().values
+    g = torch.randn(n, N, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return x, w, idx, x.index_select(0, idx), g
+
+
+def ncu_targets():
+    """Tune outside the profiled range, then one cuBLAS-compact and one Triton weight gradient per
+    narrow shape between ``torch.cuda.profiler.start()`` and ``stop()``."""
+    calls = []
+    for N, K in ((1536, 1536), (256, 1536)):
+        x, _, idx, xc, g = problem(N, K)
+        ck.gathered_weight_grad(g, x, idx, backend="triton", validate=False)  # tunes
+        choice = [c for k, c in gemm._CHOICE.items() if k[0] == "wgrad" and k[2] == N and k[3] == K]
+        print(f"wgrad N={N} K={K} n={idx.shape[0]}: choice {choice}", flush=True)
+        calls.append(lambda g=g, xc=xc: torch.mm(g.t(), xc))
+        calls.append(lambda g=g, x=x, idx=idx: ck.gathered_weight_grad(g, x, idx, backend="triton", validate=False))
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for fn in calls:
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+
+
 def profile_wgrad():
     """Per-kernel device time and host time per call of the weight gradient on three shapes."""
     import time
@@ -50,10 +78,8 @@ def profile_wgrad():
     from torch.profiler import ProfilerActivity, profile
 
     for N, K in ((256, 2048), (2048, 2048), (2048, 5632)):
-        x = torch.randn(TOKENS, K, device="cuda", dtype=torch.bfloat16)
-        n = int(0.6 * TOKENS)
-        idx = torch.randperm(TOKENS, device="cuda")[:n].sort().values
-        g = torch.randn(n, N, device="cuda", dtype=torch.bfloat16)
+        x, _, idx, _, g = problem(N, K)
+        n = idx.shape[0]
         for path in ("desc", "pointer"):
             gemm._CHOICE.clear()
             gemm.gathered_weight_grad_into(g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
@@ -83,12 +109,8 @@ def candidates_graph():
     from timing import graph_ms
 
     for N, K in ((1536, 1536), (256, 1536), (256, 2048)):
-        x = torch.randn(TOKENS, K, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K**-0.5
-        n = int(0.6 * TOKENS)
-        idx = torch.randperm(TOKENS, device="cuda")[:n].sort().values
-        xc = x.index_select(0, idx)
-        g = torch.randn(n, N, device="cuda", dtype=torch.bfloat16)
+        x, w, idx, xc, g = problem(N, K)
+        n = idx.shape[0]
         y = torch.empty(n, N, device="cuda", dtype=torch.bfloat16)
         dw = torch.empty(N, K, device="cuda", dtype=torch.bfloat16)
         flops = 2.0 * n * N * K
@@ -122,7 +144,12 @@ def main():
     ap.add_argument("--profile", action="store_true", help="only profile the weight gradient")
     ap.add_argument("--candidates", action="store_true",
                     help="only time every candidate of both ops on the narrow shapes (graph replay)")
+    ap.add_argument("--ncu-targets", action="store_true",
+                    help="only run the narrow weight gradients inside profiler start/stop (for ncu)")
     args = ap.parse_args()
+    if args.ncu_targets:
+        ncu_targets()
+        return
     if args.profile:
         profile_wgrad()
         return
@@ -132,13 +159,9 @@ def main():
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows, table = [], []
     for name, (N, K) in SHAPES.items():
-        x = torch.randn(TOKENS, K, device="cuda", dtype=torch.bfloat16, generator=gen)
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=gen) * K**-0.5
         for keep in (0.6, 1.0):
-            n = int(round(keep * TOKENS))
-            idx = torch.randperm(TOKENS, device="cuda", generator=gen)[:n].sort().values
-            xc = x.index_select(0, idx)
-            g = torch.randn(n, N, device="cuda", dtype=torch.bfloat16, generator=gen)
+            x, w, idx, xc, g = problem(N, K, keep, gen)
+            n = idx.shape[0]
             flops = 2.0 * n * N * K
             for op in ("fwd", "wgrad"):
                 if op == "fwd":

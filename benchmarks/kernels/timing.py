@@ -1,4 +1,5 @@
-"""Timing shared by the kernel benchmarks (run them as scripts: this folder is on sys.path)."""
+"""Timing, error and problem size shared by the kernel benchmarks (run them as scripts: this folder is
+on sys.path)."""
 
 import statistics
 import time
@@ -6,6 +7,14 @@ import time
 import torch
 
 from collider_kernels.triton.timing import graph_time_ms
+
+TOKENS = 16384  # token rows of the GEMM benchmarks (B=8, T=2048)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in fp32."""
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def time_ms(fn, *, batches: int = 5, budget_ms: float = 20.0, max_reps: int = 100) -> float:
