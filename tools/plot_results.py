@@ -18,6 +18,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 OUT = ROOT / "docs" / "_static"
 
 
+def _save(fig, name: str) -> None:
+    fig.tight_layout()
+    fig.savefig(OUT / name, dpi=120)
+    plt.close(fig)
+
+
 def plot_cpu_crossover() -> None:
     data = json.loads((RESULTS / "cpu_crossover.json").read_text())
     rows = sorted(data["rows"], key=lambda r: r["keep"])
@@ -31,9 +37,7 @@ def plot_cpu_crossover() -> None:
     ax.set_title(f"CPU ({meta['threads']} threads), {meta['preset']}, B={meta['batch_size']} T={meta['seq_len']}",
                  fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(OUT / "cpu_crossover.png", dpi=120)
-    plt.close(fig)
+    _save(fig, "cpu_crossover.png")
 
 
 def plot_e2e() -> None:
@@ -53,9 +57,7 @@ def plot_e2e() -> None:
     ax.set_title(f"{env['device']}, B={data['batch']} T={data['seq']} {data['dtype']}, keep {shown:.0%}",
                  fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(OUT / "e2e_backward_h200.png", dpi=120)
-    plt.close(fig)
+    _save(fig, "e2e_backward_h200.png")
 
 
 def plot_attention() -> None:
@@ -70,9 +72,7 @@ def plot_attention() -> None:
     ax.set_ylabel("masked / dense flash backward")
     ax.set_title("Masked attention backward (Triton) vs PyTorch flash, H200, B=8 T=2048 bf16", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(OUT / "attention_h200.png", dpi=120)
-    plt.close(fig)
+    _save(fig, "attention_h200.png")
 
 
 def plot_gemm() -> None:
@@ -93,9 +93,7 @@ def plot_gemm() -> None:
     axes[0].set_ylabel("Triton / cuBLAS on compact rows")
     axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle(f"{data['meta']['gpu']}, bf16, 16384 token rows ({data['meta']['date']})", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(OUT / "gemm_h200.png", dpi=120)
-    plt.close(fig)
+    _save(fig, "gemm_h200.png")
 
 
 def main() -> None:
