@@ -53,16 +53,24 @@ def problem(N: int, K: int, keep: float = 0.6, gen=None):
 
 
 def ncu_targets():
-    """Tune outside the profiled range, then one cuBLAS-compact and one Triton weight gradient per
-    narrow shape between ``torch.cuda.profiler.start()`` and ``stop()``."""
+    """One cuBLAS-compact and fixed Triton weight-gradient configs per narrow shape between
+    ``torch.cuda.profiler.start()`` and ``stop()`` (fixed, since tuning under ncu is distorted)."""
+    configs = {  # (N, K): Triton configs (the best of ``--candidates`` on the H200, and the unsplit tile)
+        (1536, 1536): [gemm._cfg(256, 128, 64, 4, 8, PERSIST=True, SPLIT_K=1, STREAM_K=True),
+                       gemm._cfg(256, 128, 64, 4, 8, PERSIST=True, SPLIT_K=1)],
+        (256, 1536): [gemm._cfg(128, 128, 64, 4, 8, PERSIST=True, SPLIT_K=5, SPLIT_MODE="partial")],
+    }
     calls = []
-    for N, K in ((1536, 1536), (256, 1536)):
+    for (N, K), cfgs in configs.items():
         x, _, idx, xc, g = problem(N, K)
-        ck.gathered_weight_grad(g, x, idx, backend="triton", validate=False)  # tunes
-        choice = [c for k, c in gemm._CHOICE.items() if k[0] == "wgrad" and k[2] == N and k[3] == K]
-        print(f"wgrad N={N} K={K} n={idx.shape[0]}: choice {choice}", flush=True)
+        dw = torch.empty(N, K, device="cuda", dtype=torch.bfloat16)
         calls.append(lambda g=g, xc=xc: torch.mm(g.t(), xc))
-        calls.append(lambda g=g, x=x, idx=idx: ck.gathered_weight_grad(g, x, idx, backend="triton", validate=False))
+        for c in cfgs:
+            print(f"ncu target: wgrad N={N} K={K} n={idx.shape[0]} {cfg_name(c)}", flush=True)
+            calls.append(lambda g=g, x=x, idx=idx, dw=dw, c=c: gemm.gathered_weight_grad_into(
+                g, x, idx, dw, False, cfg={**c, "DESC": True}))
+    for fn in calls:  # compile outside the profiled range
+        fn()
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     for fn in calls:

@@ -113,8 +113,9 @@ def test_descriptor_kernels_split_reduction_and_persistent_tiles(kc):
 
 @pytest.mark.parametrize("mode", ("partial", "atomic"))
 def test_weight_grad_split_modes(kc, poison, monkeypatch, mode):
-    """A split reduction through ordered fp32 partial tiles plus a summing launch (bitwise
-    reproducible) or through fp32 atomics; into new, fp32-accumulating and fp16-accumulating outputs."""
+    """A split reduction through fp32 partial tiles that the last split to finish a tile adds in
+    split order (bitwise reproducible) or through fp32 atomics; into new, fp32-accumulating and
+    fp16-accumulating outputs."""
     from collider_kernels.triton import gemm
 
     cfg = {**gemm._INTERPRET_CFG, "SPLIT_K": 3, "SPLIT_MODE": mode}
@@ -133,12 +134,13 @@ def test_weight_grad_split_modes(kc, poison, monkeypatch, mode):
         assert torch.equal(first, ck.gathered_weight_grad(g, x, idx, backend="triton"))
 
 
-@pytest.mark.parametrize("N", (224, 64, 128))
-def test_weight_grad_stream_k(kc, poison, monkeypatch, N):
+@pytest.mark.parametrize(("N", "n"), ((224, 250), (64, 250), (128, 250), (160, 20)))
+def test_weight_grad_stream_k(kc, poison, monkeypatch, N, n):
     """Stream-K: whole tiles first, then the last partial wave's tiles cut into runs of reduction
-    blocks shared by all programs (one program spanning two tiles when N = 224: 7 tiles on 4
-    programs; N = 128: 4 tiles, no stream-K share); partial tiles in a NaN-filled workspace, added in
-    program order."""
+    blocks shared by all programs (N = 224: 7 tiles on 4 programs, one program spanning two tiles;
+    N = 128: 4 tiles, no stream-K share; N = 160, n = 20: one stream-K tile of two blocks, so only
+    two programs); partial tiles in a NaN-filled workspace, added in program order by the last
+    program to finish the tile."""
     from collider_kernels.triton import gemm
 
     cfg = {**gemm._INTERPRET_CFG, "SPLIT_K": 1, "STREAM_K": True}
@@ -146,14 +148,15 @@ def test_weight_grad_stream_k(kc, poison, monkeypatch, N):
     monkeypatch.setattr(gemm, "_CHOICE", {})
     sms = gemm.num_sms(torch.device(DEVICE))
     tiles = -(-N // 32)
-    assert gemm._stream_k_plan(N, 24, 250, cfg, sms)[0] == tiles % sms
+    sk_tiles, _, programs = gemm._stream_k_plan(N, 24, n, cfg, sms)
+    assert (sk_tiles, programs) == (tiles % sms, max(1, min(sms, tiles % sms * -(-n // 16))))
     with _only("desc"):
         for out_dtype in (None, torch.float32, torch.float16):
-            kc.weight_grad("triton", M=300, K=24, N=N, n=250, kind="repeats", row_pad=0,
+            kc.weight_grad("triton", M=300, K=24, N=N, n=n, kind="repeats", row_pad=0,
                            dtype=torch.float16, device=DEVICE, seed=N, out_dtype=out_dtype)
-    g = torch.randn(250, N, dtype=torch.float16, device=DEVICE)
+    g = torch.randn(n, N, dtype=torch.float16, device=DEVICE)
     x = torch.randn(300, 24, dtype=torch.float16, device=DEVICE)
-    idx = torch.randint(0, 300, (250,), device=DEVICE)
+    idx = torch.randint(0, 300, (n,), device=DEVICE)
     assert torch.equal(ck.gathered_weight_grad(g, x, idx, backend="triton"),
                        ck.gathered_weight_grad(g, x, idx, backend="triton"))
 

@@ -8,9 +8,9 @@ families serve them:
   forward, dY in the weight gradient) is read through a tensor descriptor (on Hopper the bulk
   tensor-copy engine), the gathered one through pointer loads; a persistent tile loop with grouped
   tile order. The weight gradient reduces over kept rows; small outputs split that reduction over
-  programs, which either write fp32 partial tiles that a second launch adds in a fixed order
-  (deterministic) or add into an fp32 buffer atomically; a stream-K schedule shares the tiles of a
-  partial last wave block-wise over all programs (partial tiles, added in order).
+  programs, which either write fp32 partial tiles that the last program to finish a tile adds in a
+  fixed order (deterministic) or add into an fp32 buffer atomically; a stream-K schedule shares the
+  tiles of a partial last wave block-wise over all programs (partial tiles, added the same way).
 * one pointer-load kernel for everything else (fp32, unaligned strides):
   ``C[m, n] (+)= sum_k A[ra(m), k] B[rb(k), n]`` with optional row indexes ``ra``/``rb``.
 
@@ -151,21 +151,35 @@ def _wgrad_tile(
 
 
 @triton.jit
-def _stream_k_range(program, programs, sk_tiles, k_blocks):
-    # Stream-K: the sk_tiles * k_blocks reduction blocks of the last tiles, shared evenly by programs.
-    total = sk_tiles * k_blocks
+def _stream_k_range(program, programs, total):
+    # Stream-K: reduction blocks [start, stop) of the `total` shared ones that `program` runs.
     return program * total // programs, (program + 1) * total // programs
+
+
+@triton.jit
+def _stream_k_owner(it, programs, total):
+    # The program whose stream-K run holds reduction block `it` (the last p with start(p) <= it).
+    return ((it + 1) * programs + total - 1) // total - 1
+
+
+@triton.jit
+def _arrive(lock_ptr, arrivals):
+    # After this program stored its partial tile: true for the last of `arrivals` programs to arrive.
+    # The barrier orders every thread's stores before the release; the acquire orders the last
+    # arrival's reads of the other partials after it.
+    tl.debug_barrier()
+    return tl.atomic_add(lock_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
 
 
 @Launcher
 @triton.jit
 def _wgrad_desc_kernel(
-    g_desc, x_ptr, index_ptr, c_ptr, ws_ptr,
+    g_desc, x_ptr, index_ptr, c_ptr, ws_ptr, lock_ptr,
     M, N, R, SK_TILES, SK_SLOTS,
-    stride_xm, stride_xn, stride_cs, stride_cm, stride_cn,  # stride_cs: C offset of each split
+    stride_xm, stride_xn, stride_cm, stride_cn,
     HAS_INDEX: tl.constexpr,  # reduction row r of X is x row index[r] (else row r)
     ACCUMULATE: tl.constexpr,  # C += ... instead of C = ...
-    ATOMIC: tl.constexpr,  # add into fp32 C with atomics (split reduction)
+    ATOMIC: tl.constexpr,  # splits add into fp32 C with atomics (else partial tiles in the workspace)
     SPLIT_K: tl.constexpr,  # programs sharing the reduction of one C tile
     STREAM_K: tl.constexpr,  # the last SK_TILES tiles are shared block-wise by all programs
     UPCAST: tl.constexpr,
@@ -175,10 +189,12 @@ def _wgrad_desc_kernel(
 ):
     """``C (M, N) (+)= Gᵀ @ X[index]``: G (R, M) is read through ``g_desc``, the reduction runs over R.
 
-    Split s of the reduction writes at ``C + s·stride_cs`` (0: all splits add into one C atomically).
-    With ``STREAM_K`` the first tiles are whole units and the last ``SK_TILES`` are cut into runs of
-    reduction blocks, an equal share per program; each run's fp32 partial tile goes to workspace
-    slot ``program · SK_SLOTS + j`` (j-th tile the program touches) for ``_stream_k_fixup_kernel``."""
+    A reduction split without atomics writes split s's fp32 partial tile to ``ws[s]`` (ws: (SPLIT_K,
+    M, N)); a stream-K run (``STREAM_K``: the last ``SK_TILES`` tiles cut into runs of reduction
+    blocks, an equal share per program) writes its partial tile to workspace slot ``program ·
+    SK_SLOTS + j`` (j-th tile the program touches). The program that arrives last at a tile's lock
+    (``lock_ptr``: zeroed int32, one per tile) adds the tile's partials in a fixed order (split, or
+    program) and stores C, so the result does not depend on timing."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     unit_tiles = num_pid_m * num_pid_n - SK_TILES  # tiles computed whole (or split SPLIT_K ways)
@@ -195,13 +211,24 @@ def _wgrad_desc_kernel(
                           HAS_INDEX, UPCAST, EVEN_R, BLOCK_M, BLOCK_N, BLOCK_K)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         mask_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        c_split = c_ptr + split.to(tl.int64) * stride_cs
-        c_ptrs = c_split + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        if (SPLIT_K > 1) and (not ATOMIC):
+            ws_tile = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # in slice 0 of ws
+            tl.store(ws_tile + split.to(tl.int64) * M * N, acc, mask=mask_c)
+            if _arrive(lock_ptr + tile, SPLIT_K):
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for _ in range(SPLIT_K):
+                    acc += tl.load(ws_tile, mask=mask_c, other=0.0, cache_modifier=".cg")
+                    ws_tile += M * N
+                _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, False)
+        else:
+            _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
     if STREAM_K:
         k_blocks = tl.cdiv(R, BLOCK_K)
+        programs = tl.num_programs(0)
         program = tl.program_id(0)
-        it, it_end = _stream_k_range(program, tl.num_programs(0), SK_TILES, k_blocks)
+        total = SK_TILES * k_blocks  # at least `programs`: every run is non-empty
+        it, it_end = _stream_k_range(program, programs, total)
         first = it // k_blocks
         offs_ws = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         while it < it_end:
@@ -209,44 +236,25 @@ def _wgrad_desc_kernel(
             k0 = it - t * k_blocks
             k1 = min(k_blocks, k0 + it_end - it)
             pid_m, pid_n = _tile_coords(unit_tiles + t, num_pid_m, num_pid_n, GROUP_M)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc = _wgrad_tile(g_desc, x_ptr, index_ptr, N, k0 * BLOCK_K, min(R, k1 * BLOCK_K), pid_m * BLOCK_M,
                               offs_n, stride_xm, stride_xn, HAS_INDEX, UPCAST, EVEN_R, BLOCK_M, BLOCK_N, BLOCK_K)
             slot = (program * SK_SLOTS + t - first).to(tl.int64)
             tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + offs_ws, acc)
+            # The programs whose runs cover part of tile t: q_lo .. q_hi, each with one partial.
+            q_lo = _stream_k_owner(t * k_blocks, programs, total)
+            q_hi = _stream_k_owner(t * k_blocks + k_blocks - 1, programs, total)
+            if _arrive(lock_ptr + t, q_hi - q_lo + 1):
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for q in range(q_lo, q_hi + 1):
+                    q_start, _ = _stream_k_range(q, programs, total)
+                    q_slot = (q * SK_SLOTS + t - q_start // k_blocks).to(tl.int64)
+                    acc += tl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + offs_ws, cache_modifier=".cg")
+                mask_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+                c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+                _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, False)
             it += k1 - k0
-
-
-@Launcher
-@triton.jit
-def _stream_k_fixup_kernel(
-    ws_ptr, c_ptr, M, N, R, SK_TILES, SK_SLOTS, PROGRAMS, stride_cm, stride_cn,
-    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SUB_M: tl.constexpr,
-):
-    """Rows ``SUB_M·program_id(1) ..`` of stream-K tile ``program_id(0)``: the sum, in program order,
-    of the partial tiles the programs of ``_wgrad_desc_kernel`` wrote, (added) into C."""
-    t = tl.program_id(0)
-    sub = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    k_blocks = tl.cdiv(R, BLOCK_K)
-    lo = t * k_blocks
-    hi = lo + k_blocks
-    rows = sub * SUB_M + tl.arange(0, SUB_M)
-    offs_ws = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    acc = tl.zeros((SUB_M, BLOCK_N), dtype=tl.float32)
-    for program in range(PROGRAMS):
-        it, it_end = _stream_k_range(program, PROGRAMS, SK_TILES, k_blocks)
-        if (it < it_end) & (it < hi) & (it_end > lo):  # the program's run covers part of tile t
-            slot = (program * SK_SLOTS + t - it // k_blocks).to(tl.int64)
-            acc += tl.load(ws_ptr + slot * (BLOCK_M * BLOCK_N) + offs_ws)
-    pid_m, pid_n = _tile_coords(num_pid_m * num_pid_n - SK_TILES + t, num_pid_m, num_pid_n, GROUP_M)
-    offs_m = pid_m * BLOCK_M + rows
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-    _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, False)
 
 
 @Launcher
@@ -572,27 +580,29 @@ def _wgrad_candidates(N: int, K: int, n: int, sms: int, *, deterministic: bool =
     return out
 
 
-def _stream_k_plan(N: int, K: int, n: int, cfg: dict, sms: int) -> tuple[int, int]:
-    """(tiles shared stream-K, workspace slots per program) of ``cfg`` on ``sms`` programs."""
+def _stream_k_plan(N: int, K: int, n: int, cfg: dict, sms: int) -> tuple[int, int, int]:
+    """(tiles shared stream-K, workspace slots per program, programs) of ``cfg`` on ``sms`` SMs."""
     tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"])
     sk_tiles = tiles % sms
     k_blocks = triton.cdiv(n, cfg["BLOCK_K"])
-    # A program's run of ceil(total / sms) blocks touches at most this many tiles.
-    slots = triton.cdiv(triton.cdiv(sk_tiles * k_blocks, sms), k_blocks) + 1
-    return sk_tiles, slots
+    programs = max(1, min(sms, sk_tiles * k_blocks))  # every stream-K run holds at least one block
+    # A program's run of ceil(total / programs) blocks touches at most this many tiles.
+    slots = triton.cdiv(triton.cdiv(sk_tiles * k_blocks, programs), k_blocks) + 1
+    return sk_tiles, slots, programs
 
 
-def _launch_wgrad_desc(g, x, index, target, cfg, *, accumulate, atomic, stride_cs, ws=None, sk=(0, 0)):
+def _launch_wgrad_desc(g, x, index, c, cfg, *, accumulate, atomic, ws=None, locks=None, sk=(0, 0, 0)):
     n, N = g.shape
     K = x.shape[1]
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     units = triton.cdiv(N, bm) * triton.cdiv(K, bn) * split
-    grid = num_sms(g.device) if ws is not None else _grid_size(units, cfg, g.device)
+    grid = sk[2] if cfg.get("STREAM_K") else _grid_size(units, cfg, g.device)
     _wgrad_desc_kernel[(grid,)](
-        _desc(g, [bk, bm]), x, target if index is None else index, target, target if ws is None else ws,
-        N, K, n, sk[0], sk[1], x.stride(0), x.stride(1), stride_cs, target.stride(-2), target.stride(-1),
+        _desc(g, [bk, bm]), x, c if index is None else index, c, c if ws is None else ws,
+        c if locks is None else locks,
+        N, K, n, sk[0], sk[1], x.stride(0), x.stride(1), c.stride(0), c.stride(1),
         HAS_INDEX=index is not None, ACCUMULATE=accumulate, ATOMIC=atomic, SPLIT_K=split,
-        STREAM_K=ws is not None, UPCAST=INTERPRET, EVEN_R=n % bk == 0,
+        STREAM_K=bool(cfg.get("STREAM_K")), UPCAST=INTERPRET, EVEN_R=n % bk == 0,
         FLATTEN=cfg["PERSIST"] and not INTERPRET,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -601,32 +611,42 @@ def _launch_wgrad_desc(g, x, index, target, cfg, *, accumulate, atomic, stride_c
 
 def _wgrad_run(g, x, index, result, accumulate, use_desc, cfg):
     """One weight-gradient call into ``result`` with ``cfg``. A split reduction (SPLIT_K > 1) either
-    writes fp32 partial tiles that ``_sum_splits_kernel`` adds in order (SPLIT_MODE "partial",
-    deterministic) or adds into an fp32 buffer with atomics ("atomic"); STREAM_K: see
-    ``_wgrad_stream_k``."""
-    if use_desc and cfg.get("STREAM_K"):
-        _wgrad_stream_k(g, x, index, result, accumulate, cfg)
-        return
+    writes fp32 partial tiles that are added in split order (SPLIT_MODE "partial", deterministic; in
+    the descriptor kernel by the last split to finish a tile, in the pointer kernel by
+    ``_sum_splits_kernel``) or adds into an fp32 buffer with atomics ("atomic"). STREAM_K (descriptor
+    kernel): whole tiles first, then the partial last wave's tiles shared block-wise by every program,
+    their partial tiles added in program order by the last program to finish each tile."""
     n, N = g.shape
     K = x.shape[1]
     split = cfg["SPLIT_K"]
     atomic = split > 1 and cfg.get("SPLIT_MODE") == "atomic"
+    tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"])
+    if use_desc and (cfg.get("STREAM_K") or (split > 1 and not atomic)):
+        if cfg.get("STREAM_K"):
+            sk = _stream_k_plan(N, K, n, cfg, num_sms(x.device))
+            ws = _alloc((sk[1] * sk[2], cfg["BLOCK_M"], cfg["BLOCK_N"]), torch.float32, x.device)
+        else:
+            sk = (0, 0, 0)
+            ws = _alloc((split, N, K), torch.float32, x.device)
+        locks = torch.zeros(tiles, dtype=torch.int32, device=x.device)
+        _launch_wgrad_desc(g, x, index, result, cfg, accumulate=accumulate, atomic=False, ws=ws, locks=locks, sk=sk)
+        return
     if split == 1:
-        target, stride_cs = result, 0
+        target = result
     elif not atomic:
         target = _alloc((split, N, K), torch.float32, x.device)  # every split writes all of its slice
-        stride_cs = target.stride(0)
     elif result.dtype == torch.float32:
-        target, stride_cs = result, 0
+        target = result
         if not accumulate:
             target.zero_()
     else:
-        target, stride_cs = torch.zeros((N, K), dtype=torch.float32, device=x.device), 0
+        target = torch.zeros((N, K), dtype=torch.float32, device=x.device)
     into_c = accumulate and split == 1
     if use_desc:
-        _launch_wgrad_desc(g, x, index, target, cfg, accumulate=into_c, atomic=atomic, stride_cs=stride_cs)
+        _launch_wgrad_desc(g, x, index, target, cfg, accumulate=into_c, atomic=atomic)
     else:
         # A = grad_outᵀ (N, n): A[i, r] = grad_out[r, i]; B = x[index] (n, K).
+        stride_cs = target.stride(0) if target.dim() == 3 else 0
         strides = (g.stride(1), g.stride(0), x.stride(0), x.stride(1), stride_cs, target.stride(-2),
                    target.stride(-1))
         _launch_pointer(g, x, target, None, None, index, N, K, n, strides, cfg,
@@ -641,26 +661,6 @@ def _wgrad_run(g, x, index, result, accumulate, use_desc, cfg):
             result.add_(target)
         else:
             result.copy_(target)
-
-
-def _wgrad_stream_k(g, x, index, result, accumulate, cfg):
-    """Whole tiles first, then the partial last wave's tiles shared block-wise by every program;
-    their partial tiles are added in program order by a second launch (deterministic)."""
-    n, N = g.shape
-    K = x.shape[1]
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    sms = num_sms(x.device)
-    sk_tiles, slots = _stream_k_plan(N, K, n, cfg, sms)
-    ws = _alloc((sms * slots, bm, bn), torch.float32, x.device)  # partial tiles (slots never read stay unset)
-    _launch_wgrad_desc(g, x, index, result, cfg, accumulate=accumulate, atomic=False, stride_cs=0, ws=ws,
-                       sk=(sk_tiles, slots))
-    if sk_tiles:
-        sub_m = min(bm, 32 if INTERPRET else 64)
-        _stream_k_fixup_kernel[(sk_tiles, bm // sub_m)](
-            ws, result, N, K, n, sk_tiles, slots, sms, result.stride(0), result.stride(1),
-            ACCUMULATE=accumulate, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-            SUB_M=sub_m, num_warps=4,
-        )
 
 
 def gathered_weight_grad_into(g, x, index, result, accumulate, *, path: str = "auto", cfg: dict | None = None):
