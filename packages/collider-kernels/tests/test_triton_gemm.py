@@ -148,7 +148,7 @@ def test_weight_grad_stream_k(kc, poison, monkeypatch, N, n):
     monkeypatch.setattr(gemm, "_CHOICE", {})
     sms = gemm.num_sms(torch.device(DEVICE))
     tiles = -(-N // 32)
-    sk_tiles, _, programs, _ = gemm._stream_k_plan(N, 24, n, cfg, sms)
+    sk_tiles, _, programs = gemm._stream_k_plan(N, 24, n, cfg, sms)
     assert (sk_tiles, programs) == (tiles % sms, max(1, min(sms, tiles % sms * -(-n // 16))))
     with _only("desc"):
         for out_dtype in (None, torch.float32, torch.float16):

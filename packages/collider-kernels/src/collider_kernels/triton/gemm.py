@@ -171,22 +171,6 @@ def _arrive(lock_ptr, arrivals):
     return tl.atomic_add(lock_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
 
 
-@triton.jit
-def _add_partials(ws_ptr, slots, valid, c_ptr, off_m, offs_n, M, N, stride_cm, stride_cn,
-                  ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB_M: tl.constexpr):
-    # C tile (+)= the sum of the fp32 (BLOCK_M, BLOCK_N) workspace tiles at `slots` where `valid`
-    # (MAX_PARTS,), SUB_M rows at a time, every part's rows loaded at once (a fixed-order tree sum).
-    mask_n = offs_n < N
-    slot_base = ws_ptr + slots.to(tl.int64)[:, None, None] * (BLOCK_M * BLOCK_N)  # (MAX_PARTS, 1, 1)
-    for sub in tl.static_range(BLOCK_M // SUB_M):
-        rows = sub * SUB_M + tl.arange(0, SUB_M)
-        offs = rows[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # (SUB_M, BLOCK_N)
-        parts = tl.load(slot_base + offs[None, :, :], mask=valid[:, None, None], other=0.0, cache_modifier=".cg")
-        offs_m = off_m + rows
-        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
-        _store_tile(c_ptrs, tl.sum(parts, axis=0), (offs_m < M)[:, None] & mask_n[None, :], ACCUMULATE, False)
-
-
 @Launcher
 @triton.jit
 def _wgrad_desc_kernel(
@@ -198,8 +182,6 @@ def _wgrad_desc_kernel(
     ATOMIC: tl.constexpr,  # splits add into fp32 C with atomics (else partial tiles in the workspace)
     SPLIT_K: tl.constexpr,  # programs sharing the reduction of one C tile
     STREAM_K: tl.constexpr,  # the last SK_TILES tiles are shared block-wise by all programs
-    MAX_PARTS: tl.constexpr,  # power of two >= the partial tiles of any one tile (split or stream-K)
-    SUB_M: tl.constexpr,  # rows per step when partial tiles are added
     UPCAST: tl.constexpr,
     EVEN_R: tl.constexpr,  # every reduction block is full: no masks on the reduction
     FLATTEN: tl.constexpr,
@@ -207,18 +189,16 @@ def _wgrad_desc_kernel(
 ):
     """``C (M, N) (+)= Gᵀ @ X[index]``: G (R, M) is read through ``g_desc``, the reduction runs over R.
 
-    Partial tiles are fp32 (BLOCK_M, BLOCK_N) workspace slots: split s of unit tile u (a split
-    without atomics) writes slot ``s · tiles + u``; a stream-K run (``STREAM_K``: the last
-    ``SK_TILES`` tiles cut into runs of reduction blocks, an equal share per program) writes slot
-    ``program · SK_SLOTS + j`` (j-th tile the program touches). The program that arrives last at a
-    tile's lock (``lock_ptr``: zeroed int32, one per tile) adds the tile's partials in a fixed order
-    and stores C, so the result does not depend on timing."""
+    A reduction split without atomics writes split s's fp32 partial tile to ``ws[s]`` (ws: (SPLIT_K,
+    M, N)); a stream-K run (``STREAM_K``: the last ``SK_TILES`` tiles cut into runs of reduction
+    blocks, an equal share per program) writes its partial tile to workspace slot ``program ·
+    SK_SLOTS + j`` (j-th tile the program touches). The program that arrives last at a tile's lock
+    (``lock_ptr``: zeroed int32, one per tile) adds the tile's partials in a fixed order (split, or
+    program) and stores C, so the result does not depend on timing."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     unit_tiles = num_pid_m * num_pid_n - SK_TILES  # tiles computed whole (or split SPLIT_K ways)
     r_per_split = tl.cdiv(tl.cdiv(R, SPLIT_K), BLOCK_K) * BLOCK_K
-    parts = tl.arange(0, MAX_PARTS)
-    offs_ws = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     for unit in tl.range(tl.program_id(0), unit_tiles * SPLIT_K, tl.num_programs(0), flatten=FLATTEN):
         tile = unit % unit_tiles
         split = unit // unit_tiles
@@ -229,16 +209,19 @@ def _wgrad_desc_kernel(
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _wgrad_tile(g_desc, x_ptr, index_ptr, N, r_start, r_stop, off_m, offs_n, stride_xm, stride_xn,
                           HAS_INDEX, UPCAST, EVEN_R, BLOCK_M, BLOCK_N, BLOCK_K)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        mask_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
         if (SPLIT_K > 1) and (not ATOMIC):
-            slot = (split * unit_tiles + tile).to(tl.int64)  # = unit
-            tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + offs_ws, acc)
+            ws_tile = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # in slice 0 of ws
+            tl.store(ws_tile + split.to(tl.int64) * M * N, acc, mask=mask_c)
             if _arrive(lock_ptr + tile, SPLIT_K):
-                _add_partials(ws_ptr, parts * unit_tiles + tile, parts < SPLIT_K, c_ptr, off_m, offs_n, M, N,
-                              stride_cm, stride_cn, ACCUMULATE, BLOCK_M, BLOCK_N, SUB_M)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for _ in range(SPLIT_K):
+                    acc += tl.load(ws_tile, mask=mask_c, other=0.0, cache_modifier=".cg")
+                    ws_tile += M * N
+                _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, False)
         else:
-            offs_m = off_m + tl.arange(0, BLOCK_M)
-            mask_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-            c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
             _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
     if STREAM_K:
         k_blocks = tl.cdiv(R, BLOCK_K)
@@ -247,24 +230,30 @@ def _wgrad_desc_kernel(
         total = SK_TILES * k_blocks  # at least `programs`: every run is non-empty
         it, it_end = _stream_k_range(program, programs, total)
         first = it // k_blocks
+        offs_ws = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
         while it < it_end:
             t = it // k_blocks  # stream-K tile, 0 .. SK_TILES-1
             k0 = it - t * k_blocks
             k1 = min(k_blocks, k0 + it_end - it)
             pid_m, pid_n = _tile_coords(unit_tiles + t, num_pid_m, num_pid_n, GROUP_M)
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             acc = _wgrad_tile(g_desc, x_ptr, index_ptr, N, k0 * BLOCK_K, min(R, k1 * BLOCK_K), pid_m * BLOCK_M,
                               offs_n, stride_xm, stride_xn, HAS_INDEX, UPCAST, EVEN_R, BLOCK_M, BLOCK_N, BLOCK_K)
             slot = (program * SK_SLOTS + t - first).to(tl.int64)
             tl.store(ws_ptr + slot * (BLOCK_M * BLOCK_N) + offs_ws, acc)
-            # The programs whose runs cover part of tile t: q_lo .. q_hi, one partial each.
+            # The programs whose runs cover part of tile t: q_lo .. q_hi, each with one partial.
             q_lo = _stream_k_owner(t * k_blocks, programs, total)
             q_hi = _stream_k_owner(t * k_blocks + k_blocks - 1, programs, total)
             if _arrive(lock_ptr + t, q_hi - q_lo + 1):
-                q = q_lo + parts
-                q_first, _ = _stream_k_range(q, programs, total)
-                _add_partials(ws_ptr, q * SK_SLOTS + t - q_first // k_blocks, q <= q_hi, c_ptr, pid_m * BLOCK_M,
-                              offs_n, M, N, stride_cm, stride_cn, ACCUMULATE, BLOCK_M, BLOCK_N, SUB_M)
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for q in range(q_lo, q_hi + 1):
+                    q_start, _ = _stream_k_range(q, programs, total)
+                    q_slot = (q * SK_SLOTS + t - q_start // k_blocks).to(tl.int64)
+                    acc += tl.load(ws_ptr + q_slot * (BLOCK_M * BLOCK_N) + offs_ws, cache_modifier=".cg")
+                mask_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+                c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+                _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, False)
             it += k1 - k0
 
 
@@ -591,45 +580,29 @@ def _wgrad_candidates(N: int, K: int, n: int, sms: int, *, deterministic: bool =
     return out
 
 
-def _stream_k_plan(N: int, K: int, n: int, cfg: dict, sms: int) -> tuple[int, int, int, int]:
-    """(tiles shared stream-K, workspace slots per program, programs, most partial tiles of one
-    tile) of ``cfg`` on ``sms`` SMs; the kernel's run arithmetic, on the host."""
+def _stream_k_plan(N: int, K: int, n: int, cfg: dict, sms: int) -> tuple[int, int, int]:
+    """(tiles shared stream-K, workspace slots per program, programs) of ``cfg`` on ``sms`` SMs."""
     tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"])
     sk_tiles = tiles % sms
     k_blocks = triton.cdiv(n, cfg["BLOCK_K"])
-    total = sk_tiles * k_blocks
-    programs = max(1, min(sms, total))  # every stream-K run holds at least one block
+    programs = max(1, min(sms, sk_tiles * k_blocks))  # every stream-K run holds at least one block
     # A program's run of ceil(total / programs) blocks touches at most this many tiles.
-    slots = triton.cdiv(triton.cdiv(total, programs), k_blocks) + 1
-
-    def owner(it):  # the program whose run holds block `it`
-        return ((it + 1) * programs + total - 1) // total - 1
-
-    parts = max((owner(t * k_blocks + k_blocks - 1) - owner(t * k_blocks) + 1 for t in range(sk_tiles)), default=1)
-    return sk_tiles, slots, programs, parts
+    slots = triton.cdiv(triton.cdiv(sk_tiles * k_blocks, programs), k_blocks) + 1
+    return sk_tiles, slots, programs
 
 
-def _partial_sum_rows(cfg: dict, parts: int) -> int:
-    """Rows per step of the partial-tile sum: ``parts`` loads of (rows, BLOCK_N) fp32 in about 64
-    registers a thread."""
-    budget = 64 * 32 * cfg["num_warps"] // (triton.next_power_of_2(parts) * cfg["BLOCK_N"])
-    return max(1, min(cfg["BLOCK_M"], 1 << max(budget, 1).bit_length() - 1))
-
-
-def _launch_wgrad_desc(g, x, index, c, cfg, *, accumulate, atomic, ws=None, locks=None, sk=(0, 0, 0, 1)):
+def _launch_wgrad_desc(g, x, index, c, cfg, *, accumulate, atomic, ws=None, locks=None, sk=(0, 0, 0)):
     n, N = g.shape
     K = x.shape[1]
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
     units = triton.cdiv(N, bm) * triton.cdiv(K, bn) * split
     grid = sk[2] if cfg.get("STREAM_K") else _grid_size(units, cfg, g.device)
-    parts = sk[3] if cfg.get("STREAM_K") else split
     _wgrad_desc_kernel[(grid,)](
         _desc(g, [bk, bm]), x, c if index is None else index, c, c if ws is None else ws,
         c if locks is None else locks,
         N, K, n, sk[0], sk[1], x.stride(0), x.stride(1), c.stride(0), c.stride(1),
         HAS_INDEX=index is not None, ACCUMULATE=accumulate, ATOMIC=atomic, SPLIT_K=split,
-        STREAM_K=bool(cfg.get("STREAM_K")), MAX_PARTS=triton.next_power_of_2(parts),
-        SUB_M=_partial_sum_rows(cfg, parts), UPCAST=INTERPRET, EVEN_R=n % bk == 0,
+        STREAM_K=bool(cfg.get("STREAM_K")), UPCAST=INTERPRET, EVEN_R=n % bk == 0,
         FLATTEN=cfg["PERSIST"] and not INTERPRET,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -651,10 +624,10 @@ def _wgrad_run(g, x, index, result, accumulate, use_desc, cfg):
     if use_desc and (cfg.get("STREAM_K") or (split > 1 and not atomic)):
         if cfg.get("STREAM_K"):
             sk = _stream_k_plan(N, K, n, cfg, num_sms(x.device))
-            slots = sk[1] * sk[2]
+            ws = _alloc((sk[1] * sk[2], cfg["BLOCK_M"], cfg["BLOCK_N"]), torch.float32, x.device)
         else:
-            sk, slots = (0, 0, 0, 1), split * tiles
-        ws = _alloc((slots, cfg["BLOCK_M"], cfg["BLOCK_N"]), torch.float32, x.device)  # partial tiles
+            sk = (0, 0, 0)
+            ws = _alloc((split, N, K), torch.float32, x.device)
         locks = torch.zeros(tiles, dtype=torch.int32, device=x.device)
         _launch_wgrad_desc(g, x, index, result, cfg, accumulate=accumulate, atomic=False, ws=ws, locks=locks, sk=sk)
         return
