@@ -12,9 +12,11 @@ Two timings per call, both with CUDA events, warm-up and the median of batches: 
 calls back to back from Python (host launch cost included: it bounds the narrow shapes), ``graph``
 replays them captured in a CUDA graph (device time only: the kernels themselves; not for CuPy).
 Also times the embedding-gradient scatter-add. Writes ``<out>/gemm_h200.json`` (after every model)
-and ``<out>/gemm_h200.md``.
+and ``<out>/gemm_h200.md``; with ``--merge`` the rows of other kept shares already in
+``<out>/gemm_h200.json`` are kept (their run's meta is recorded), so ``--keeps 0.6 --merge`` re-times
+one share.
 
-Usage: ``python benchmarks/kernels/bench_gemm.py [--out DIR] [--quick] [--keeps 1.0 0.6 ...]``
+Usage: ``python benchmarks/kernels/bench_gemm.py [--out DIR] [--quick] [--keeps 1.0 0.6 ...] [--merge]``
 """
 
 from __future__ import annotations
@@ -169,7 +171,7 @@ def summarize(rows, backends):
     summary = {}
     for op in ("gather_matmul", "weight_grad"):
         for b in backends:
-            for keep in KEEPS:
+            for keep in sorted({r["keep"] for r in rows}, reverse=True):
                 for metric in ("tflops", "graph_tflops"):
                     sel = [r for r in rows if r["op"] == op and r["keep"] == keep and metric in r.get(b, {})
                            and metric in r["cublas_compact"] and metric in r["index_select+mm"]]
@@ -192,10 +194,13 @@ def summarize(rows, backends):
 
 
 def write_md(path, meta, rows, summary, scatter, backends):
+    merged = meta.get("merged_from")
     lines = [
         "# Gather-GEMM and weight-gradient GEMM on the model shapes",
         "",
-        f"GPU {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, cupy {meta['cupy']}; {meta['date']}.",
+        f"GPU {meta['gpu']}; torch {meta['torch']}, triton {meta['triton']}, cupy {meta['cupy']}; {meta['date']}"
+        + (f" (keep {', '.join(map(str, meta['keeps']))}; the other shares from the run of {merged['date']},"
+           f" triton {merged['triton']})." if merged else "."),
         f"{TOKENS} token rows, bf16, index = sorted random subset; TFLOP/s = 2·n·N·K / time per call, "
         "median of 5 batches. Each cell is **eager / graph**: eager queues the calls back to back from "
         "Python (host launch cost included), graph replays them from a CUDA graph (device time only).",
@@ -260,13 +265,29 @@ def write_md(path, meta, rows, summary, scatter, backends):
         f.write("\n".join(lines))
 
 
+def merge_rows(new_rows: list[dict], old_rows: list[dict]) -> list[dict]:
+    """``new_rows`` plus the ``old_rows`` of kept shares not in ``new_rows``, in model, layer, keep order."""
+    new_keeps = {r["keep"] for r in new_rows}
+    rows = new_rows + [r for r in old_rows if r["keep"] not in new_keeps]
+    models = list(MODELS)
+    layers = {m: list(v) for m, v in MODELS.items()}
+    return sorted(rows, key=lambda r: (models.index(r["model"]), layers[r["model"]].index(r["layers"]), -r["keep"],
+                                       r["op"] != "gather_matmul"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     ap.add_argument("--quick", action="store_true", help="one model, keep 0.6 only (smoke run)")
     ap.add_argument("--keeps", type=float, nargs="+", default=None, help="kept shares to time (default: all)")
+    ap.add_argument("--merge", action="store_true", help="keep the other shares' rows of the existing results")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    result_path = os.path.join(args.out, "gemm_h200.json")
+    earlier = None
+    if args.merge and os.path.exists(result_path):
+        with open(result_path) as f:
+            earlier = json.load(f)
     log_file = open(os.path.join(args.out, "bench_gemm.log"), "a")
 
     def log(msg):
@@ -294,15 +315,19 @@ def main() -> None:
         "cupy": cupy_version, "date": datetime.date.today().isoformat(), "tokens": TOKENS,
         "dtype": "bfloat16", "backends": backends, "python": sys.version.split()[0], "keeps": KEEPS,
     }
+    if earlier is not None:
+        meta["merged_from"] = earlier["meta"]
     log(json.dumps(meta))
     t0 = time.time()
     acc = check_accumulate_tuned(log) if "triton" in backends else {}
 
     def save(rows, scatter=()):
+        if earlier is not None:
+            rows = merge_rows(rows, earlier["gemm"])
         summary = summarize(rows, backends)
         result = {"meta": meta, "accumulate_check_rel_err": acc, "gemm": rows, "scatter": list(scatter),
                   "summary": summary}
-        with open(os.path.join(args.out, "gemm_h200.json"), "w") as f:
+        with open(result_path, "w") as f:
             json.dump(result, f, indent=1)
         write_md(os.path.join(args.out, "gemm_h200.md"), meta, rows, summary, list(scatter), backends)
         return summary
