@@ -47,15 +47,24 @@ def test_gathered_weight_grad(kc, M, K, N, n, kind, row_pad, dtype, accumulate, 
                    device=DEVICE, seed=seed, out_dtype=torch.float32 if accumulate else None)
 
 
-def test_gathered_weight_grad_split_reduction(kc, monkeypatch):
-    """A small output with a long reduction splits it over programs (atomic fp32 adds)."""
+def test_gathered_weight_grad_split_reduction(kc, poison, monkeypatch):
+    """A small output with a long reduction splits it over programs: fp16 through the descriptor
+    kernel, fp32 through the pointer kernel. Each split's fp32 partial goes to a NaN-filled
+    workspace and the last split of a tile adds them in order (bitwise repeatable)."""
     from collider_kernels.triton import gemm
 
     monkeypatch.setattr(gemm, "num_sms", lambda device: 64)
-    assert gemm._split_k(24, 20, 2100, torch.device(DEVICE)) > 1
-    for out_dtype in (None, torch.float32, torch.float16):
-        kc.weight_grad("triton", M=2500, K=20, N=24, n=2100, kind="repeats", row_pad=2,
-                       dtype=torch.float16, device=DEVICE, seed=7, out_dtype=out_dtype)
+    assert gemm._split_k(40, 40, 2100, torch.device(DEVICE)) > 1  # and 2x2 tiles of 32x32
+    for dtype, path in ((torch.float16, "desc"), (torch.float32, "pointer")):
+        with _only(path):
+            for out_dtype in (None, torch.float32, torch.float16):
+                kc.weight_grad("triton", M=2500, K=40, N=40, n=2100, kind="repeats", row_pad=0,
+                               dtype=dtype, device=DEVICE, seed=7, out_dtype=out_dtype)
+            g = torch.randn(2100, 40, dtype=dtype, device=DEVICE)
+            x = torch.randn(2500, 40, dtype=dtype, device=DEVICE)
+            idx = torch.randint(0, 2500, (2100,), device=DEVICE)
+            assert torch.equal(ck.gathered_weight_grad(g, x, idx, backend="triton"),
+                               ck.gathered_weight_grad(g, x, idx, backend="triton"))
 
 
 aligned = st.integers(1, 9).map(lambda v: 8 * v)  # fp16 rows of 16-byte multiples: descriptor kernels

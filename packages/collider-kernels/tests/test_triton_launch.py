@@ -116,10 +116,10 @@ def test_gpu_cached_launches_match_plain_launches():
             y_fast = torch.full((n, 40), float("nan"), device="cuda", dtype=torch.float16)
             gemm.gather_matmul_into(x, idx, w, None, y_fast, cfg=cfg)
             y_plain = torch.full_like(y_fast, float("nan"))
-            strides = (x.stride(0), x.stride(1), w.stride(1), w.stride(0), 0, y_plain.stride(0), 1)  # C split, m, n
+            strides = (x.stride(0), x.stride(1), w.stride(1), w.stride(0), y_plain.stride(0), 1)
             kernel = gemm._gemm_kernel.kernel  # the plain JIT function under the launcher
             kernel[(triton_cdiv(n, 32) * triton_cdiv(40, 32), 1)](
-                x, w, y_plain, y_plain, idx, y_plain, n, 40, 71, *strides,
+                x, w, y_plain, y_plain, idx, y_plain, y_plain, y_plain, n, 40, 71, *strides,
                 GATHER_A_ROWS=True, GATHER_B_ROWS=False, HAS_BIAS=False, ACCUMULATE=False, ATOMIC=False,
                 SPLIT_K=1, UPCAST=False, DOT_PRECISION="tf32", EVEN_K=False,
                 BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=2,

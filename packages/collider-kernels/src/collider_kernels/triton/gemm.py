@@ -171,6 +171,20 @@ def _arrive(lock_ptr, arrivals):
     return tl.atomic_add(lock_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
 
 
+@triton.jit
+def _store_split(acc, ws_ptrs, slice_size, split, lock_ptr, c_ptrs, mask_c,
+                 SPLIT_K: tl.constexpr, ACCUMULATE: tl.constexpr):
+    # Split `split` of a C tile: its fp32 partial goes to ws_ptrs + split·slice_size; the last split
+    # to arrive at the tile's lock adds all SPLIT_K partials in split order and stores C.
+    tl.store(ws_ptrs + split.to(tl.int64) * slice_size, acc, mask=mask_c)
+    if _arrive(lock_ptr, SPLIT_K):
+        acc = tl.zeros_like(acc)
+        for _ in range(SPLIT_K):
+            acc += tl.load(ws_ptrs, mask=mask_c, other=0.0, cache_modifier=".cg")
+            ws_ptrs += slice_size
+        _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, False)
+
+
 @Launcher
 @triton.jit
 def _wgrad_desc_kernel(
@@ -213,14 +227,8 @@ def _wgrad_desc_kernel(
         mask_c = (offs_m < M)[:, None] & (offs_n < N)[None, :]
         c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
         if (SPLIT_K > 1) and (not ATOMIC):
-            ws_tile = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # in slice 0 of ws
-            tl.store(ws_tile + split.to(tl.int64) * M * N, acc, mask=mask_c)
-            if _arrive(lock_ptr + tile, SPLIT_K):
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for _ in range(SPLIT_K):
-                    acc += tl.load(ws_tile, mask=mask_c, other=0.0, cache_modifier=".cg")
-                    ws_tile += M * N
-                _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, False)
+            ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # in slice 0 of ws
+            _store_split(acc, ws_ptrs, M * N, split, lock_ptr + tile, c_ptrs, mask_c, SPLIT_K, ACCUMULATE)
         else:
             _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
     if STREAM_K:
@@ -260,22 +268,23 @@ def _wgrad_desc_kernel(
 @Launcher
 @triton.jit
 def _gemm_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr, a_index_ptr, b_index_ptr,
+    a_ptr, b_ptr, c_ptr, bias_ptr, a_index_ptr, b_index_ptr, ws_ptr, lock_ptr,
     M, N, K,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cs, stride_cm, stride_cn,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     GATHER_A_ROWS: tl.constexpr,  # A row m is a_ptr row a_index[m]
     GATHER_B_ROWS: tl.constexpr,  # B row k is b_ptr row b_index[k]
     HAS_BIAS: tl.constexpr,  # add bias[n] to every row of C
     ACCUMULATE: tl.constexpr,  # C += A @ B instead of C = A @ B
-    ATOMIC: tl.constexpr,  # add into fp32 C with atomics (split reduction)
+    ATOMIC: tl.constexpr,  # splits add into fp32 C with atomics (else partial tiles in ws_ptr)
     SPLIT_K: tl.constexpr,  # programs sharing the reduction of one C tile
     UPCAST: tl.constexpr,  # cast loaded tiles to fp32 before the dot
     DOT_PRECISION: tl.constexpr,
     EVEN_K: tl.constexpr,  # K is a multiple of BLOCK_K: no mask on the reduction
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """Pointer-load GEMM for any dtype and strides: ``C (+)= A[a_index] @ B[b_index]``; reduction
-    split k (``program_id(1)``) writes at ``C + k·stride_cs``."""
+    """Pointer-load GEMM for any dtype and strides: ``C (+)= A[a_index] @ B[b_index]``. Reduction
+    split k (``program_id(1)``) without atomics writes its fp32 partial tile to ``ws[k]`` (ws: (SPLIT_K,
+    M, N)); the last split to finish a tile (``lock_ptr``: zeroed int32 per tile) adds them in order."""
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -323,33 +332,13 @@ def _gemm_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         acc += tl.where(pid_k == 0, 1.0, 0.0) * bias[None, :]
-    c_ptrs = (
-        c_ptr
-        + pid_k.to(tl.int64) * stride_cs
-        + offs_m.to(tl.int64)[:, None] * stride_cm
-        + offs_n.to(tl.int64)[None, :] * stride_cn
-    )
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n.to(tl.int64)[None, :] * stride_cn
     mask_c = mask_m[:, None] & mask_n[None, :]
-    _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
-
-
-@Launcher
-@triton.jit
-def _sum_splits_kernel(
-    ws_ptr, out_ptr, S, M, N, stride_ws, stride_om, stride_on,
-    ACCUMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """``out (M, N) (+)= sum_s ws[s]`` over fp32 partials ws (S, M, N) (row stride N), s in order."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-    ws = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for _ in range(S):
-        acc += tl.load(ws, mask=mask, other=0.0)
-        ws += stride_ws
-    o = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-    _store_tile(o, acc, mask, ACCUMULATE, False)
+    if (SPLIT_K > 1) and (not ATOMIC):
+        ws_ptrs = ws_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # in slice 0 of ws
+        _store_split(acc, ws_ptrs, M * N, pid_k, lock_ptr + tl.program_id(0), c_ptrs, mask_c, SPLIT_K, ACCUMULATE)
+    else:
+        _store_tile(c_ptrs, acc, mask_c, ACCUMULATE, ATOMIC)
 
 
 # ------------------------------------------------------------------------------------- configuration
@@ -485,9 +474,10 @@ def _pointer_candidates() -> list[dict]:
     return [_cfg(*t) for t in _POINTER_TILES]
 
 
-def _launch_pointer(a, b, c, bias, a_index, b_index, M, N, K, strides, cfg, *, accumulate, atomic, split_k):
+def _launch_pointer(a, b, c, bias, a_index, b_index, M, N, K, strides, cfg, *, accumulate, atomic, split_k,
+                    ws=None, locks=None):
     """Pointer kernel: C (M, N) (+)= A[a_index] (M, K) @ B[b_index] (K, N); ``strides`` in the
-    kernel's order (A m, k; B k, n; C split, m, n)."""
+    kernel's order (A m, k; B k, n; C m, n); a split without atomics needs ``ws`` and ``locks``."""
     dummy = c  # stands in for absent optional pointers (never dereferenced)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
     _gemm_kernel[grid](
@@ -495,6 +485,8 @@ def _launch_pointer(a, b, c, bias, a_index, b_index, M, N, K, strides, cfg, *, a
         dummy if bias is None else bias,
         dummy if a_index is None else a_index,
         dummy if b_index is None else b_index,
+        dummy if ws is None else ws,
+        dummy if locks is None else locks,
         M, N, K, *strides,
         GATHER_A_ROWS=a_index is not None, GATHER_B_ROWS=b_index is not None, HAS_BIAS=bias is not None,
         ACCUMULATE=accumulate, ATOMIC=atomic, SPLIT_K=split_k,
@@ -537,7 +529,7 @@ def _fwd_run(x, index, weight, bias, y, cfg):
     else:
         n, N = y.shape
         # B = weightᵀ (K, N): B[k, j] = weight[j, k].
-        strides = (x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), 0, y.stride(0), y.stride(1))
+        strides = (x.stride(0), x.stride(1), weight.stride(1), weight.stride(0), y.stride(0), y.stride(1))
         _launch_pointer(x, weight, y, bias, index, None, n, N, x.shape[1], strides, cfg,
                         accumulate=False, atomic=False, split_k=1)
 
@@ -611,52 +603,41 @@ def _launch_wgrad_desc(g, x, index, c, cfg, *, accumulate, atomic, ws=None, lock
 
 def _wgrad_run(g, x, index, result, accumulate, use_desc, cfg):
     """One weight-gradient call into ``result`` with ``cfg``. A split reduction (SPLIT_K > 1) either
-    writes fp32 partial tiles that are added in split order (SPLIT_MODE "partial", deterministic; in
-    the descriptor kernel by the last split to finish a tile, in the pointer kernel by
-    ``_sum_splits_kernel``) or adds into an fp32 buffer with atomics ("atomic"). STREAM_K (descriptor
-    kernel): whole tiles first, then the partial last wave's tiles shared block-wise by every program,
-    their partial tiles added in program order by the last program to finish each tile."""
+    writes fp32 partial tiles that the last split to finish a tile adds in split order (SPLIT_MODE
+    "partial", deterministic) or adds into an fp32 buffer with atomics ("atomic"). STREAM_K
+    (descriptor kernel): whole tiles first, then the partial last wave's tiles shared block-wise by
+    every program, their partial tiles added in program order by the last program to finish each."""
     n, N = g.shape
     K = x.shape[1]
     split = cfg["SPLIT_K"]
     atomic = split > 1 and cfg.get("SPLIT_MODE") == "atomic"
-    tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"])
-    if use_desc and (cfg.get("STREAM_K") or (split > 1 and not atomic)):
-        if cfg.get("STREAM_K"):
+    ws = locks = None
+    sk = (0, 0, 0)
+    if (use_desc and cfg.get("STREAM_K")) or (split > 1 and not atomic):
+        if use_desc and cfg.get("STREAM_K"):
             sk = _stream_k_plan(N, K, n, cfg, num_sms(x.device))
             ws = _alloc((sk[1] * sk[2], cfg["BLOCK_M"], cfg["BLOCK_N"]), torch.float32, x.device)
         else:
-            sk = (0, 0, 0)
-            ws = _alloc((split, N, K), torch.float32, x.device)
-        locks = torch.zeros(tiles, dtype=torch.int32, device=x.device)
-        _launch_wgrad_desc(g, x, index, result, cfg, accumulate=accumulate, atomic=False, ws=ws, locks=locks, sk=sk)
-        return
-    if split == 1:
+            ws = _alloc((split, N, K), torch.float32, x.device)  # every split writes all of its slice
+        locks = torch.zeros(triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]), dtype=torch.int32,
+                            device=x.device)
+    if not atomic:
         target = result
-    elif not atomic:
-        target = _alloc((split, N, K), torch.float32, x.device)  # every split writes all of its slice
     elif result.dtype == torch.float32:
         target = result
         if not accumulate:
             target.zero_()
     else:
         target = torch.zeros((N, K), dtype=torch.float32, device=x.device)
-    into_c = accumulate and split == 1
+    into_c = accumulate and not atomic
     if use_desc:
-        _launch_wgrad_desc(g, x, index, target, cfg, accumulate=into_c, atomic=atomic)
+        _launch_wgrad_desc(g, x, index, target, cfg, accumulate=into_c, atomic=atomic, ws=ws, locks=locks, sk=sk)
     else:
         # A = grad_outᵀ (N, n): A[i, r] = grad_out[r, i]; B = x[index] (n, K).
-        stride_cs = target.stride(0) if target.dim() == 3 else 0
-        strides = (g.stride(1), g.stride(0), x.stride(0), x.stride(1), stride_cs, target.stride(-2),
-                   target.stride(-1))
+        strides = (g.stride(1), g.stride(0), x.stride(0), x.stride(1), target.stride(0), target.stride(1))
         _launch_pointer(g, x, target, None, None, index, N, K, n, strides, cfg,
-                        accumulate=into_c, atomic=atomic, split_k=split)
-    if split > 1 and not atomic:
-        block = 32 if INTERPRET else 64
-        grid = (triton.cdiv(N, block), triton.cdiv(K, block))
-        _sum_splits_kernel[grid](target, result, split, N, K, target.stride(0), result.stride(0),
-                                 result.stride(1), ACCUMULATE=accumulate, BLOCK_M=block, BLOCK_N=block)
-    elif target is not result:
+                        accumulate=into_c, atomic=atomic, split_k=split, ws=ws, locks=locks)
+    if target is not result:
         if accumulate:
             result.add_(target)
         else:
