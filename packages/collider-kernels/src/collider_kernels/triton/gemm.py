@@ -611,14 +611,15 @@ def _wgrad_run(g, x, index, result, accumulate, use_desc, cfg):
     K = x.shape[1]
     split = cfg["SPLIT_K"]
     atomic = split > 1 and cfg.get("SPLIT_MODE") == "atomic"
+    stream_k = use_desc and bool(cfg.get("STREAM_K"))
     ws = locks = None
     sk = (0, 0, 0)
-    if (use_desc and cfg.get("STREAM_K")) or (split > 1 and not atomic):
-        if use_desc and cfg.get("STREAM_K"):
-            sk = _stream_k_plan(N, K, n, cfg, num_sms(x.device))
-            ws = _alloc((sk[1] * sk[2], cfg["BLOCK_M"], cfg["BLOCK_N"]), torch.float32, x.device)
-        else:
-            ws = _alloc((split, N, K), torch.float32, x.device)  # every split writes all of its slice
+    if stream_k:
+        sk = _stream_k_plan(N, K, n, cfg, num_sms(x.device))
+        ws = _alloc((sk[1] * sk[2], cfg["BLOCK_M"], cfg["BLOCK_N"]), torch.float32, x.device)  # partial tiles
+    elif split > 1 and not atomic:
+        ws = _alloc((split, N, K), torch.float32, x.device)  # every split writes all of its slice
+    if ws is not None:  # one arrival counter per output tile
         locks = torch.zeros(triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]), dtype=torch.int32,
                             device=x.device)
     if not atomic:
