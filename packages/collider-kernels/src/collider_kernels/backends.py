@@ -19,8 +19,8 @@ BACKENDS = ("torch", "triton", "cupy")
 AUTO_ORDER_CUDA = ("triton", "cupy", "torch")
 # Per-op preference where measured (benchmarks/results/gemm_h200.md, H200, bf16, model shapes):
 # geomean eager time per call over all shapes and keeps, gather_matmul: torch 0.413 ms, triton
-# 0.418, cupy 0.566; gathered_weight_grad: torch 0.417, triton 0.474, cupy 0.559; scatter_add_rows
-# (embedding grad): triton 0.09-0.13 ms, torch 0.16-0.21, cupy 0.41-0.46.
+# 0.415, cupy 0.561; gathered_weight_grad: torch 0.420, triton 0.475, cupy 0.563; scatter_add_rows
+# (embedding grad): triton 0.09-0.13 ms, torch 0.16-0.20, cupy 0.92-0.94.
 AUTO_ORDER_CUDA_BY_OP = {
     "gather_matmul": ("torch", "triton", "cupy"),
     "gathered_weight_grad": ("torch", "triton", "cupy"),
