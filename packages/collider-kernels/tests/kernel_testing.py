@@ -1,4 +1,5 @@
-"""Helpers shared by the kernel tests: index sets, fresh random data and the error rule.
+"""Helpers shared by the kernel tests: index sets, fresh random data, the error rule and the
+checks of the two row norms (RMSNorm and LayerNorm share one Triton kernel).
 
 The error rule (as in the best kernel libraries): a backend's result ``out`` may differ from an
 fp32/fp64 reference by at most twice what the torch backend computing in the same dtype does,
@@ -9,6 +10,9 @@ import contextlib
 
 import pytest
 import torch
+
+import collider_kernels as ck
+from collider_kernels import reference
 
 # "none" is index=None (all rows in order); "repeats" may repeat rows (embedding gradients).
 INDEX_KINDS = ("none", "empty", "single", "sorted_subset", "full", "repeats")
@@ -71,6 +75,45 @@ def norm_case(M, H, n, kind, dtype, device, seed, row_pad=0, weight_dtype=None, 
     idx = make_index(kind, M, n, gen, device)
     grad = rand(M if idx is None else idx.shape[0], H, grad_dtype or dtype, device, gen, row_pad=row_pad)
     return grad, x, w, idx
+
+
+def check_rms(backend, grad, x, w, idx, eps):
+    """``rms_norm_backward`` on ``backend`` against the fp32 reference and the torch backend."""
+    dx, dw = ck.rms_norm_backward(grad, x, w, eps, idx, backend=backend)
+    ref_dx, ref_dw = reference.rms_norm_backward_reference(grad.float(), x.float(), w.float(), eps, idx)
+    base_dx, base_dw = ck.rms_norm_backward(grad, x, w, eps, idx, backend="torch")
+    assert dx.dtype == x.dtype and dw.dtype == torch.float32 and dw.shape == (x.shape[1],)
+    assert_rule(dx, ref_dx, base_dx, atol=small_atol(x.dtype, ref_dx, x.shape[1]), what=f"rms dx[{backend}]",
+                same_dtype=True)
+    rows = grad.shape[0]
+    assert_rule(dw, ref_dw, base_dw, atol=small_atol(torch.float32, ref_dw, rows), what=f"rms dweight[{backend}]",
+                same_dtype=True)
+    if rows:
+        # Same convention as the torch backend (xhat cast to x's dtype): columns agree up to the fp32
+        # summation order, except a few where an ulp of rstd moves xhat across a rounding boundary
+        # of a 16-bit x.
+        x32 = (x if idx is None else x[idx]).float()
+        terms = (grad.float() * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).abs().sum(0)
+        off = (dw - base_dw).abs() > 4e-6 * terms + 1e-6  # (H,)
+        if x.dtype == torch.float32:
+            assert not off.any(), f"rms dweight[{backend}] differs from the torch backend"
+        elif x.shape[1] >= 8:
+            assert off.float().mean() <= 0.25, f"rms dweight[{backend}]: {int(off.sum())} columns differ from torch"
+    return dx, dw
+
+
+def check_ln(backend, grad, x, w, idx, eps):
+    """``layer_norm_backward`` on ``backend`` against the fp64 reference and the torch backend."""
+    out = ck.layer_norm_backward(grad, x, w, eps, idx, backend=backend)
+    ref = reference.layer_norm_backward_reference(grad.double(), x.double(), w.double(), eps, idx)
+    base = ck.layer_norm_backward(grad, x, w, eps, idx, backend="torch")
+    H, rows = x.shape[1], grad.shape[0]
+    assert out[0].dtype == x.dtype and out[0].device == x.device
+    assert out[1].dtype == out[2].dtype == torch.float32 and out[1].shape == out[2].shape == (H,)
+    assert_rule(out[0], ref[0], base[0], atol=small_atol(x.dtype, ref[0], H), what=f"ln dx[{backend}]", same_dtype=True)
+    for name, o, r, b in zip(("dweight", "dbias"), out[1:], ref[1:], base[1:], strict=True):
+        assert_rule(o, r, b, atol=small_atol(torch.float32, r, rows), what=f"ln {name}[{backend}]", same_dtype=True)
+    return out
 
 
 def assert_rule(out, ref32, torch_out, *, atol: float, what: str, same_dtype: bool = False) -> None:

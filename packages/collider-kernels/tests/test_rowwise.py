@@ -3,7 +3,9 @@
 The torch backend is checked in fp64 tightly; the Triton backend runs under the interpreter on CPU
 (fp32, fp16) and on CUDA in the ``gpu`` tests (bf16, fp16, fp32), with the error rule
 ``max|out - ref32| <= 2 max|out_torch - ref32| + atol``. Triton outputs are allocated NaN-filled,
-so an element the kernel does not write fails the check.
+so an element the kernel does not write fails the check. The tests of the row-norm kernel that
+RMSNorm shares with LayerNorm (row runs per program, eps = 0, mixed dtypes, determinism) are in
+``test_rowwise_norms.py``, for both norms.
 """
 
 import pytest
@@ -11,7 +13,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_testing import INDEX_KINDS as KINDS
-from kernel_testing import assert_rule, make_index, nan_outputs, norm_case, poison_cuda_allocator, rand, small_atol
+from kernel_testing import (
+    assert_rule,
+    check_rms,
+    make_index,
+    nan_outputs,
+    norm_case,
+    poison_cuda_allocator,
+    rand,
+    small_atol,
+)
 
 import collider_kernels as ck
 from collider_kernels import backends, reference
@@ -38,30 +49,6 @@ def check_swiglu(backend, grad, gate, up, idx):
     for name, out, r, b in zip(("dgate", "dup"), (dgate, dup), ref, base, strict=True):
         assert out.dtype == gate.dtype and out.device == gate.device
         assert_rule(out, r, b, atol=small_atol(gate.dtype, r), what=f"swiglu {name}[{backend}]", same_dtype=True)
-
-
-def check_rms(backend, grad, x, w, idx, eps):
-    dx, dw = ck.rms_norm_backward(grad, x, w, eps, idx, backend=backend)
-    ref_dx, ref_dw = reference.rms_norm_backward_reference(grad.float(), x.float(), w.float(), eps, idx)
-    base_dx, base_dw = ck.rms_norm_backward(grad, x, w, eps, idx, backend="torch")
-    assert dx.dtype == x.dtype and dw.dtype == torch.float32 and dw.shape == (x.shape[1],)
-    assert_rule(dx, ref_dx, base_dx, atol=small_atol(x.dtype, ref_dx, x.shape[1]), what=f"rms dx[{backend}]",
-                same_dtype=True)
-    rows = grad.shape[0]
-    assert_rule(dw, ref_dw, base_dw, atol=small_atol(torch.float32, ref_dw, rows), what=f"rms dweight[{backend}]",
-                same_dtype=True)
-    if rows:
-        # Same convention as the torch backend (xhat cast to x's dtype): columns agree up to the fp32
-        # summation order, except a few where an ulp of rstd moves xhat across a rounding boundary
-        # of a 16-bit x.
-        x32 = (x if idx is None else x[idx]).float()
-        terms = (grad.float() * x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).abs().sum(0)
-        off = (dw - base_dw).abs() > 4e-6 * terms + 1e-6  # (H,)
-        if x.dtype == torch.float32:
-            assert not off.any(), f"rms dweight[{backend}] differs from the torch backend"
-        elif x.shape[1] >= 8:
-            assert off.float().mean() <= 0.25, f"rms dweight[{backend}]: {int(off.sum())} columns differ from torch"
-    return dx, dw
 
 
 widths = st.integers(1, 300)
@@ -133,32 +120,6 @@ def test_swiglu_triton(M, I, n, kind, dtype, row_pad, seed):
 def test_rms_norm_triton(M, H, n, kind, dtype, eps, row_pad, seed):
     with nan_outputs():
         check_rms("triton", *norm_case(M, H, n, kind, dtype, DEVICE, seed, row_pad), eps)
-
-
-def test_rms_norm_triton_many_programs(poison, monkeypatch):
-    """More rows than programs: each program loops over a run of rows; partial dweights sum up."""
-    monkeypatch.setattr(rowwise, "num_sms", lambda device: 3)
-    for kind in ("none", "sorted_subset", "repeats"):
-        case = norm_case(150, 40, 97, kind, torch.float32, DEVICE, seed=11)
-        check_rms("triton", *case, 1e-5)
-        dw1 = ck.rms_norm_backward(*case[:3], 1e-5, case[3], backend="triton")[1]
-        dw2 = ck.rms_norm_backward(*case[:3], 1e-5, case[3], backend="triton")[1]
-        assert torch.equal(dw1, dw2), "dweight is not deterministic"
-
-
-def test_rms_norm_triton_eps_zero_partial_row_block(poison):
-    """eps = 0 with a last row block only partly filled: rows past the end must not turn the
-    partial dweight into NaN (rsqrt(0) * 0)."""
-    case = norm_case(11, 24, 11, "none", torch.float32, DEVICE, seed=5)
-    dx, dw = check_rms("triton", *case, 0.0)
-    assert torch.isfinite(dw).all() and torch.isfinite(dx).all()
-
-
-def test_rms_norm_triton_mixed_dtypes(poison):
-    """fp16 activations with an fp32 weight and fp32 gradient (output of fp32 weight * fp16 xhat)."""
-    case = norm_case(33, 70, 20, "sorted_subset", torch.float16, DEVICE, seed=3,
-                    weight_dtype=torch.float32, grad_dtype=torch.float32)
-    check_rms("triton", *case, 1e-6)
 
 
 def test_triton_int32_index(poison):
@@ -265,21 +226,3 @@ def test_gpu_edge_index_sets(poison):
     for kind in KINDS:
         check_swiglu("triton", *swiglu_case(513, 777, 77, kind, torch.bfloat16, "cuda", seed=5))
         check_rms("triton", *norm_case(513, 777, 77, kind, torch.bfloat16, "cuda", seed=5), 1e-6)
-
-
-@pytest.mark.gpu
-def test_gpu_rms_norm_mixed_and_wide(poison):
-    case = norm_case(700, 2048, 400, "sorted_subset", torch.bfloat16, "cuda", seed=9,
-                    weight_dtype=torch.float32, grad_dtype=torch.float32)
-    check_rms("triton", *case, 1e-5)
-    # Wider than one program's row block: the torch backend runs.
-    check_rms("triton", *norm_case(40, rowwise.MAX_RMS_WIDTH + 3, 20, "sorted_subset", torch.bfloat16, "cuda",
-                                  seed=1), 1e-5)
-
-
-@pytest.mark.gpu
-def test_gpu_rms_norm_dweight_deterministic():
-    grad, x, w, idx = norm_case(16384, 2048, 9830, "sorted_subset", torch.bfloat16, "cuda", seed=4)
-    first = ck.rms_norm_backward(grad, x, w, 1e-5, idx, backend="triton")[1]
-    for _ in range(3):
-        assert torch.equal(ck.rms_norm_backward(grad, x, w, 1e-5, idx, backend="triton")[1], first)

@@ -3,7 +3,8 @@
 The torch backend is checked in fp64 tightly; the Triton backend runs under the interpreter on CPU
 (fp32, fp16) and on CUDA in the ``gpu`` tests (bf16, fp16, fp32), with the error rule
 ``max|out - ref| <= 2 max|out_torch - ref| + atol`` against an fp64 reference. Triton outputs are
-allocated NaN-filled, so an element the kernel does not write fails the check.
+allocated NaN-filled, so an element the kernel does not write fails the check. The tests of the
+row-norm kernel shared by RMSNorm and LayerNorm run here for both norms.
 """
 
 import math
@@ -13,7 +14,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_testing import INDEX_KINDS as KINDS
-from kernel_testing import assert_rule, make_index, nan_outputs, norm_case, poison_cuda_allocator, rand, small_atol
+from kernel_testing import (
+    assert_rule,
+    check_ln,
+    check_rms,
+    make_index,
+    nan_outputs,
+    norm_case,
+    poison_cuda_allocator,
+    rand,
+    small_atol,
+)
 
 import collider_kernels as ck
 from collider_kernels import backends, reference
@@ -31,19 +42,6 @@ def gelu_case(M, F, n, kind, dtype, device, seed, row_pad=0, scale=3.0):
     idx = make_index(kind, M, n, gen, device)
     grad = rand(M if idx is None else idx.shape[0], F, dtype, device, gen, row_pad=row_pad)  # (n, F)
     return grad, x, idx
-
-
-def check_ln(backend, grad, x, w, idx, eps):
-    out = ck.layer_norm_backward(grad, x, w, eps, idx, backend=backend)
-    ref = reference.layer_norm_backward_reference(grad.double(), x.double(), w.double(), eps, idx)
-    base = ck.layer_norm_backward(grad, x, w, eps, idx, backend="torch")
-    H, rows = x.shape[1], grad.shape[0]
-    assert out[0].dtype == x.dtype and out[0].device == x.device
-    assert out[1].dtype == out[2].dtype == torch.float32 and out[1].shape == out[2].shape == (H,)
-    assert_rule(out[0], ref[0], base[0], atol=small_atol(x.dtype, ref[0], H), what=f"ln dx[{backend}]", same_dtype=True)
-    for name, o, r, b in zip(("dweight", "dbias"), out[1:], ref[1:], base[1:], strict=True):
-        assert_rule(o, r, b, atol=small_atol(torch.float32, r, rows), what=f"ln {name}[{backend}]", same_dtype=True)
-    return out
 
 
 def check_gelu(backend, grad, x, idx):
@@ -129,29 +127,44 @@ def test_gelu_triton(M, F, n, kind, dtype, row_pad, seed):
         check_gelu("triton", *gelu_case(M, F, n, kind, dtype, DEVICE, seed, row_pad))
 
 
-def test_layer_norm_triton_many_programs(poison, monkeypatch):
-    """More rows than programs: each program loops over a run of rows; partial sums add up."""
+# ---------------------------------------------------- the row-norm kernel of RMSNorm and LayerNorm
+
+NORMS = {"rms": (ck.rms_norm_backward, check_rms), "ln": (ck.layer_norm_backward, check_ln)}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_norm_triton_many_programs(poison, monkeypatch, norm):
+    """More rows than programs: each program loops over a run of rows; partial dweight (and dbias)
+    sums add up, in the same order every call."""
+    op, check = NORMS[norm]
     monkeypatch.setattr(rowwise, "num_sms", lambda device: 3)
     for kind in ("none", "sorted_subset", "repeats"):
         case = norm_case(150, 40, 97, kind, torch.float32, DEVICE, seed=11)
-        check_ln("triton", *case, 1e-5)
-        first = ck.layer_norm_backward(*case[:3], 1e-5, case[3], backend="triton")
-        again = ck.layer_norm_backward(*case[:3], 1e-5, case[3], backend="triton")
-        assert torch.equal(first[1], again[1]) and torch.equal(first[2], again[2]), "not deterministic"
+        check("triton", *case, 1e-5)
+        first = op(*case[:3], 1e-5, case[3], backend="triton")
+        again = op(*case[:3], 1e-5, case[3], backend="triton")
+        assert all(torch.equal(a, b) for a, b in zip(first[1:], again[1:], strict=True)), "not deterministic"
 
 
-def test_layer_norm_triton_eps_zero(poison, monkeypatch):
-    """eps == 0 with a partial last row block: the padding rows must not poison dweight/dbias."""
-    monkeypatch.setattr(rowwise, "num_sms", lambda device: 1)
-    check_ln("triton", *norm_case(11, 24, 11, "none", torch.float32, DEVICE, seed=8), 0.0)
-    check_ln("triton", *norm_case(11, 24, 5, "sorted_subset", torch.float32, DEVICE, seed=8), 0)
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("sms", (1, None))
+def test_norm_triton_eps_zero_partial_row_block(poison, monkeypatch, norm, sms):
+    """eps = 0 with a last row block only partly filled: rows past the end must not turn the
+    partial dweight (dbias) into NaN (rsqrt(0) * 0); on one program and on the default count."""
+    _, check = NORMS[norm]
+    if sms is not None:
+        monkeypatch.setattr(rowwise, "num_sms", lambda device: sms)
+    for n, kind, eps in ((11, "none", 0.0), (5, "sorted_subset", 0)):  # a float and an int zero
+        out = check("triton", *norm_case(11, 24, n, kind, torch.float32, DEVICE, seed=8), eps)
+        assert all(torch.isfinite(t).all() for t in out)
 
 
-def test_layer_norm_triton_mixed_dtypes(poison):
-    """fp16 activations with an fp32 weight and fp32 gradient."""
+@pytest.mark.parametrize("norm", NORMS)
+def test_norm_triton_mixed_dtypes(poison, norm):
+    """fp16 activations with an fp32 weight and fp32 gradient (output of fp32 weight * fp16 xhat)."""
     case = norm_case(33, 70, 20, "sorted_subset", torch.float16, DEVICE, seed=3,
-                   weight_dtype=torch.float32, grad_dtype=torch.float32)
-    check_ln("triton", *case, 1e-6)
+                     weight_dtype=torch.float32, grad_dtype=torch.float32)
+    NORMS[norm][1]("triton", *case, 1e-6)
 
 
 def test_gelu_triton_saturated_inputs(poison):
@@ -277,19 +290,23 @@ def test_gpu_edge_index_sets(poison):
 
 
 @pytest.mark.gpu
-def test_gpu_layer_norm_mixed_and_wide(poison):
+@pytest.mark.parametrize("norm", NORMS)
+def test_gpu_norm_mixed_and_wide(poison, norm):
+    check = NORMS[norm][1]
     case = norm_case(700, 2048, 400, "sorted_subset", torch.bfloat16, "cuda", seed=9,
-                   weight_dtype=torch.float32, grad_dtype=torch.float32)
-    check_ln("triton", *case, 1e-5)
+                     weight_dtype=torch.float32, grad_dtype=torch.float32)
+    check("triton", *case, 1e-5)
     # Wider than one program's row block: the torch backend runs.
-    check_ln("triton", *norm_case(40, rowwise.MAX_RMS_WIDTH + 3, 20, "sorted_subset", torch.bfloat16, "cuda",
-                                seed=1), 1e-5)
+    check("triton", *norm_case(40, rowwise.MAX_RMS_WIDTH + 3, 20, "sorted_subset", torch.bfloat16, "cuda",
+                               seed=1), 1e-5)
 
 
 @pytest.mark.gpu
-def test_gpu_layer_norm_partials_deterministic():
+@pytest.mark.parametrize("norm", NORMS)
+def test_gpu_norm_partials_deterministic(norm):
+    op = NORMS[norm][0]
     grad, x, w, idx = norm_case(16384, 2048, 9830, "sorted_subset", torch.bfloat16, "cuda", seed=4)
-    first = ck.layer_norm_backward(grad, x, w, 1e-5, idx, backend="triton")
+    first = op(grad, x, w, 1e-5, idx, backend="triton")
     for _ in range(3):
-        again = ck.layer_norm_backward(grad, x, w, 1e-5, idx, backend="triton")
-        assert torch.equal(again[1], first[1]) and torch.equal(again[2], first[2])
+        again = op(grad, x, w, 1e-5, idx, backend="triton")
+        assert all(torch.equal(a, b) for a, b in zip(first[1:], again[1:], strict=True))
