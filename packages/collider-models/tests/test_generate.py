@@ -18,7 +18,7 @@ def test_cached_forward_equals_full_forward(arch, make_ours):
     model = make_ours(arch).double()
     ids = _prompt(model, T=11)
     with torch.no_grad():
-        full = model(ids)  # (B, T, V)
+        full = model(ids).logits  # (B, T, V)
     cache = KVCache(model, batch=2, max_length=12)
     parts = [cached_forward(model, ids[:, :5], cache), cached_forward(model, ids[:, 5:6], cache),
              cached_forward(model, ids[:, 6:9], cache), cached_forward(model, ids[:, 9:], cache, last_only=True)]

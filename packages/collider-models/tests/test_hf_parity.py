@@ -40,11 +40,32 @@ def test_logits_and_token_losses_match(arch, hf_checkpoint):
     ids, labels = _ids(V), _labels(V)
     ref = _hf_logits(hf, ids)
     with torch.no_grad():
-        logits = ours(ids)
+        logits = ours(ids).logits
         losses = ours.token_loss(ids, labels)
     torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
     ref_losses = F.cross_entropy(ref.reshape(-1, V), labels.reshape(-1), reduction="none").view(B, T)
     torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_with_labels_follows_transformers(arch, hf_checkpoint):
+    # labels as transformers takes them (shifted inside), -100 ignored: same mean loss, and the
+    # per-token losses are transformers' shifted cross-entropy, aligned with positions.
+    folder, hf = hf_checkpoint(arch)
+    ours = from_pretrained(folder)
+    V = ours.config.vocab_size
+    ids = _ids(V)
+    labels = ids.clone()
+    labels[0, 3:6] = -100
+    with torch.no_grad():
+        ref = hf(ids, labels=labels)
+        out = ours(ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=0, atol=1e-5)
+    ref_tok = F.cross_entropy(ref.logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), reduction="none")
+    torch.testing.assert_close(out.token_loss[:, :-1], ref_tok.view(B, T - 1), rtol=0, atol=1e-5)
+    assert torch.equal(out.token_loss[:, -1], torch.zeros(B))
+    assert torch.equal(out.labels[:, :-1], labels[:, 1:]) and bool((out.labels[:, -1] == -100).all())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -69,7 +90,7 @@ def test_our_checkpoint_loads_in_transformers(arch, make_ours, tmp_path):
     assert hf.dtype == torch.float32
     ids = _ids(ours.config.vocab_size)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), _hf_logits(hf, ids), rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(ids).logits, _hf_logits(hf, ids), rtol=0, atol=1e-5)
     tied = arch == "qwen2"
     assert (hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()) == tied
     # and back: what transformers writes again loads in ours unchanged
@@ -97,7 +118,7 @@ def test_transformers_sharded_checkpoint(arch, make_hf, tmp_path):
     ours = from_pretrained(tmp_path)
     ids = _ids(ours.config.vocab_size)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), _hf_logits(hf, ids), rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(ids).logits, _hf_logits(hf, ids), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -127,7 +148,7 @@ def test_old_config_format_matches_transformers(arch, make_hf, tmp_path):
     ref = _hf_logits(reloaded, ids)
     torch.testing.assert_close(_hf_logits(hf, ids), ref, rtol=0, atol=1e-6)  # transformers read it the same
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids), ref, rtol=0, atol=1e-5)
+        torch.testing.assert_close(ours(ids).logits, ref, rtol=0, atol=1e-5)
 
 
 def _hf_contract_grads(hf, ids, labels, keep, detach=True):

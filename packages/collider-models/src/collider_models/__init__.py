@@ -1,7 +1,7 @@
 """collider-models: TinyLlama, Qwen2.5 and Phi-1.5 built on collider-autograd."""
 
 from collider_models import llama, phi, qwen2  # noqa: F401  (register architectures)
-from collider_models.blocks import CausalLM
+from collider_models.blocks import CausalLM, CausalLMOutput, shift_labels
 from collider_models.checkpoint import from_pretrained, save_pretrained
 from collider_models.config import ModelConfig
 from collider_models.generate import KVCache, generate
@@ -17,6 +17,6 @@ def from_preset(name: str):
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "CausalLM", "KVCache", "ModelConfig", "from_config", "from_preset", "from_pretrained", "generate",
-    "preset_config", "save_pretrained",
+    "PRESETS", "CausalLM", "CausalLMOutput", "KVCache", "ModelConfig", "from_config", "from_preset", "from_pretrained", "generate",
+    "preset_config", "save_pretrained", "shift_labels",
 ]

@@ -6,6 +6,8 @@ of :class:`ModelConfig`-driven blocks), so ``state_dict()`` keys equal checkpoin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -128,8 +130,36 @@ class DecoderModel(nn.Module):
         return getattr(self, self.final_norm_name)(x)
 
 
+@dataclass
+class CausalLMOutput:
+    """What :meth:`CausalLM.forward` returns (field names as in ``transformers``' outputs).
+
+    Attributes:
+        logits: (B, T, V), when no labels were given; else ``None``.
+        loss: 0-dim mean loss over non-ignored positions, when labels were given.
+        token_loss: (B, T) fp32 per-position losses, when labels were given.
+        labels: (B, T) the shifted labels ``token_loss`` was computed against.
+    """
+
+    logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    token_loss: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """(B, T) labels as ``transformers`` takes them → aligned with positions: ``out[:, t] =
+    labels[:, t + 1]``, the last position ``ignore_index``."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise ValueError(f"labels must be a (B, T) tensor, got {getattr(labels, 'shape', type(labels))}")
+    out = torch.full_like(labels, ignore_index)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
 class CausalLM(nn.Module):
-    """Decoder + LM head. ``forward`` gives logits; ``token_loss`` the per-position CE."""
+    """Decoder + LM head. ``forward`` follows ``transformers`` (logits, or losses with
+    ``labels``); ``token_loss`` gives the per-position CE against aligned labels."""
 
     def __init__(self, cfg: ModelConfig, final_norm_name: str = "norm", attn_out_name: str = "o_proj"):
         super().__init__()
@@ -154,12 +184,37 @@ class CausalLM(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids → (B, T, V) logits."""
-        return self.lm_head(self.model(_check_ids(input_ids, self.config.vocab_size)))
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, ignore_index: int = -100
+    ) -> CausalLMOutput:
+        """The model's forward, in the ``transformers`` convention.
+
+        Without ``labels``: ``(B, T, V)`` logits in ``output.logits``. With ``labels`` (B, T),
+        as ``transformers`` takes them (normally the input ids, shifted inside: position t
+        predicts ``labels[:, t + 1]``): the per-token losses in ``output.token_loss`` (B, T)
+        fp32, the shifted labels they were computed against in ``output.labels`` (the last
+        position and ``ignore_index`` entries are ``ignore_index``, loss 0), and the plain mean
+        over non-ignored positions in ``output.loss``. The LM head is fused into the loss, so
+        no logits are made then. Use ``filtered_mean(output.token_loss, keep)`` for Collider.
+
+        Calling the model (not :meth:`token_loss`) is what arms ``DistributedDataParallel``'s
+        and FSDP's hooks.
+        """
+        if labels is None:
+            logits = self.lm_head(self.model(_check_ids(input_ids, self.config.vocab_size)))  # (B, T, V)
+            return CausalLMOutput(logits=logits)
+        shifted = shift_labels(labels, ignore_index)  # (B, T)
+        token_loss = self.token_loss(input_ids, shifted, ignore_index)  # (B, T) fp32
+        valid = shifted != ignore_index
+        count = valid.sum()
+        total = token_loss.sum()  # ignored positions hold 0
+        loss = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+        return CausalLMOutput(loss=loss, token_loss=token_loss, labels=shifted)
 
     def token_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-        """(B, T) float32 cross-entropy of position t against ``labels[:, t]``; ignored → 0."""
+        """(B, T) float32 cross-entropy of position t against ``labels[:, t]`` (labels already
+        aligned with positions, unlike :meth:`forward`); ignored → 0. Under data-parallel
+        wrappers call the wrapper (``ddp(ids, labels=...)``), not this method."""
         hidden = self.model(_check_ids(input_ids, self.config.vocab_size))  # (B, T, hidden)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")

@@ -175,7 +175,7 @@ def generate(
         if use_cache:
             logits = cached_forward(model, step_ids, cache, last_only=True)[:, -1]  # (B, V)
         else:
-            logits = model(torch.cat(out, dim=1))[:, -1]  # (B, V)
+            logits = model(torch.cat(out, dim=1)).logits[:, -1]  # (B, V)
         nxt = _next_token(logits, do_sample, top_p, temperature, generator)  # (B,)
         if eos:
             nxt = torch.where(finished, eos_t[0], nxt)
