@@ -211,3 +211,28 @@ def test_importing_needs_no_transformers():
     assert out.startswith("ImportError")
     code = "import sys, collider_models, collider_models.hf; print('transformers' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def _check_on_device(arch, make_hf, device):
+    """fp32 gradients equal the contract on ``device``; in bf16 our logits are within twice
+    transformers' own bf16 error of the fp32 logits."""
+    hf = make_hf(arch, seed=20).train().to(device)
+    ours = from_hf(hf)
+    assert ours.model.embed_tokens.weight.device.type == torch.device(device).type
+    ids, labels, keep = (t.to(device) for t in _batch(ours.config.vocab_size, seed=21))
+    got, ref = _collider_grads(ours, ids, labels, keep), _contract_grads(hf, ids, labels, keep)
+    for name, r in ref.items():
+        err = (got[name] - r).abs().max().item()
+        assert err <= 1e-4 * r.abs().max().item() + 1e-7, f"{name}: max error {err:.3g}"
+    with torch.no_grad():
+        exact = hf(ids).logits.double()
+        hf.to(torch.bfloat16)  # and so ours
+        ours_err = (ours(ids).logits.double() - exact).abs().max().item()
+        hf_err = (hf(ids).logits.double() - exact).abs().max().item()
+    assert ours_err <= 2 * hf_err + 1e-3, (ours_err, hf_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ARCHS)
+def test_on_gpu_fp32_contract_and_bf16_forward(arch, make_hf):
+    _check_on_device(arch, make_hf, "cuda")

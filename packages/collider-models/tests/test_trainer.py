@@ -317,3 +317,43 @@ def test_bad_training_arguments_and_batches_are_refused(make_hf, tmp_path):
     data = [{"input_ids": r["input_ids"]} for r in _data(4, 512)]
     with pytest.raises(ValueError, match="'labels'"):
         _bad(make_hf, tmp_path, train_dataset=data).train()
+
+
+def _check_trainer_on_device(make_hf, tmp_path, device):
+    """Two SGD steps of the trainer on one repeated batch equal our own loop (fp32), and a bf16
+    model trains (pure bf16 weights); no sampler option needed."""
+    hf = make_hf("llama", seed=21).train()
+    twin = copy.deepcopy(hf).to(device)
+    data = _data(4, 512, seed=22)  # one batch: both steps see the same 4 examples
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, optim="sgd", learning_rate=1.0,
+        max_grad_norm=0.0, lr_scheduler_type="constant", report_to="none", save_strategy="no", disable_tqdm=True,
+        use_cpu=device == "cpu",
+    )
+    ColliderTrainer(model=hf, args=args, train_dataset=data, keep=0.6, selection="loss", per="sequence").train()
+    assert hf.model.embed_tokens.weight.device.type == torch.device(device).type
+
+    ours = from_hf(twin)
+    opt = torch.optim.SGD(ours.parameters(), lr=1.0)
+    batch = {k: v.to(device) for k, v in _collate(data).items()}
+    labels = batch["labels"].masked_fill(batch["attention_mask"] == 0, -100)
+    for _ in range(2):
+        out = ours(batch["input_ids"], labels=labels)
+        keep = select_top_k(out.token_loss.detach(), 0.6, per="sequence", valid=out.labels != -100)
+        filtered_mean(out.token_loss, keep).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _assert_params_equal(_params(hf), _params(ours), rtol=1e-4, atol=1e-6)  # sequence order may differ
+
+    bf16 = make_hf("llama", seed=23, dtype=torch.bfloat16).train()
+    initial = _params(bf16)
+    trainer = ColliderTrainer(model=bf16, args=args, train_dataset=data, selection="loss")
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in trainer.state.log_history if "loss" in log)
+    assert _moved({n: p.float().cpu() for n, p in _params(bf16).items()},
+                  {n: p.float() for n, p in initial.items()}) > 1e-3
+
+
+@pytest.mark.gpu
+def test_on_gpu_trainer_steps_equal_our_own_loop(make_hf, tmp_path):
+    _check_trainer_on_device(make_hf, tmp_path, "cuda")
