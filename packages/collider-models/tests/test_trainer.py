@@ -297,6 +297,7 @@ def _bad(make_hf, tmp_path, **kw):
 @pytest.mark.parametrize("kw, error, words", [
     (dict(selection="excess"), ValueError, "reference_model"),
     (dict(selection="best"), ValueError, "selection"),
+    (dict(reference_model=torch.nn.Linear(2, 2)), ValueError, "only used by"),
     (dict(keep=1.5), ValueError, "keep"),
     (dict(per="token"), ValueError, "per"),
     (dict(model=torch.nn.Linear(2, 2)), TypeError, "Linear"),

@@ -41,7 +41,9 @@ class ColliderTrainer(Trainer):
             checkpointing, label smoothing and several GPUs in one process are refused; DDP
             (``torchrun``, ``accelerate launch``), gradient accumulation, logging, evaluation,
             saving and resuming work as usual, and ``bf16``/``fp16`` run the model under the
-            ``Trainer``'s autocast (which the model's layers must support).
+            ``Trainer``'s autocast (which the model's layers must support). An unset
+            ``ddp_find_unused_parameters`` becomes ``False``: every trainable parameter gets a
+            gradient, zero where nothing was kept.
         keep: share of each micro-batch's valid positions to keep, in [0, 1].
         selection: ``"excess"`` (Rho-1: the model's loss minus ``reference_model``'s),
             ``"loss"`` (the model's own loss) or ``"random"`` (uniform scores: a random subset
@@ -104,6 +106,8 @@ class ColliderTrainer(Trainer):
                 'selection="excess" scores tokens against a reference model: pass reference_model=... '
                 '(a frozen model of the same tokenizer) or use selection="loss" or "random"'
             )
+        if selection != "excess" and reference_model is not None:
+            raise ValueError(f'reference_model is only used by selection="excess", got selection={selection!r}')
         for name in ("model_init", "compute_loss_func"):
             if kwargs.get(name) is not None:
                 raise ValueError(f"ColliderTrainer does not support {name}")
