@@ -1,5 +1,6 @@
 """``masked_attention_backward``: every backend against the dense reference of the contract (the
-Design page), with sliding windows and packed documents, argument validation and ``sequence_offsets``.
+Design page, ``docs/design.rst``), with sliding windows and packed documents, argument validation
+and ``sequence_offsets``.
 
 The torch backend is checked in fp64 tightly. The Triton kernels run under Triton's interpreter on
 CPU (small fp32/fp16 cases, both dQ strategies, preallocated outputs poisoned with NaN); the ``gpu``

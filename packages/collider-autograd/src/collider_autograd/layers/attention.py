@@ -2,7 +2,8 @@
 
 Dense gradient in → PyTorch's own attention backward. Sparse gradient in (kept query rows) →
 :func:`collider_kernels.masked_attention_backward`: dQ of kept queries over all visible keys,
-dK/dV of kept keys over kept queries (filtered keys and values are detached; see the Design page).
+dK/dV of kept keys over kept queries (filtered keys and values are detached; see the Design
+page, ``docs/design.rst``).
 
 A sliding ``window`` and per-token document starts (``key_start``) restrict the keys each query
 sees, in the forward and in both backwards. Without them the plain causal kernels run: PyTorch's

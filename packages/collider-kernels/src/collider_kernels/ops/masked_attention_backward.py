@@ -1,4 +1,5 @@
-"""Masked attention backward over kept tokens (the "restore-Q" rule of the Design page).
+"""Masked attention backward over kept tokens (the "restore-Q" rule of the
+Design page, ``docs/design.rst``).
 
 Given the dense causal forward (output and logsumexp) and the output gradient of the kept
 query rows only, compute

@@ -1,4 +1,5 @@
-"""Triton masked attention backward (restore-Q) over kept tokens (the Design page's contract).
+"""Triton masked attention backward (restore-Q) over kept tokens (the contract of the
+Design page, ``docs/design.rst``).
 
 Inputs are the dense causal forward (``q, k, v, out, lse``) and the output gradient of the kept
 query rows only. Kept rows are read through ``index``, and the output gradient of filtered queries
