@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from collider_kernels._dtypes import FLOAT_DTYPES
+from collider_kernels.dtypes import FLOAT_DTYPES
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from collider_kernels._dtypes import FLOAT_DTYPES
+from collider_kernels.dtypes import FLOAT_DTYPES
 
 BACKENDS = ("torch", "triton", "cupy")
 # Device types the registry reports on (available_backends() with no device).

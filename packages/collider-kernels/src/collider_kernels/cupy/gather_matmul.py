@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from collider_kernels._dtypes import KERNEL_DTYPES
 from collider_kernels.backends import register
 from collider_kernels.cupy._interop import (
     DEVICES,
@@ -16,6 +15,7 @@ from collider_kernels.cupy._interop import (
     on_torch_stream,
     row_major,
 )
+from collider_kernels.dtypes import KERNEL_DTYPES
 
 
 @register("gather_matmul", "cupy", devices=DEVICES, dtypes=KERNEL_DTYPES)

@@ -13,10 +13,10 @@ import cupy
 import numpy as np
 import torch
 
-from collider_kernels._dtypes import KERNEL_DTYPES
 from collider_kernels._segments import scatter_rows_with, segment_plan
 from collider_kernels.backends import register
 from collider_kernels.cupy._interop import DEVICES, TYPES, as_cupy, on_torch_stream
+from collider_kernels.dtypes import KERNEL_DTYPES
 
 _CONVERT_SRC = r"""
 __device__ __forceinline__ float load_f32(const float* p) { return *p; }

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from collider_kernels._checks import check_index, check_tensor
-from collider_kernels._dtypes import FLOAT_DTYPES
 from collider_kernels.backends import register, resolve_backend
+from collider_kernels.dtypes import FLOAT_DTYPES
 
 
 def gathered_weight_grad(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from collider_kernels._checks import check_row_grad, check_tensor
-from collider_kernels._dtypes import FLOAT_DTYPES, upcast
 from collider_kernels.backends import register, resolve_backend
+from collider_kernels.dtypes import FLOAT_DTYPES, upcast
 from collider_kernels.reference import GELU_COEF, SQRT_2_OVER_PI
 
 

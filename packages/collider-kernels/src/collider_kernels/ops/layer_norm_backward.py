@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from collider_kernels._checks import check_norm_args
-from collider_kernels._dtypes import upcast
 from collider_kernels.backends import register, resolve_backend
+from collider_kernels.dtypes import upcast
 
 
 def layer_norm_backward(

@@ -20,8 +20,8 @@ import math
 import torch
 
 from collider_kernels._checks import check_attention_masks, check_index, check_tensor
-from collider_kernels._dtypes import FLOAT_DTYPES
 from collider_kernels.backends import register, resolve_backend
+from collider_kernels.dtypes import FLOAT_DTYPES
 from collider_kernels.reference import attention_visibility, key_lower_bound
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from collider_kernels._checks import check_norm_args
-from collider_kernels._dtypes import compute_dtype
 from collider_kernels.backends import register, resolve_backend
+from collider_kernels.dtypes import compute_dtype
 
 
 def rms_norm_backward(

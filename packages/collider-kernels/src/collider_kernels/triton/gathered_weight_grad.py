@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from collider_kernels._dtypes import KERNEL_DTYPES
 from collider_kernels.backends import register
+from collider_kernels.dtypes import KERNEL_DTYPES
 from collider_kernels.triton import gemm, settings
 from collider_kernels.triton.gemm import (
     DESC_TILES,

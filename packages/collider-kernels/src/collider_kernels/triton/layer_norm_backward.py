@@ -6,8 +6,8 @@ with the row mean subtracted and the dbias sums added.
 
 from __future__ import annotations
 
-from collider_kernels._dtypes import KERNEL_DTYPES
 from collider_kernels.backends import register
+from collider_kernels.dtypes import KERNEL_DTYPES
 from collider_kernels.triton import settings
 from collider_kernels.triton.row_norms import launch_norm_backward, too_wide
 

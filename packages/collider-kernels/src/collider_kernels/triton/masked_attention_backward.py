@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 
 from collider_kernels import tuning
-from collider_kernels._dtypes import KERNEL_DTYPES
 from collider_kernels.backends import register
+from collider_kernels.dtypes import KERNEL_DTYPES
 from collider_kernels.reference import key_lower_bound
 from collider_kernels.triton import settings
 from collider_kernels.triton.launch import Launcher

@@ -9,8 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from collider_kernels._dtypes import KERNEL_DTYPES
 from collider_kernels.backends import register
+from collider_kernels.dtypes import KERNEL_DTYPES
 from collider_kernels.triton import settings
 from collider_kernels.triton.launch import Launcher
 from collider_kernels.tuning import INTERPRET

@@ -1,4 +1,5 @@
-"""The dtypes the ops and their backends take, and the compute dtype of the torch math."""
+"""The dtypes the ops and their backends take, and the compute dtype of their math (shared with
+the layers of ``collider_autograd``)."""
 
 from __future__ import annotations
 
