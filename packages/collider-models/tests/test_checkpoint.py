@@ -257,8 +257,8 @@ def test_error_config_dtype_unknown(saved):
 
 
 def test_error_unsupported_rope_scaling(saved):
-    _edit_config(saved, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
-    with pytest.raises(ValueError, match="rope_type 'linear'"):
+    _edit_config(saved, rope_parameters={"rope_type": "proportional", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_type 'proportional'"):
         from_pretrained(saved)
 
 

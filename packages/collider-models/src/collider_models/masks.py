@@ -1,0 +1,150 @@
+"""Padding and packed documents: what each token of a (B, T) batch sees, and its rotary position.
+
+:func:`layout` turns the ``transformers``-style inputs (``attention_mask`` for padding,
+``position_ids`` restarting per document) and an explicit per-token ``document_ids`` into a
+:class:`Layout`: the rotary positions, and for every query the first key it may attend to
+(``key_start``), which :func:`collider_autograd.causal_attention` honours in the forward and in
+the masked backward. A query attends to the keys ``key_start .. t`` of its own row (and of its
+layer's sliding window), so
+
+* right padding needs no mask at all (real tokens never look ahead);
+* left padding starts the real tokens' keys after the padding;
+* packed documents start each document's keys at the document's first token, so no token
+  attends across a document boundary.
+
+Padding between the real tokens of one document cannot be expressed this way and is
+refused. Padded queries attend to earlier keys of their row; their outputs are never used and
+their labels are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Layout:
+    """How the tokens of a (B, T) batch relate.
+
+    Attributes:
+        positions: rotary positions, (T,) when every sequence has the same, else (B, T).
+        key_start: (B, T) int64 first key index each query attends to; ``None`` when it is 0
+            for every real token (plain causal attention).
+        real: (B, T) bool, False at padding; ``None`` without padding.
+        new_doc: (B, T) bool, True where a document other than the row's first begins;
+            ``None`` without packed documents.
+    """
+
+    positions: torch.Tensor
+    key_start: torch.Tensor | None = None
+    real: torch.Tensor | None = None
+    new_doc: torch.Tensor | None = None
+
+
+def _check_tokens(name: str, t, shape: tuple[int, int], device, *, allow_bool: bool = False) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    ok = t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or (
+        allow_bool and t.dtype == torch.bool
+    )
+    if not ok:
+        raise TypeError(f"{name} must be an integer{' or bool' if allow_bool else ''} tensor, got {t.dtype}")
+    if t.dim() == 2 and t.shape[0] == 1 and shape[0] != 1 and t.shape[1] == shape[1]:
+        t = t.expand(shape)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have input_ids' shape {shape}, got {tuple(t.shape)}")
+    return t.to(device)
+
+
+def _starts(boundary: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool boundaries → (B, T) index of the latest boundary at or before each t."""
+    T = boundary.shape[1]
+    idx = torch.arange(T, device=boundary.device).expand_as(boundary)
+    return torch.where(boundary, idx, torch.zeros_like(idx)).cummax(dim=1).values
+
+
+def layout(
+    shape: tuple[int, int],
+    device,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    past: int = 0,
+) -> Layout:
+    """The :class:`Layout` of a batch of ``shape`` (B, T).
+
+    Args:
+        shape: (B, T) of ``input_ids``.
+        device: where the tensors live.
+        attention_mask: (B, T) 1 for real tokens, 0 for padding (left, right, or between
+            documents).
+        position_ids: (B, T) or (1, T) rotary positions, as ``transformers`` takes them. A
+            position that does not follow the previous one by 1 starts a new document (the
+            rule ``transformers`` uses to detect packed sequences).
+        document_ids: (B, T) a document id per token; a change of id starts a new document
+            whose rotary positions restart at 0 (unless ``position_ids`` are given).
+        past: positions already processed before these (plain positions continue from it).
+
+    Raises:
+        ValueError / TypeError: malformed inputs, or padding between the real tokens of one
+            document.
+    """
+    B, T = shape
+    real = new_doc = None
+    if attention_mask is not None:
+        mask = _check_tokens("attention_mask", attention_mask, shape, device, allow_bool=True)
+        if mask.dtype != torch.bool:
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError(
+                    "attention_mask must hold 1 (token) or 0 (padding); for packed documents pass "
+                    "document_ids or position_ids that restart per document"
+                )
+            mask = mask != 0
+        if not bool(mask.all()):
+            real = mask
+    boundary = torch.zeros(shape, dtype=torch.bool, device=device)
+    if document_ids is not None:
+        docs = _check_tokens("document_ids", document_ids, shape, device)
+        boundary[:, 1:] |= docs[:, 1:] != docs[:, :-1]
+    if position_ids is not None:
+        pos = _check_tokens("position_ids", position_ids, shape, device).long()
+        if pos.numel() and int(pos.min()) < 0:
+            raise ValueError("position_ids must be >= 0")
+        boundary[:, 1:] |= (pos[:, 1:] - pos[:, :-1]) != 1
+        positions = pos[0] if B > 0 and bool((pos == pos[:1]).all()) else pos
+    elif document_ids is not None:
+        idx = torch.arange(T, device=device)
+        positions = idx - _starts(boundary)  # (B, T): restart at every document
+    else:
+        positions = torch.arange(past, past + T, device=device)
+    if bool(boundary.any()):
+        new_doc = boundary
+    if real is None and new_doc is None:
+        return Layout(positions)
+    # A segment (run of real tokens of one document, or of padding) starts at t=0, at a new
+    # document and where padding starts or ends.
+    seg = boundary.clone()
+    seg[:, 0] = True
+    if real is not None:
+        seg[:, 1:] |= real[:, 1:] != real[:, :-1]
+        before = (real.long().cumsum(1) - real.long()) > 0  # a real token earlier in the row
+        hole = real.clone()
+        hole[:, 1:] &= ~real[:, :-1]
+        hole[:, 0] = False
+        hole &= ~boundary & before
+        if bool(hole.any()):
+            b, t = (int(i) for i in hole.nonzero()[0])
+            raise ValueError(
+                f"attention_mask pads inside a document (sequence {b}, position {t} follows padding that follows "
+                "real tokens of the same document); only left or right padding, or padding between documents "
+                "marked by document_ids / position_ids, is supported"
+            )
+    key_start = _starts(seg)
+    if real is not None:
+        key_start = torch.where(real, key_start, torch.zeros_like(key_start))
+    if not bool(key_start.any()):
+        key_start = None
+    return Layout(positions, key_start, real, new_doc)
