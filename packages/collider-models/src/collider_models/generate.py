@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from collider_models.masks import Layout, layout
+from collider_models.masks import Layout, layout, shared_rows
 
 
 class KVCache:
@@ -51,8 +51,9 @@ class KVCache:
         self.padded = False
         self._masks: dict = {}
 
-    def _mask(self, T: int, window: int | None) -> torch.Tensor | None:
-        """(B, 1, T, end) bool mask of the keys each new query sees; ``None`` for plain causal."""
+    def _mask(self, T: int, window: int | None):
+        """(B, 1, T, end) bool mask of the keys each new query sees and (B, 1, T, 1) queries that
+        see none (or ``None``); ``None`` for plain causal attention."""
         start, end = self.length, self.length + T
         if not self.padded and (window is None or window >= end):
             return None
@@ -66,8 +67,10 @@ class KVCache:
             if window is not None:
                 visible = visible & (q - k < window)
             mask = visible[None] & self.real[:, None, :end]  # (B, T, end)
-            mask = mask | (k == q)[None]  # a padded query sees itself: no empty softmax rows
-            self._masks[key] = mask[:, None]
+            # A query with no real key in view (padding) gets a zero output, as from PyTorch's SDPA
+            # in transformers; it only feeds padding or a prediction made at a padded position.
+            empty = ~mask.any(-1, keepdim=True)  # (B, T, 1)
+            self._masks[key] = ((mask | empty)[:, None], empty[:, None] if bool(empty.any()) else None)
         return self._masks[key]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -86,9 +89,12 @@ class KVCache:
             keys = keys.repeat_interleave(group, dim=1)  # (B, Hq, end, D)
             values = values.repeat_interleave(group, dim=1)
         qh = q.transpose(1, 2)  # (B, Hq, T, D)
-        mask = self._mask(T, window)
-        if mask is not None:
+        masks = self._mask(T, window)
+        if masks is not None:
+            mask, empty = masks
             out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask)
+            if empty is not None:
+                out = out.masked_fill(empty, 0.0)
         elif start == 0:
             out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True)
         elif T == 1:
@@ -139,8 +145,7 @@ def cached_forward(
         cache.real[:, start:start + T] = real
         cache.padded = True
     cache.last_position = positions[:, -1].clone() if T else cache.last_position
-    uniform = B > 0 and bool((positions == positions[:1]).all())
-    x = model.model(input_ids, cache, Layout(positions[0] if uniform else positions))  # advances cache.length
+    x = model.model(input_ids, cache, Layout(shared_rows(positions)))  # advances cache.length
     if last_only:
         x = x[:, -1:]
     return model.lm_head(x)

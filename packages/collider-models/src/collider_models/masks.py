@@ -13,8 +13,8 @@ layer's sliding window), so
   attends across a document boundary.
 
 Padding between the real tokens of one document cannot be expressed this way and is
-refused. Padded queries attend to earlier keys of their row; their outputs are never used and
-their labels are ignored.
+refused. Padded queries attend to the keys of the segment they trail; their outputs are never
+used and their labels are ignored.
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ class Layout:
     new_doc: torch.Tensor | None = None
 
 
-def _check_tokens(name: str, t, shape: tuple[int, int], device, *, allow_bool: bool = False) -> torch.Tensor:
+def _check_tokens(name: str, t, shape: tuple[int, int], device, *, is_mask: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     ok = t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or (
-        allow_bool and t.dtype == torch.bool
+        is_mask and (t.dtype == torch.bool or t.is_floating_point())
     )
     if not ok:
-        raise TypeError(f"{name} must be an integer{' or bool' if allow_bool else ''} tensor, got {t.dtype}")
+        kinds = "an integer, bool or floating" if is_mask else "an integer"
+        raise TypeError(f"{name} must be {kinds} tensor, got {t.dtype}")
     if t.dim() == 2 and t.shape[0] == 1 and shape[0] != 1 and t.shape[1] == shape[1]:
         t = t.expand(shape)
     if tuple(t.shape) != shape:
@@ -63,6 +64,13 @@ def _starts(boundary: torch.Tensor) -> torch.Tensor:
     T = boundary.shape[1]
     idx = torch.arange(T, device=boundary.device).expand_as(boundary)
     return torch.where(boundary, idx, torch.zeros_like(idx)).cummax(dim=1).values
+
+
+def shared_rows(positions: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions → (T,) when every row holds the same, else unchanged."""
+    if positions.shape[0] > 0 and bool((positions == positions[:1]).all()):
+        return positions[0]
+    return positions
 
 
 def layout(
@@ -92,10 +100,10 @@ def layout(
         ValueError / TypeError: malformed inputs, or padding between the real tokens of one
             document.
     """
-    B, T = shape
+    B, T = shape = tuple(shape)
     real = new_doc = None
     if attention_mask is not None:
-        mask = _check_tokens("attention_mask", attention_mask, shape, device, allow_bool=True)
+        mask = _check_tokens("attention_mask", attention_mask, shape, device, is_mask=True)
         if mask.dtype != torch.bool:
             if bool(((mask != 0) & (mask != 1)).any()):
                 raise ValueError(
@@ -114,22 +122,22 @@ def layout(
         if pos.numel() and int(pos.min()) < 0:
             raise ValueError("position_ids must be >= 0")
         boundary[:, 1:] |= (pos[:, 1:] - pos[:, :-1]) != 1
-        positions = pos[0] if B > 0 and bool((pos == pos[:1]).all()) else pos
+        positions = shared_rows(pos)
     elif document_ids is not None:
-        idx = torch.arange(T, device=device)
-        positions = idx - _starts(boundary)  # (B, T): restart at every document
+        positions = shared_rows(torch.arange(T, device=device) - _starts(boundary))  # restart per document
     else:
         positions = torch.arange(past, past + T, device=device)
     if bool(boundary.any()):
         new_doc = boundary
     if real is None and new_doc is None:
         return Layout(positions)
-    # A segment (run of real tokens of one document, or of padding) starts at t=0, at a new
-    # document and where padding starts or ends.
+    # A segment starts at t=0, at a new document and where real tokens follow padding; padding
+    # trails the segment before it, so key_start never decreases along a row and right padding
+    # alone needs no mask.
     seg = boundary.clone()
     seg[:, 0] = True
     if real is not None:
-        seg[:, 1:] |= real[:, 1:] != real[:, :-1]
+        seg[:, 1:] |= real[:, 1:] & ~real[:, :-1]
         before = (real.long().cumsum(1) - real.long()) > 0  # a real token earlier in the row
         hole = real.clone()
         hole[:, 1:] &= ~real[:, :-1]
@@ -143,8 +151,6 @@ def layout(
                 "marked by document_ids / position_ids, is supported"
             )
     key_start = _starts(seg)
-    if real is not None:
-        key_start = torch.where(real, key_start, torch.zeros_like(key_start))
     if not bool(key_start.any()):
         key_start = None
     return Layout(positions, key_start, real, new_doc)
