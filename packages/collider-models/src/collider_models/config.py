@@ -168,14 +168,16 @@ def dtype_of(cfg: dict) -> torch.dtype | None:
     return _DTYPES[name]
 
 
-def _int(cfg: dict, key: str, minimum: int = 1) -> int:
+def as_int(cfg: dict, key: str, minimum: int = 1) -> int:
+    """``cfg[key]`` as an integer >= ``minimum``, or a clear error naming the key."""
     value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"config {key} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
-def _float(cfg: dict, key: str) -> float:
+def as_float(cfg: dict, key: str) -> float:
+    """``cfg[key]`` as a float, or a clear error naming the key."""
     value = cfg[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"config {key} must be a number, got {value!r}")
@@ -216,30 +218,32 @@ def base_fields(cfg: dict, fields: dict[str, Field], *, default_partial: float |
     if missing:
         raise ValueError(f"config is missing required keys {missing} for model_type {cfg.get('model_type')!r}")
     c = resolve(cfg, fields)
-    heads = _int(c, "num_attention_heads")
+    heads = as_int(c, "num_attention_heads")
     if c["num_key_value_heads"] is None:
         c["num_key_value_heads"] = heads
-    kv = _int(c, "num_key_value_heads")
+    kv = as_int(c, "num_key_value_heads")
     if heads % kv:
         raise ValueError(f"config num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv})")
     if c["head_dim"] is None:
-        c["head_dim"] = _int(c, "hidden_size") // heads
-    head_dim = _int(c, "head_dim")
-    rope = rope_spec(c, head_dim=head_dim, default_partial=default_partial, allow_partial=allow_partial)
+        c["head_dim"] = as_int(c, "hidden_size") // heads
+    head_dim = as_int(c, "head_dim")
+    # The rotary keys as given (absent and null differ there), with the architecture's default length.
+    rope_cfg = {**cfg, "max_position_embeddings": c["max_position_embeddings"]}
+    rope = rope_spec(rope_cfg, head_dim=head_dim, default_partial=default_partial, allow_partial=allow_partial)
     drops = {}
     for key, spec in fields.items():
         if spec.kind == DROPOUT:
-            p = 0.0 if c[key] is None else _float(c, key)
+            p = 0.0 if c[key] is None else as_float(c, key)
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"config {key} must lie in [0, 1), got {p}")
             if p:
                 drops[key] = p
     return dict(
         model_type=c["model_type"],
-        vocab_size=_int(c, "vocab_size"),
-        hidden_size=_int(c, "hidden_size"),
-        intermediate_size=_int(c, "intermediate_size"),
-        num_layers=_int(c, "num_hidden_layers"),
+        vocab_size=as_int(c, "vocab_size"),
+        hidden_size=as_int(c, "hidden_size"),
+        intermediate_size=as_int(c, "intermediate_size"),
+        num_layers=as_int(c, "num_hidden_layers"),
         num_heads=heads,
         num_kv_heads=kv,
         head_dim=head_dim,
@@ -247,7 +251,7 @@ def base_fields(cfg: dict, fields: dict[str, Field], *, default_partial: float |
         partial_rotary_factor=rope.dim / head_dim,
         rope=rope,
         tie_word_embeddings=bool(c["tie_word_embeddings"]),
-        initializer_range=_float(c, "initializer_range"),
+        initializer_range=as_float(c, "initializer_range"),
         dtype=dtype_of(cfg),
         dropout=drops,
         hf_config=dict(cfg),

@@ -7,6 +7,7 @@ from collider_models.blocks import CausalLM
 from collider_models.config import (
     COMMON_FIELDS,
     ModelConfig,
+    as_float,
     base_fields,
     honoured,
     only,
@@ -21,6 +22,7 @@ MISTRAL_FIELDS = {
     "max_position_embeddings": honoured(4096 * 32),
     "rms_norm_eps": honoured(1e-6),
     "hidden_act": only("silu"),
+    "partial_rotary_factor": only(1.0),  # transformers rotates whole heads of this architecture
     "sliding_window": honoured(4096),
 }
 
@@ -41,7 +43,7 @@ def mistral_config(cfg: dict) -> ModelConfig:
     return ModelConfig(
         **base,
         norm="rms",
-        norm_eps=float(c["rms_norm_eps"]),
+        norm_eps=as_float(c, "rms_norm_eps"),
         mlp="swiglu",
         layer_windows=(window,) * base["num_layers"],
     )

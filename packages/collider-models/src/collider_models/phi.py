@@ -4,7 +4,7 @@ fc1 → gelu_new → fc2, biases everywhere including the LM head."""
 from __future__ import annotations
 
 from collider_models.blocks import CausalLM
-from collider_models.config import COMMON_FIELDS, ModelConfig, base_fields, dropout, honoured, only, resolve
+from collider_models.config import COMMON_FIELDS, ModelConfig, as_float, base_fields, dropout, honoured, only, resolve
 from collider_models.registry import register_architecture
 
 PHI_FIELDS = {
@@ -23,7 +23,7 @@ def phi_config(cfg: dict) -> ModelConfig:
     return ModelConfig(
         **base_fields(cfg, PHI_FIELDS, default_partial=0.5, allow_partial=True),
         norm="layer",
-        norm_eps=float(c["layer_norm_eps"]),
+        norm_eps=as_float(c, "layer_norm_eps"),
         mlp="gelu_new",
         parallel_block=True,
         qkv_bias=True,

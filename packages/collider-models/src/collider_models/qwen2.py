@@ -7,6 +7,7 @@ from collider_models.blocks import CausalLM
 from collider_models.config import (
     COMMON_FIELDS,
     ModelConfig,
+    as_float,
     base_fields,
     honoured,
     layer_windows_of,
@@ -23,6 +24,7 @@ QWEN2_FIELDS = {
     "max_position_embeddings": honoured(32768),
     "rms_norm_eps": honoured(1e-6),
     "hidden_act": only("silu"),
+    "partial_rotary_factor": only(1.0),  # transformers rotates whole heads of this architecture
     "use_sliding_window": honoured(False),
     "sliding_window": honoured(4096),
     "max_window_layers": honoured(28),
@@ -47,7 +49,7 @@ def qwen2_config(cfg: dict) -> ModelConfig:
     return ModelConfig(
         **base,
         norm="rms",
-        norm_eps=float(c["rms_norm_eps"]),
+        norm_eps=as_float(c, "rms_norm_eps"),
         mlp="swiglu",
         qkv_bias=True,
         layer_windows=layer_windows_of(types, window, base["num_layers"]),

@@ -100,7 +100,9 @@ def rope_spec(cfg: dict, *, head_dim: int, default_partial: float | None, allow_
     theta = _number(where, "rope_theta", cfg.get("rope_theta", _DEFAULT_THETA) if theta is None else theta)
     partial = params.pop("partial_rotary_factor", None)
     if partial is None:
-        partial = cfg.get("partial_rotary_factor", default_partial)
+        partial = cfg.get("partial_rotary_factor")
+    if partial is None:
+        partial = default_partial
     partial = 1.0 if partial is None else _number(where, "partial_rotary_factor", partial)
     if not allow_partial and partial != 1.0:
         raise ValueError(
