@@ -150,6 +150,10 @@ class ModelConfig:
         """The Hugging Face config dict this was built from (for ``config.json``)."""
         return dict(self.hf_config)
 
+    def to_dict(self) -> dict:
+        """Same as :meth:`to_hf_dict` (the name ``transformers`` integrations call)."""
+        return self.to_hf_dict()
+
     def train_without_dropout(self) -> None:
         """Allow training although the config asks for dropout: Collider applies none, so the
         model trains as with every dropout probability set to 0 (the saved config keeps the

@@ -244,10 +244,11 @@ class Rotary:
         self.spec = spec
         self._fixed: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
-    def _freq(self, seq_len: int, device) -> tuple[torch.Tensor, float]:
+    def _freq(self, positions: torch.Tensor) -> tuple[torch.Tensor, float]:
+        device = positions.device
         if self.spec.rope_type in ("dynamic", "longrope"):
+            seq_len = int(positions.max()) + 1 if positions.numel() else 0  # a host sync, these types only
             return inv_freq(self.spec, seq_len, device)
-        device = torch.device(device)
         if device not in self._fixed:
             self._fixed[device] = inv_freq(self.spec, None, device)
         return self._fixed[device]
@@ -255,8 +256,7 @@ class Rotary:
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Integer ``positions`` (T,) or (B, T) → cos, sin (…, T, dim) in ``dtype``, computed in
         fp32 and scaled by the rope type's attention factor."""
-        seq_len = int(positions.max()) + 1 if positions.numel() else 0
-        freq, scale = self._freq(seq_len, positions.device)
+        freq, scale = self._freq(positions)
         freqs = positions[..., None].float() * freq  # (..., T, dim/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (..., T, dim)
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
