@@ -302,6 +302,13 @@ def test_padding_between_documents_is_allowed():
     lay = layout((1, 6), "cpu", attention_mask=torch.tensor([[1, 1, 0, 1, 1, 0]]),
                  document_ids=torch.tensor([[0, 0, 0, 1, 1, 1]]))
     assert lay.key_start.tolist() == [[0, 0, 0, 3, 3, 3]]
+    # the padding may carry either document's id
+    lay = layout((1, 6), "cpu", attention_mask=torch.tensor([[1, 1, 0, 0, 1, 1]]),
+                 document_ids=torch.tensor([[0, 0, 1, 1, 1, 1]]))
+    assert lay.key_start.tolist() == [[0, 0, 2, 2, 4, 4]]
+    with pytest.raises(ValueError, match="sequence 0, position 4"):
+        layout((1, 6), "cpu", attention_mask=torch.tensor([[1, 1, 0, 0, 1, 1]]),
+               document_ids=torch.tensor([[0, 0, 0, 0, 0, 1]]))
 
 
 def test_padded_positions_cannot_be_kept(make_ours):

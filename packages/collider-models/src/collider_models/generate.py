@@ -138,7 +138,7 @@ def cached_forward(
     lay = layout((B, T), input_ids.device, attention_mask=attention_mask)
     real = lay.real
     if start == 0 and real is not None:
-        positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 0)  # (B, T)
+        positions = _prompt_positions(real)  # (B, T)
     else:
         positions = cache.last_position[:, None] + 1 + torch.arange(T, device=input_ids.device)  # (B, T)
     if real is not None:
@@ -149,6 +149,12 @@ def cached_forward(
     if last_only:
         x = x[:, -1:]
     return model.lm_head(x)
+
+
+def _prompt_positions(real: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool real tokens of padded prompts → rotary positions as ``transformers`` gives
+    them: the count of real tokens before each one, padding at 0."""
+    return (real.long().cumsum(-1) - 1).masked_fill(~real, 0)
 
 
 def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -236,7 +242,7 @@ def generate(
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     cache = KVCache(model, B, T + max_new_tokens) if use_cache else None
     if mask is not None and not use_cache:
-        positions = (mask.long().cumsum(-1) - 1).masked_fill(~mask, 0)  # (B, T), as transformers
+        positions = _prompt_positions(mask)  # (B, T)
     out = [ids]
     step_ids, step_mask = ids, mask
     for _ in range(max_new_tokens):

@@ -138,11 +138,13 @@ def layout(
     seg[:, 0] = True
     if real is not None:
         seg[:, 1:] |= real[:, 1:] & ~real[:, :-1]
-        before = (real.long().cumsum(1) - real.long()) > 0  # a real token earlier in the row
-        hole = real.clone()
-        hole[:, 1:] &= ~real[:, :-1]
-        hole[:, 0] = False
-        hole &= ~boundary & before
+        # A real token right after padding whose previous real token is of the same document
+        # (no document boundary between them) would have to skip the padding in between.
+        idx = torch.arange(T, device=device).expand(shape)
+        prev = torch.where(real, idx, torch.full_like(idx, -1)).cummax(1).values  # last real index <= t
+        prev = torch.cat([torch.full_like(prev[:, :1], -1), prev[:, :-1]], 1)  # ... < t
+        doc = boundary.long().cumsum(1)
+        hole = real & (prev >= 0) & (prev < idx - 1) & (doc == doc.gather(1, prev.clamp_min(0)))
         if bool(hole.any()):
             b, t = (int(i) for i in hole.nonzero()[0])
             raise ValueError(
