@@ -66,7 +66,7 @@ class Attention(nn.Module):
             if self.window is not None and self.window < T:
                 masks["window"] = self.window
             if key_start is not None:
-                masks["key_start"] = key_start
+                masks.update(key_start=key_start, validate=False)  # valid by construction (masks.layout)
             out = causal_attention(q, k, v, **masks)  # (B, T, Hq, D)
         return getattr(self, self.out_name)(out.reshape(B, T, -1))  # (B, T, hidden)
 
