@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from collider_autograd._autocast import autocast_off
 from collider_autograd.layers._rows import grad_rows, input_grad
 from collider_kernels import gelu_new_backward
 
@@ -25,6 +26,9 @@ class GeluNewFunction(torch.autograd.Function):
         g, index = grad_rows(grad, (x2d.shape[1],))  # (n, F) kept rows, or all rows
         return input_grad(grad, gelu_new_backward(g, x2d, index, validate=False), x.shape)
 
+
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    """``0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`` with a sparse-aware backward."""
-    return GeluNewFunction.apply(x)
+    """``0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`` with a sparse-aware backward, in ``x``'s
+    dtype (also under autocast)."""
+    with autocast_off(x.device.type):
+        return GeluNewFunction.apply(x)

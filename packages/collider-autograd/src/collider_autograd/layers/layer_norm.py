@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from collider_autograd._autocast import autocast_off
 from collider_autograd.layers._rows import grad_rows, input_grad
 from collider_kernels import layer_norm_backward
 
@@ -16,6 +17,7 @@ class LayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps):
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
+        ctx.bias_dtype = bias.dtype
         return nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
     @staticmethod
@@ -24,15 +26,17 @@ class LayerNormFunction(torch.autograd.Function):
         dim = x.shape[-1]
         g, index = grad_rows(grad, (dim,))  # (n, dim) kept rows, or all rows
         dx, dw, db = layer_norm_backward(g, x.reshape(-1, dim), weight, ctx.eps, index, validate=False)
-        dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = db.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None  # frozen weight/bias: no gradient
+        db = db.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         dx = input_grad(grad, dx, x.shape) if ctx.needs_input_grad[0] else None
         return dx, dw, db, None
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Functional form of :class:`LayerNorm`."""
-    return LayerNormFunction.apply(x, weight, bias, eps)
+    """Functional form of :class:`LayerNorm`: statistics in fp32, output in ``x``'s dtype (as
+    ``torch.nn.functional.layer_norm`` with a wider weight), also under autocast."""
+    with autocast_off(x.device.type):
+        return LayerNormFunction.apply(x, weight, bias, eps)
 
 
 class LayerNorm(nn.Module):
@@ -45,4 +49,4 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return LayerNormFunction.apply(x, self.weight, self.bias, self.eps)
+        return layer_norm(x, self.weight, self.bias, self.eps)

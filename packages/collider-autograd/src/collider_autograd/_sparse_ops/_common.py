@@ -1,0 +1,103 @@
+"""Shared pieces of the sparse rules: the registry, and moving kept rows between token grids.
+
+A token grid is the token part of a logical shape; a flat token position is its row-major index.
+Ops that move tokens are written once, as plain torch ops on a grid of positions
+(:func:`positions`): ``gather`` when each output token reads one input token (slicing,
+indexing, transposes, expands), ``scatter`` when each input token lands on one output token
+(the backwards of slicing and indexing, reductions over token dims).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from collider_autograd.sparse_grad import TokenSparseTensor
+
+RULES: dict = {}
+aten = torch.ops.aten
+
+
+def rule(*ops):
+    """Register the decorated function as the sparse rule of ``ops``."""
+
+    def register(fn):
+        for op in ops:
+            RULES[op] = fn
+        return fn
+
+    return register
+
+
+def is_sparse(t) -> bool:
+    return isinstance(t, TokenSparseTensor)
+
+
+def wrap_dim(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def make(values: torch.Tensor, index: torch.Tensor, token_shape, terms) -> torch.Tensor:
+    """A TokenSparseTensor, or the ordinary tensor it stands for once no token dim is left
+    (the gradient of something that is not per token: an exact value, nothing to keep sparse)."""
+    token_shape = tuple(token_shape)
+    if token_shape:
+        return TokenSparseTensor(values, index, token_shape, terms)
+    return values[0] if values.shape[0] else values.new_zeros(values.shape[1:])
+
+
+def positions(token_shape, device) -> torch.Tensor:
+    """``token_shape`` int64 grid of flat token positions."""
+    return torch.arange(math.prod(token_shape), device=device).view(tuple(token_shape))
+
+
+def gather(src: TokenSparseTensor, source_of: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+    """Output token ``r`` (a grid of ``source_of``'s shape) takes the row of input token
+    ``source_of[r]`` (-1: none); rows whose input token is not kept are zero. ``features``
+    replaces ``src.values`` (same rows, other feature layout)."""
+    values = src.values if features is None else features
+    lookup = torch.full((src.num_tokens + 1,), -1, dtype=torch.int64, device=src.index.device)  # last: none
+    lookup[src.index] = torch.arange(src.index.numel(), device=src.index.device)
+    rows = lookup[source_of.reshape(-1)]  # (out tokens,) row of values, or -1 (source -1 reads the last slot)
+    out_index = (rows >= 0).nonzero().squeeze(1)  # (n',) sorted
+    return make(values.index_select(0, rows.index_select(0, out_index)), out_index, source_of.shape, src.terms)
+
+
+def scatter(src: TokenSparseTensor, dest: torch.Tensor, token_shape, values: torch.Tensor | None = None):
+    """Input token ``s`` lands on output token ``dest[s]`` (``dest`` has ``src``'s token shape) of a
+    grid of ``token_shape``; rows landing on the same token are summed."""
+    target = dest.reshape(-1).index_select(0, src.index)  # (n,)
+    return coalesce(target, src.values if values is None else values, token_shape, src.terms)
+
+
+def coalesce(index: torch.Tensor, values: torch.Tensor, token_shape, terms) -> torch.Tensor:
+    """Rows at unsorted, possibly repeated flat ``index`` → sorted unique rows (repeats summed)."""
+    uniq, inverse = torch.unique(index, sorted=True, return_inverse=True)
+    out = values.new_zeros((uniq.numel(),) + tuple(values.shape[1:]))
+    out.index_add_(0, inverse, values)
+    return make(out, uniq, token_shape, terms)
+
+
+def same_index(a: TokenSparseTensor, b: TokenSparseTensor) -> bool:
+    if a.index is b.index:
+        return True
+    return a.index.shape == b.index.shape and bool(torch.equal(a.index, b.index))
+
+
+def rows_of(other, s: TokenSparseTensor):
+    """The rows of ``other`` (a number or a tensor that broadcasts to ``s.shape``) at the kept
+    tokens of ``s``: ``(n, *features)``, or ``other`` itself when it is a number or 0-dim."""
+    if not isinstance(other, torch.Tensor) or other.dim() == 0:
+        return other
+    if torch.broadcast_shapes(other.shape, s.shape) != s.shape:
+        return NotImplemented
+    full = other.expand(s.shape)  # a view: only the kept rows are read
+    return full[torch.unravel_index(s.index, s.token_shape)]  # (n, *features)
+
+
+def split_dims(s: TokenSparseTensor, dims) -> tuple[list[int], list[int]]:
+    """``dims`` of the logical shape → (token dims, feature dims as dims of ``values``)."""
+    nt = len(s.token_shape)
+    dims = [wrap_dim(d, s.dim()) for d in dims]
+    return [d for d in dims if d < nt], [d - nt + 1 for d in dims if d >= nt]

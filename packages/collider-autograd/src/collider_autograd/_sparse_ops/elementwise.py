@@ -1,0 +1,160 @@
+"""Sparse rules of elementwise ops that are zero wherever the sparse operand is zero.
+
+The dense operand (a per-token weight, a condition, the saved input of an activation) is read
+only at the kept rows. Rows that are not kept stay exact zeros, the true derivative there,
+where a dense computation could make NaN of ``0 * inf`` or ``0 / 0``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from collider_autograd._sparse_ops._common import aten, is_sparse, rows_of, rule, same_index
+
+
+def _zero_scalar(x) -> bool:
+    if isinstance(x, torch.Tensor):
+        return not is_sparse(x) and x.dim() == 0 and bool(x == 0)
+    return x == 0
+
+
+def _dense_rows(other, s):
+    """Rows of ``other`` at ``s``'s kept tokens, or ``NotImplemented`` (sparse or not broadcastable)."""
+    if is_sparse(other):
+        return NotImplemented
+    try:
+        return rows_of(other, s)
+    except RuntimeError:  # does not broadcast to s
+        return NotImplemented
+
+
+def _merged_terms(a, b):
+    return a.terms if a.terms == b.terms else a.terms | b.terms
+
+
+@rule(aten.mul.Tensor)
+def mul(a, b):
+    """Product with a per-token tensor, a 0-dim tensor or a number (the gradient of
+    ``loss * weight``, and of the weight); two sparse operands with the same rows."""
+    if is_sparse(a) and is_sparse(b):
+        if a.shape != b.shape or not same_index(a, b):
+            return NotImplemented
+        return _with(a, a.values * b.values, _merged_terms(a, b))
+    s, other = (a, b) if is_sparse(a) else (b, a)
+    rows = _dense_rows(other, s)
+    return NotImplemented if rows is NotImplemented else s.with_values(s.values * rows)
+
+
+def _with(a, values, terms):
+    from collider_autograd.sparse_grad import TokenSparseTensor
+
+    return TokenSparseTensor(values, a.index, a.token_shape, terms)
+
+
+@rule(aten.mul.Scalar)
+def mul_scalar(a, other):
+    return a.with_values(a.values * other)
+
+
+@rule(aten.div.Tensor)
+def div(a, b):
+    """Division of the sparse tensor by a per-token tensor, a 0-dim tensor or a number."""
+    if not is_sparse(a):
+        return NotImplemented  # x / sparse is not zero where the sparse tensor is
+    rows = _dense_rows(b, a)
+    return NotImplemented if rows is NotImplemented else a.with_values(a.values / rows)
+
+
+@rule(aten.div.Scalar)
+def div_scalar(a, other):
+    return a.with_values(a.values / other)
+
+
+@rule(aten.neg.default)
+def neg(a):
+    return a.with_values(-a.values)
+
+
+@rule(aten.where.self)
+def where(condition, a, b):
+    """``where(c, sparse, 0)`` and ``where(c, 0, sparse)`` (the backwards of ``where`` and
+    ``clamp``), and ``where`` of two sparse tensors with the same rows."""
+    if is_sparse(condition):
+        return NotImplemented
+    if is_sparse(a) and is_sparse(b):
+        if a.shape != b.shape or not same_index(a, b):
+            return NotImplemented
+        c = _dense_rows(condition, a)
+        if c is NotImplemented:
+            return NotImplemented
+        return _with(a, torch.where(c, a.values, b.values), _merged_terms(a, b))
+    s, other, sparse_if_true = (a, b, True) if is_sparse(a) else (b, a, False)
+    if not _zero_scalar(other):
+        return NotImplemented
+    c = _dense_rows(condition, s)
+    if c is NotImplemented:
+        return NotImplemented
+    return s.with_values(s.values.masked_fill(~c if sparse_if_true else c, 0))
+
+
+@rule(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+def masked_fill(a, mask, value):
+    """``masked_fill(sparse, mask, 0)`` (the backward of ``masked_fill``)."""
+    if not is_sparse(a) or not _zero_scalar(value):
+        return NotImplemented
+    m = _dense_rows(mask, a)
+    return NotImplemented if m is NotImplemented else a.with_values(a.values.masked_fill(m, 0))
+
+
+def _activation_backward(op):
+    """``op(grad, saved, *args)`` is elementwise and zero where ``grad`` is zero."""
+
+    def apply(grad, saved, *args, **kwargs):
+        if not is_sparse(grad) or is_sparse(saved) or saved.shape != grad.shape:
+            return NotImplemented
+        return grad.with_values(op(grad.values, rows_of(saved, grad), *args, **kwargs))
+
+    return apply
+
+
+for _op in (
+    aten.sigmoid_backward.default,
+    aten.tanh_backward.default,
+    aten.threshold_backward.default,
+    aten.gelu_backward.default,
+    aten.silu_backward.default,
+    aten.softplus_backward.default,
+    aten.hardtanh_backward.default,
+    aten.leaky_relu_backward.default,
+):
+    rule(_op)(_activation_backward(_op))
+
+
+@rule(aten._to_copy.default)
+def to_copy(a, *, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
+    if layout not in (None, torch.strided):
+        return NotImplemented
+    from collider_autograd.sparse_grad import TokenSparseTensor
+
+    index = a.index if device is None else a.index.to(device)
+    return TokenSparseTensor(a.values.to(dtype=dtype, device=device), index, a.token_shape, a.terms)
+
+
+@rule(aten.detach.default, aten.alias.default)
+def alias(a, *args, **kwargs):
+    return a.with_values(a.values)
+
+
+@rule(aten.clone.default)
+def clone(a, *, memory_format=None):
+    return a.with_values(a.values.clone())
+
+
+@rule(aten.linalg_vector_norm.default)
+def vector_norm(a, ord=2, dim=None, keepdim=False, *, dtype=None):
+    """A norm over the whole tensor (``ord > 0``: zero rows add nothing), an ordinary 0-dim tensor."""
+    if dim is not None or not ord > 0:
+        return NotImplemented
+    values = a.values if a.values.numel() else a.values.new_zeros(1)
+    norm = torch.linalg.vector_norm(values, ord, dtype=dtype)
+    return norm.view((1,) * a.dim()) if keepdim else norm
