@@ -92,6 +92,19 @@ def _sum(data, shape):
     return lambda x, is_pos: x.movedim(d, -2).flatten(-2) if is_pos else x.sum(d)
 
 
+def _softmax_last(data, shape):
+    if len(shape) < 2:
+        return None  # over the only dim: no rule
+
+    def op(x, is_pos):
+        if not is_pos:
+            return x.log_softmax(-1)
+        row = x.flatten(-2)  # (..., n * R): every entry of a row reads the whole row
+        return row.unsqueeze(-2).expand(*x.shape[:-1], row.shape[-1])
+
+    return op
+
+
 def _repeat(data, shape):
     d = data.draw(st.integers(0, len(shape)))
     return lambda x, is_pos: x.unsqueeze(d).expand(*x.shape[:d], 2, *x.shape[d:])
@@ -124,7 +137,8 @@ def _elementwise(data, shape):
     return lambda x, is_pos: x if is_pos else fn(x)
 
 
-OPS = [_slice, _select, _transpose, _flatten, _flip, _index, _mask, _shifted_sum, _sum, _repeat, _cat, _elementwise]
+OPS = [_slice, _select, _transpose, _flatten, _flip, _index, _mask, _shifted_sum, _sum, _softmax_last, _repeat, _cat,
+       _elementwise]
 
 
 def _draw_ops(data):

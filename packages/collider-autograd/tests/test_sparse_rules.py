@@ -83,6 +83,7 @@ OPS = {
     "dtype casts": (lambda t: t.float().double(), identity),
     "nan_to_num": (lambda t: torch.nan_to_num(t), identity),
     "same loss twice": (lambda t: t + 2 * t, identity),
+    "softmax over positions": (lambda t: t.softmax(1), lambda p: p[:, None, :].expand(B, T, T)),
     "shifted sum": (lambda t: t[:, :-1] + t[:, 1:], lambda p: torch.stack([p[:, :-1], p[:, 1:]], -1)),
 }
 
@@ -104,7 +105,8 @@ def test_op_between_token_loss_and_filtered_mean(name):
     reset_densify_counts()
     (grad,) = torch.autograd.grad(filtered_mean(out, keep), loss)
     assert densify_counts() == {}
-    assert isinstance(grad, TokenSparseTensor) and grad.token_shape == (B, T)
+    assert isinstance(grad, TokenSparseTensor)
+    grad = grad.regroup(2)  # (B, T) as token dims, as a layer sees it
     (ref,) = torch.autograd.grad((op(loss) * keep).sum() / keep.sum(), loss)
     torch.testing.assert_close(grad.to_dense(), ref, rtol=1e-13, atol=1e-15)
     # The kept rows are the tokens the kept entries read.
@@ -130,7 +132,7 @@ def test_gradient_of_the_per_token_weight():
 
 @pytest.mark.parametrize("name, op", [
     ("cumsum", lambda t: t.cumsum(1)),
-    ("_log_softmax_backward_data", lambda t: t.log_softmax(1)),
+    ("_log_softmax_backward_data", lambda t: t.log_softmax(0)),  # over the leading dim: nothing per row
     ("add", lambda t: t - t.mean()),  # a dense gradient meets the sparse one
     ("add", lambda t: t + torch.where(COND, 0.0, t.mean())),
 ])
@@ -146,3 +148,33 @@ def test_op_without_rule_raises_naming_it_and_densifies_when_allowed(name, op):
     assert densify_counts().get(name)
     (ref,) = torch.autograd.grad((op(loss) * keep).sum() / keep.sum(), loss)
     torch.testing.assert_close(grad, ref)  # the plain masked-mean gradient
+
+
+@pytest.mark.parametrize("name", ["shifted cross_entropy", "log_softmax + gather", "label smoothing", "softmax"])
+def test_per_token_losses_from_logits(name):
+    """The usual ways of writing a per-token loss from (B, T, V) logits stay sparse and exact."""
+    V = 7
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(B, T, V, generator=g, dtype=F64, requires_grad=True)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 2] = -100
+    losses = {
+        "shifted cross_entropy": lambda x: F.cross_entropy(x[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1),
+                                                           reduction="none").view(B, T - 1),
+        "log_softmax + gather": lambda x: -x.log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1),
+        "label smoothing": lambda x: F.cross_entropy(x.view(-1, V), labels.view(-1), reduction="none",
+                                                     label_smoothing=0.1).view(B, T),
+        "softmax": lambda x: x.softmax(-1)[..., 0],
+    }
+    out = losses[name](logits)
+    keep = torch.rand(out.shape, generator=g) < 0.5
+    keep[1, 0] = True
+    reset_densify_counts()
+    (grad,) = torch.autograd.grad(filtered_mean(out, keep), logits)
+    assert densify_counts() == {}
+    assert isinstance(grad, TokenSparseTensor) and grad.token_shape == (B, T) and grad.feature_shape == (V,)
+    (ref,) = torch.autograd.grad((losses[name](logits) * keep).sum() / keep.sum(), logits)
+    torch.testing.assert_close(grad.to_dense(), ref)
+    kept = torch.zeros(B, T, dtype=torch.bool)
+    kept[:, : out.shape[1]] = keep
+    assert grad.index.tolist() == kept.reshape(-1).nonzero().squeeze(1).tolist()

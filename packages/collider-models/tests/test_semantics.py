@@ -111,6 +111,28 @@ def test_supported_ops_get_the_contract_gradient(llama, name, op):
     _close(ours, _grads(llama, ids, labels, lambda tl: masked_mean(*op(tl, keep)), keep))
 
 
+def test_a_per_token_loss_written_from_logits(llama):
+    """The transformers way: logits, then cross_entropy(reduction="none") on shifted labels."""
+    ids, labels, keep = _inputs(llama, 10)
+    V = llama.config.vocab_size
+    shift = keep.clone()
+    shift[:, -1] = False
+
+    def grads(reduce, detach=None):
+        llama.zero_grad(set_to_none=True)
+        with detach_filtered_kv(llama, detach) if detach is not None else nullcontext():
+            logits = llama(ids).logits  # (B, T, V)
+            token_loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1), reduction="none").view(B, T - 1)
+            reduce(token_loss, keep[:, :-1]).backward()
+        return {n: p.grad.clone() for n, p in llama.named_parameters()}
+
+    reset_densify_counts()
+    ours = grads(filtered_mean)
+    assert densify_counts() == {}
+    _close(ours, grads(masked_mean, shift))
+
+
 # ---------------------------------------------------------------------------------- several terms
 
 

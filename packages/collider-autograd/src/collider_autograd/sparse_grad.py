@@ -99,6 +99,18 @@ class TokenSparseTensor(torch.Tensor):
         values = values.reshape((self.index.numel(),) + features)
         return TokenSparseTensor(values, self.index, token_shape, self.terms)
 
+    def regroup(self, token_ndim: int) -> TokenSparseTensor:
+        """The same tensor with its first ``token_ndim`` dims as token dims: trailing token dims
+        become features (a row is kept when any of its entries is), or leading feature dims
+        become token dims (each entry of a kept row is kept)."""
+        from collider_autograd._sparse_ops._common import as_rows, as_tokens
+
+        if not 1 <= token_ndim <= self.dim():
+            raise ValueError(f"token_ndim must be in [1, {self.dim()}], got {token_ndim}")
+        if token_ndim < len(self.token_shape):
+            return as_rows(self, token_ndim)
+        return as_tokens(self, token_ndim)
+
     def with_values(self, values: torch.Tensor) -> TokenSparseTensor:
         """Same index, token shape and terms, new row values ``(n, *features')``."""
         return TokenSparseTensor(values, self.index, self.token_shape, self.terms)

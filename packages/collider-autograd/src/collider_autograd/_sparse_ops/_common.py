@@ -101,3 +101,40 @@ def split_dims(s: TokenSparseTensor, dims) -> tuple[list[int], list[int]]:
     nt = len(s.token_shape)
     dims = [wrap_dim(d, s.dim()) for d in dims]
     return [d for d in dims if d < nt], [d - nt + 1 for d in dims if d >= nt]
+
+
+def as_rows(s: TokenSparseTensor, token_ndim: int):
+    """``s`` with only its first ``token_ndim`` dims as token dims: later token dims become
+    feature dims (a row is kept when any of its entries was). ``NotImplemented`` when no token
+    dim would be left."""
+    nt = len(s.token_shape)
+    if token_ndim >= nt:
+        return s
+    if token_ndim < 1:
+        return NotImplemented
+    inner_shape = s.token_shape[token_ndim:]
+    inner = math.prod(inner_shape)
+    rows, cols = s.index // inner, s.index % inner
+    uniq, inverse = torch.unique(rows, sorted=True, return_inverse=True)
+    values = s.values.new_zeros((uniq.numel(), inner) + s.feature_shape)
+    values[inverse, cols] = s.values
+    values = values.view((uniq.numel(),) + tuple(inner_shape) + s.feature_shape)
+    return TokenSparseTensor(values, uniq, s.token_shape[:token_ndim], s.terms)
+
+
+def as_tokens(s: TokenSparseTensor, token_ndim: int) -> TokenSparseTensor:
+    """``s`` with its first ``token_ndim`` dims as token dims: leading feature dims become token
+    dims (every entry of a kept row is kept)."""
+    k = token_ndim - len(s.token_shape)
+    if k <= 0:
+        return s
+    inner_shape = s.feature_shape[:k]
+    inner = math.prod(inner_shape)
+    index = (s.index[:, None] * inner + torch.arange(inner, device=s.index.device)).reshape(-1)
+    values = s.values.reshape((index.numel(),) + s.feature_shape[k:])
+    return TokenSparseTensor(values, index, s.token_shape + inner_shape, s.terms)
+
+
+def token_rows(other: torch.Tensor, s: TokenSparseTensor) -> torch.Tensor:
+    """The rows of ``other``, whose leading dims are ``s``'s token dims, at ``s``'s kept tokens."""
+    return other[torch.unravel_index(s.index, s.token_shape)]

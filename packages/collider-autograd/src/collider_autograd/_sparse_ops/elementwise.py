@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from collider_autograd._sparse_ops._common import aten, is_sparse, rows_of, rule, same_index
+from collider_autograd._sparse_ops._common import (
+    as_rows,
+    aten,
+    is_sparse,
+    rows_of,
+    rule,
+    same_index,
+    token_rows,
+    wrap_dim,
+)
 
 
 def _zero_scalar(x) -> bool:
@@ -128,6 +137,38 @@ for _op in (
     aten.leaky_relu_backward.default,
 ):
     rule(_op)(_activation_backward(_op))
+
+
+def _softmax_backward(op):
+    """(Log-)softmax backward over a feature dim (the classes of a cross-entropy): per token row.
+    Over the token dims it mixes tokens: no rule."""
+
+    def apply(grad, output, dim, input_dtype):
+        if not is_sparse(grad) or is_sparse(output) or output.shape != grad.shape:
+            return NotImplemented
+        dim = wrap_dim(dim, grad.dim())
+        rows = as_rows(grad, dim)  # the dims from `dim` on become feature dims
+        if rows is NotImplemented:
+            return NotImplemented
+        feature_dim = dim - len(rows.token_shape) + 1
+        return rows.with_values(op(rows.values, token_rows(output, rows), feature_dim, input_dtype))
+
+    return apply
+
+
+for _op in (aten._log_softmax_backward_data.default, aten._softmax_backward_data.default):
+    rule(_op)(_softmax_backward(_op))
+
+
+@rule(aten.nll_loss_backward.default)
+def nll_loss_backward(grad, self, target, weight, reduction, ignore_index, total_weight):
+    """Per-token NLL (``reduction="none"``): the rows of the kept tokens."""
+    if not is_sparse(grad) or grad.feature_shape or grad.dim() != 1 or reduction != 0 or is_sparse(self):
+        return NotImplemented
+    values = aten.nll_loss_backward.default(
+        grad.values, token_rows(self, grad), token_rows(target, grad), weight, reduction, ignore_index, total_weight
+    )  # (n, C)
+    return grad.with_values(values)
 
 
 @rule(aten._to_copy.default)

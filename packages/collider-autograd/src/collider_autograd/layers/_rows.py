@@ -14,6 +14,14 @@ import torch
 from collider_autograd.sparse_grad import TokenSparseTensor
 
 
+def layer_grad(grad: torch.Tensor, feature_ndim: int) -> torch.Tensor:
+    """``grad`` split as the layer sees it: its last ``feature_ndim`` dims are features, the others
+    tokens (a loss-side op may have left it split otherwise, e.g. classes as tokens)."""
+    if not isinstance(grad, TokenSparseTensor) or len(grad.token_shape) == grad.dim() - feature_ndim:
+        return grad
+    return grad.regroup(grad.dim() - feature_ndim)
+
+
 def is_partial(grad: torch.Tensor) -> bool:
     """A sparse gradient that keeps only some rows."""
     return isinstance(grad, TokenSparseTensor) and not grad.is_full

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from collider_autograd._autocast import autocast_off
-from collider_autograd.layers._rows import grad_rows
+from collider_autograd.layers._rows import grad_rows, layer_grad
 from collider_kernels import scatter_add_rows
 
 
@@ -25,6 +25,7 @@ class EmbeddingFunction(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         if not ctx.needs_input_grad[1]:  # a frozen table costs no scatter-add
             return None, None
+        grad = layer_grad(grad, 1)
         flat_ids = ids.reshape(-1)
         rows, index = grad_rows(grad, (grad.shape[-1],))  # (n, dim) kept rows, or all M rows
         dest = flat_ids if index is None else flat_ids.index_select(0, index)  # (n,) token id of each row

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from collider_autograd._autocast import autocast_off
-from collider_autograd.layers._rows import grad_rows, input_grad
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
 from collider_kernels import layer_norm_backward
 
 
@@ -23,6 +23,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        grad = layer_grad(grad, 1)
         dim = x.shape[-1]
         g, index = grad_rows(grad, (dim,))  # (n, dim) kept rows, or all rows
         dx, dw, db = layer_norm_backward(g, x.reshape(-1, dim), weight, ctx.eps, index, validate=False)

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
-from collider_autograd.layers._rows import grad_rows, input_grad
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
 from collider_kernels import gathered_weight_grad
 
 # (x2d, version, index, rows) of the last gather, or None. A plain global: concurrent backward
@@ -51,6 +51,7 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        grad = layer_grad(grad, 1)
         x2d = x.reshape(-1, x.shape[-1])  # (M, in)
         need_x, need_w, need_b = ctx.needs_input_grad
         g, index = grad_rows(grad, (weight.shape[0],))  # (n, out) kept rows, or all M rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
-from collider_autograd.layers._rows import grad_rows, input_grad
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
 from collider_kernels import gather_matmul, gathered_weight_grad
 
 # Rows per chunk are chosen so a chunk of fp32 logits stays near this many elements.
@@ -47,6 +47,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
+        grad = layer_grad(grad, 0)
         h2d = hidden.reshape(-1, hidden.shape[-1])  # (M, H)
         lab = labels.reshape(-1)
         V = weight.shape[0]

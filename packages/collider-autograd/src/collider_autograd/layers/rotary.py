@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from collider_autograd._autocast import autocast_off
-from collider_autograd.layers._rows import grad_rows, input_grad
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
 from collider_kernels import rotary_backward
 
 
@@ -49,6 +49,7 @@ class RotaryFunction(torch.autograd.Function):
     def backward(ctx, grad):
         # The kernel op's backward of the rotation, on kept rows (sparse) or all B*T rows (dense).
         cos, sin = ctx.saved_tensors
+        grad = layer_grad(grad, 2)
         g, index = grad_rows(grad, tuple(grad.shape[2:]))  # (n, H, D)
         rows = torch.arange(g.shape[0], device=g.device) if index is None else index  # flat b * T + t
         dx = rotary_backward(g, cos, sin, rows % ctx.seqlen, validate=False)  # (n, H, D) in g's dtype

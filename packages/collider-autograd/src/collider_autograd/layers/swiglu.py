@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from collider_autograd._autocast import autocast_off
-from collider_autograd.layers._rows import grad_rows, input_grad
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
 from collider_kernels import swiglu_backward
 
 
@@ -21,6 +21,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
+        grad = layer_grad(grad, 1)
         width = gate.shape[-1]
         common = torch.promote_types(gate.dtype, up.dtype)
         gate2d = gate.reshape(-1, width).to(common)  # (M, I)
