@@ -19,6 +19,7 @@ from collider_autograd._sparse_ops._common import (
     token_rows,
     wrap_dim,
 )
+from collider_autograd.sparse_grad import TokenSparseTensor
 
 
 def _zero_scalar(x) -> bool:
@@ -37,8 +38,9 @@ def _dense_rows(other, s):
         return NotImplemented
 
 
-def _merged_terms(a, b):
-    return a.terms if a.terms == b.terms else a.terms | b.terms
+def _both(a, b, values) -> TokenSparseTensor:
+    """The result of an op on two sparse tensors with the same rows: both tensors' terms."""
+    return TokenSparseTensor(values, a.index, a.token_shape, a.terms | b.terms)
 
 
 @rule(aten.mul.Tensor)
@@ -48,16 +50,10 @@ def mul(a, b):
     if is_sparse(a) and is_sparse(b):
         if a.shape != b.shape or not same_index(a, b):
             return NotImplemented
-        return _with(a, a.values * b.values, _merged_terms(a, b))
+        return _both(a, b, a.values * b.values)
     s, other = (a, b) if is_sparse(a) else (b, a)
     rows = _dense_rows(other, s)
     return NotImplemented if rows is NotImplemented else s.with_values(s.values * rows)
-
-
-def _with(a, values, terms):
-    from collider_autograd.sparse_grad import TokenSparseTensor
-
-    return TokenSparseTensor(values, a.index, a.token_shape, terms)
 
 
 @rule(aten.mul.Scalar)
@@ -96,7 +92,7 @@ def where(condition, a, b):
         c = _dense_rows(condition, a)
         if c is NotImplemented:
             return NotImplemented
-        return _with(a, torch.where(c, a.values, b.values), _merged_terms(a, b))
+        return _both(a, b, torch.where(c, a.values, b.values))
     s, other, sparse_if_true = (a, b, True) if is_sparse(a) else (b, a, False)
     if not _zero_scalar(other):
         return NotImplemented
@@ -140,8 +136,9 @@ for _op in (
 
 
 def _softmax_backward(op):
-    """(Log-)softmax backward over a feature dim (the classes of a cross-entropy): per token row.
-    Over the token dims it mixes tokens: no rule."""
+    """(Log-)softmax backward over a trailing dim (the classes of a cross-entropy), per row of the
+    leading dims: a row is kept whole when any entry is (each entry reads all of them). Over the
+    leading dim nothing is per row: no rule."""
 
     def apply(grad, output, dim, input_dtype):
         if not is_sparse(grad) or is_sparse(output) or output.shape != grad.shape:
@@ -175,8 +172,6 @@ def nll_loss_backward(grad, self, target, weight, reduction, ignore_index, total
 def to_copy(a, *, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
     if layout not in (None, torch.strided):
         return NotImplemented
-    from collider_autograd.sparse_grad import TokenSparseTensor
-
     index = a.index if device is None else a.index.to(device)
     return TokenSparseTensor(a.values.to(dtype=dtype, device=device), index, a.token_shape, a.terms)
 

@@ -327,19 +327,17 @@ def cat(tensors, dim=0):
     nt = len(ref.token_shape)
     if dim >= nt:
         return NotImplemented
-    sparse = []
     for t in parts:
         if is_sparse(t):
             if t.feature_shape != ref.feature_shape or len(t.token_shape) != nt:
                 return NotImplemented
         elif not _zero_dense(t) or t.dim() != ref.dim():
             return NotImplemented
-        sparse.append(t)
     token_shape = list(ref.token_shape)
-    token_shape[dim] = sum(t.shape[dim] for t in sparse)
+    token_shape[dim] = sum(t.shape[dim] for t in parts)
     grid = positions(token_shape, ref.device)
     terms, indices, values, offset = None, [], [], 0
-    for t in sparse:
+    for t in parts:
         if is_sparse(t) and t.index.numel():
             if terms is not None and t.terms != terms:
                 return terms_meet(aten.cat.default, (tensors, dim), {}, dense=False)
