@@ -25,6 +25,14 @@ COND = torch.rand(B, T, generator=gen) < 0.6
 IDX = torch.tensor([[0, 2, 2, 7], [1, 1, 5, 0], [6, 3, 4, 4]])
 
 
+def _leaf():
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(B, T, generator=g, dtype=F64) + 0.1).requires_grad_()
+
+
+_LOSS = _leaf().detach()  # the values every op test starts from (max/topk/sort read by value)
+
+
 def identity(p):
     return p
 
@@ -84,13 +92,15 @@ OPS = {
     "nan_to_num": (lambda t: torch.nan_to_num(t), identity),
     "same loss twice": (lambda t: t + 2 * t, identity),
     "softmax over positions": (lambda t: t.softmax(1), lambda p: p[:, None, :].expand(B, T, T)),
+    "max over positions": (lambda t: t.max(1).values, lambda p: p.gather(1, _LOSS.max(1).indices[:, None])),
+    "topk": (lambda t: t.topk(3, 1).values, lambda p: p.gather(1, _LOSS.topk(3, 1).indices)),
+    "sort": (lambda t: t.sort(1, descending=True)[0], lambda p: p.gather(1, _LOSS.sort(1, descending=True)[1])),
+    "logsumexp": (lambda t: t.logsumexp(1), lambda p: p),
+    "amax keepdim": (lambda t: t.amax(1, keepdim=True), lambda p: p[:, None, :]),
+    "norm": (lambda t: t.norm(dim=1), lambda p: p),
+    "var": (lambda t: t.var(1), lambda p: p),
     "shifted sum": (lambda t: t[:, :-1] + t[:, 1:], lambda p: torch.stack([p[:, :-1], p[:, 1:]], -1)),
 }
-
-
-def _leaf():
-    g = torch.Generator().manual_seed(1)
-    return (torch.rand(B, T, generator=g, dtype=F64) + 0.1).requires_grad_()
 
 
 @pytest.mark.parametrize("name", sorted(OPS))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from collider_autograd._sparse_ops import tokens
 from collider_autograd._sparse_ops._common import (
     as_rows,
     aten,
@@ -26,6 +27,19 @@ def _zero_scalar(x) -> bool:
     if isinstance(x, torch.Tensor):
         return not is_sparse(x) and x.dim() == 0 and bool(x == 0)
     return x == 0
+
+
+def _grow(s, other):
+    """``s`` broadcast to the shape of ``s`` op ``other`` when ``other`` is larger (a per-row
+    gradient times a per-token tensor, as in the backward of a max or a logsumexp over
+    positions: each entry of a kept row is then kept); ``NotImplemented`` if they do not broadcast."""
+    if not isinstance(other, torch.Tensor) or other.dim() == 0:
+        return s
+    try:
+        shape = torch.broadcast_shapes(s.shape, other.shape)
+    except RuntimeError:
+        return NotImplemented
+    return s if shape == s.shape else tokens.expand(s, shape)
 
 
 def _dense_rows(other, s):
@@ -52,7 +66,8 @@ def mul(a, b):
             return NotImplemented
         return _both(a, b, a.values * b.values)
     s, other = (a, b) if is_sparse(a) else (b, a)
-    rows = _dense_rows(other, s)
+    s = _grow(s, other)
+    rows = NotImplemented if s is NotImplemented else _dense_rows(other, s)
     return NotImplemented if rows is NotImplemented else s.with_values(s.values * rows)
 
 
@@ -66,7 +81,8 @@ def div(a, b):
     """Division of the sparse tensor by a per-token tensor, a 0-dim tensor or a number."""
     if not is_sparse(a):
         return NotImplemented  # x / sparse is not zero where the sparse tensor is
-    rows = _dense_rows(b, a)
+    a = _grow(a, b)
+    rows = NotImplemented if a is NotImplemented else _dense_rows(b, a)
     return NotImplemented if rows is NotImplemented else a.with_values(a.values / rows)
 
 
@@ -96,7 +112,8 @@ def where(condition, a, b):
     s, other, sparse_if_true = (a, b, True) if is_sparse(a) else (b, a, False)
     if not _zero_scalar(other):
         return NotImplemented
-    c = _dense_rows(condition, s)
+    s = _grow(s, condition)
+    c = NotImplemented if s is NotImplemented else _dense_rows(condition, s)
     if c is NotImplemented:
         return NotImplemented
     return s.with_values(s.values.masked_fill(~c if sparse_if_true else c, 0))

@@ -293,6 +293,18 @@ def scatter_add(self, dim, index, src):
     return _scatter_into(self, src, dest, aten.scatter_add.default, (self, dim, index, src))
 
 
+@rule(aten.scatter.src)
+def scatter_src(self, dim, index, src):
+    """The backward of ``max``/``topk``/``sort`` over a dim: rows written at distinct places."""
+    if not is_sparse(src) or is_sparse(index) or src.feature_shape or index.shape != src.shape:
+        return NotImplemented
+    dest = positions(self.shape, src.device).gather(dim, index)
+    kept = dest.reshape(-1).index_select(0, src.index)
+    if torch.unique(kept).numel() != kept.numel():
+        return NotImplemented  # several rows written to one place: the last one wins
+    return _scatter_into(self, src, dest, aten.scatter.src, (self, dim, index, src))
+
+
 @rule(aten.masked_scatter.default)
 def masked_scatter(self, mask, source):
     """The backward of ``masked_select``: the 1-D rows written where ``mask`` is true, in order."""
