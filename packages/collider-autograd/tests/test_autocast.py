@@ -112,6 +112,11 @@ def test_norms(amp, x_dtype):
     _check(amp, lambda x, w: rms_norm(x, w, 1e-6), _rms_reference, [x, w], (B, T, H), seed=5)
     _check(amp, lambda x, w, b: layer_norm(x, w, b, 1e-5), lambda x, w, b: F.layer_norm(x, (H,), w, b, 1e-5),
            [x, w, b], (B, T, H), seed=6)
+    device, dtype = amp
+    x, w, b = x.to(device, dtype if x_dtype == BF16 else x_dtype), w.to(device), b.to(device)
+    with torch.autocast(device, dtype=dtype):
+        assert layer_norm(x, w, b, 1e-5).dtype == torch.float32  # autocast's fp32 policy (CUDA)
+        assert rms_norm(x, w, 1e-6).dtype == torch.float32  # weight * normalized x, promoted
 
 
 def test_activations_on_autocast_outputs(amp):
