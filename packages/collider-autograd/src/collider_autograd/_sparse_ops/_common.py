@@ -39,12 +39,17 @@ def wrap_dim(dim: int, ndim: int) -> int:
 
 
 def make(values: torch.Tensor, index: torch.Tensor, token_shape, terms) -> torch.Tensor:
-    """A TokenSparseTensor, or the ordinary tensor it stands for once no token dim is left
-    (the gradient of something that is not per token: an exact value, nothing to keep sparse)."""
+    """A TokenSparseTensor. Once no token dim is left, a 0-dim result is an ordinary tensor (the
+    gradient of a scalar: an exact value), and any other takes its feature dims as token dims,
+    every entry kept when the single row is (they may be token positions of a model)."""
     token_shape = tuple(token_shape)
     if token_shape:
         return TokenSparseTensor(values, index, token_shape, terms)
-    return values[0] if values.shape[0] else values.new_zeros(values.shape[1:])
+    features = tuple(values.shape[1:])
+    if not features:
+        return values[0] if values.shape[0] else values.new_zeros(())
+    n = math.prod(features) if values.shape[0] else 0
+    return TokenSparseTensor(values[:1].reshape(n), torch.arange(n, device=index.device), features, terms)
 
 
 def positions(token_shape, device) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from collider_autograd._sparse_ops import elementwise, tokens
-from collider_autograd._sparse_ops._common import as_rows, aten, coalesce, is_sparse, rows_of, rule, same_index
+from collider_autograd._sparse_ops._common import aten, coalesce, is_sparse, rows_of, rule, same_index
 from collider_autograd.densify import inplace_error, terms_meet
 from collider_autograd.sparse_grad import TokenSparseTensor
 
@@ -45,8 +45,8 @@ def add_grads(a, b, alpha=1, *, func=aten.add.Tensor, args=None):
     if not a.index.numel():
         return _cast(b, dtype)
     if a.token_shape != b.token_shape:  # the same shape, split differently into tokens and features
-        nt = min(len(a.token_shape), len(b.token_shape))
-        a, b = as_rows(a, nt), as_rows(b, nt)
+        nt = max(len(a.token_shape), len(b.token_shape))
+        a, b = a.regroup(nt), b.regroup(nt)
     same = same_index(a, b)
     if a.terms != b.terms and not same:
         return terms_meet(func, args, {}, dense=False)

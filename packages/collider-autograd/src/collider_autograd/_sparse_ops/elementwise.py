@@ -153,9 +153,9 @@ for _op in (
 
 
 def _softmax_backward(op):
-    """(Log-)softmax backward over a trailing dim (the classes of a cross-entropy), per row of the
-    leading dims: a row is kept whole when any entry is (each entry reads all of them). Over the
-    leading dim nothing is per row: no rule."""
+    """(Log-)softmax backward over a trailing dim (the classes of a cross-entropy), computed per
+    row of the leading dims: a row is kept whole when any entry is (each entry reads all of
+    them). Over the leading dim nothing is per row: no rule."""
 
     def apply(grad, output, dim, input_dtype):
         if not is_sparse(grad) or is_sparse(output) or output.shape != grad.shape:
@@ -165,7 +165,8 @@ def _softmax_backward(op):
         if rows is NotImplemented:
             return NotImplemented
         feature_dim = dim - len(rows.token_shape) + 1
-        return rows.with_values(op(rows.values, token_rows(output, rows), feature_dim, input_dtype))
+        out = rows.with_values(op(rows.values, token_rows(output, rows), feature_dim, input_dtype))
+        return out.regroup(len(grad.token_shape))  # back to the token dims it came with
 
     return apply
 

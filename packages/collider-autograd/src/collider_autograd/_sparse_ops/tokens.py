@@ -33,7 +33,8 @@ from collider_autograd.sparse_grad import TokenSparseTensor
 
 @rule(aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten._reshape_alias.default)
 def view(a, size, *_strides):
-    """Reshape token dims and/or feature dims, never mixing them (flat token index unchanged)."""
+    """Reshape token dims and/or feature dims (flat token index unchanged); a view mixing them makes
+    every dim a token dim first."""
     size = list(size)
     if -1 in size:
         i = size.index(-1)
@@ -41,6 +42,8 @@ def view(a, size, *_strides):
         size[i] = a.numel() // rest if rest else 0
     if not a.feature_shape:  # a per-token tensor (losses, weights): every dim is a token dim
         return make(a.values.reshape(-1), a.index, size, a.terms) if math.prod(size) == a.num_tokens else NotImplemented
+    if math.prod(size) != a.numel():
+        return NotImplemented
     nt = len(a.token_shape)
     if tuple(size[:nt]) == a.token_shape and math.prod(size[nt:]) == math.prod(a.feature_shape):
         return a.with_values(a.values.reshape((-1,) + tuple(size[nt:])))
@@ -53,7 +56,7 @@ def view(a, size, *_strides):
                 return TokenSparseTensor(a.values.reshape((-1,) + features), a.index, size[:k], a.terms)
         if prod > a.num_tokens:
             break
-    return NotImplemented
+    return view(a.regroup(a.dim()), size)  # mixes token and feature dims: every dim a token dim
 
 
 @rule(aten.unsqueeze.default)
@@ -148,8 +151,9 @@ def index(a, indices):
 def permute(a, dims):
     nt = len(a.token_shape)
     dims = [wrap_dim(d, a.dim()) for d in dims]
-    if sorted(dims[:nt]) != list(range(nt)):
-        return NotImplemented  # mixes token and feature dims
+    if sorted(dims[:nt]) != list(range(nt)):  # mixes token and feature dims: those become token dims
+        moved = max(i for i, d in enumerate(dims) if d != i) + 1
+        return permute(a.regroup(moved), dims)
     values = a.values.permute([0] + [d - nt + 1 for d in dims[nt:]])
     if dims[:nt] == list(range(nt)):
         return a.with_values(values)
