@@ -7,8 +7,10 @@ page, ``docs/design.rst``).
 
 A sliding ``window`` and per-token document starts (``key_start``) restrict the keys each query
 sees, in the forward and in both backwards. Without them the plain causal kernels run: PyTorch's
-flash attention (CUDA fp16/bf16, grouped K/V heads natively), its memory-efficient attention
-(CUDA fp32) and its CPU flash attention. With them, the same kernels take an explicit additive
+cuDNN attention on CUDA fp16/bf16 where cuDNN takes the call (grouped K/V heads natively; on an
+H200 its forward + backward takes 0.54-0.63x the time of PyTorch's flash attention at the three
+models' shapes, ``benchmarks/results/attention_backends_h200.json``), else its flash attention,
+its memory-efficient attention (CUDA fp32) and its CPU flash attention. With them, the same kernels take an explicit additive
 mask: the CPU flash attention on CPU and the memory-efficient attention on CUDA (every dtype).
 That path is exact for any window and any valid ``key_start`` (no host synchronisation, no
 restriction to whole documents); it computes the full T×T score square and builds a (B, 1, T, T)
@@ -22,6 +24,7 @@ import math
 import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
+from collider_autograd.layers._rows import is_partial, layer_grad
 from collider_autograd.sparse_grad import TokenSparseTensor
 from collider_kernels import check_attention_masks, masked_attention_backward
 from collider_kernels.reference import attention_visibility
@@ -30,6 +33,8 @@ aten = torch.ops.aten
 
 # Memory-efficient attention wants the bias's row stride a multiple of this many elements.
 _BIAS_ALIGN = 16
+# Whether cuDNN attention runs here: None until the first CUDA fp16/bf16 call tries it.
+_CUDNN_WORKS: bool | None = None
 
 
 def _expand_kv(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -70,6 +75,9 @@ def _flash_forward(qh, kh, vh, scale, bias):
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, False, attn_mask=bias, scale=scale)
         return out, lse, ("cpu", [])
     if qh.is_cuda and qh.dtype in (torch.float16, torch.bfloat16):
+        cudnn = _cudnn_forward(qh, kh, vh, scale)
+        if cudnn is not None:
+            return cudnn
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
             qh, kh, vh, 0.0, True, False, scale=scale
         )
@@ -83,9 +91,34 @@ def _flash_forward(qh, kh, vh, scale, bias):
     return out, lse, ("cpu", [])
 
 
+def _cudnn_forward(qh, kh, vh, scale):
+    """cuDNN's causal attention forward, or None where cuDNN does not take the call (tried once)."""
+    global _CUDNN_WORKS
+    if _CUDNN_WORKS is False:
+        return None
+    try:
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
+            qh, kh, vh, None, True, 0.0, True, False, scale=scale
+        )
+    except (RuntimeError, NotImplementedError):
+        if _CUDNN_WORKS is None:
+            _CUDNN_WORKS = False
+            return None
+        raise
+    _CUDNN_WORKS = True
+    # lse (B, H, T, 1) is kept whole for cuDNN's backward; the masked backward reads (B, H, T).
+    return out, lse[..., 0], ("cudnn", [lse, cum_q, cum_k, seed, offset, max_q, max_k])
+
+
 def _dense_backward(grad_out, qh, kh, vh, out, lse, kind, extra, scale, bias):
     """PyTorch's own attention backward (causal, or under ``bias``); all tensors (B, H, T, D)."""
     causal = bias is None
+    if kind == "cudnn":
+        full_lse, cum_q, cum_k, seed, offset, max_q, max_k = extra
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            grad_out, qh, kh, vh, out, full_lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True,
+            scale=scale,
+        )
     if kind == "flash":
         cum_q, cum_k, seed, offset, max_q, max_k = extra
         return aten._scaled_dot_product_flash_attention_backward(
@@ -115,7 +148,7 @@ class CausalAttentionFunction(torch.autograd.Function):
             ctx.shapes, ctx.dtype = (q.shape, k.shape, v.shape), q.dtype
             return q.new_empty((B, T, Hq, D))
         masked = window is not None or key_start is not None
-        # CUDA flash attention takes grouped K/V heads natively; the other kernels need them expanded.
+        # CUDA cuDNN and flash attention take grouped K/V heads natively; the others need them expanded.
         native_gqa = not masked and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         group = 1 if native_gqa else Hq // k.shape[2]
         qh = q.transpose(1, 2)  # (B, Hq, T, D)
@@ -124,30 +157,36 @@ class CausalAttentionFunction(torch.autograd.Function):
         bias = _mask_bias(q, Hq, window, key_start) if masked else None  # (B, Hq, T, T)
         out, lse, (kind, extra) = _flash_forward(qh, kh, vh, scale, bias)
         saved = extra if key_start is None else [*extra, key_start]
-        ctx.save_for_backward(q, k, v, out, lse, *(t for t in saved if not isinstance(t, int)))
-        ctx.ints = [t for t in extra if isinstance(t, int)]  # flash's max_q, max_k
+        result = out.transpose(1, 2).contiguous()  # (B, T, Hq, D); no copy when the kernel wrote that layout
+        # The output is saved once, as returned; the backwards read it through a transposed view.
+        ctx.save_for_backward(q, k, v, result, lse, *(t for t in saved if not isinstance(t, int)))
+        ctx.ints = [t for t in extra if isinstance(t, int)]  # flash's and cuDNN's max_q, max_k
         ctx.kind, ctx.scale, ctx.group = kind, scale, group
         ctx.window, ctx.has_key_start = window, key_start is not None
-        return out.transpose(1, 2).contiguous()  # (B, T, Hq, D)
+        return result
 
     @staticmethod
     def backward(ctx, grad):
         if ctx.empty:
             zeros = (torch.zeros(s, dtype=ctx.dtype, device=grad.device) for s in ctx.shapes)
             return *zeros, None, None, None
-        q, k, v, out, lse, *extra = ctx.saved_tensors
+        q, k, v, result, lse, *extra = ctx.saved_tensors
+        out = result.transpose(1, 2)  # (B, Hq, T, D) view
         key_start = extra.pop() if ctx.has_key_start else None
         extra = list(extra) + ctx.ints
         window = ctx.window
         B, T, Hq, D = q.shape
-        if isinstance(grad, TokenSparseTensor):
+        grad = layer_grad(grad, 2)
+        if is_partial(grad):
             n = grad.index.numel()
             dq, dk, dv = masked_attention_backward(
-                q, k, v, out.transpose(1, 2), lse, grad.values.reshape(n, Hq, D), grad.index,
+                q, k, v, result, lse, grad.values.reshape(n, Hq, D), grad.index,
                 scale=ctx.scale, window=window, key_start=key_start, validate=False,
             )  # (n, Hq, D), (n, Hkv, D), (n, Hkv, D)
             sparse = (grad.rows_like(dq, q.shape, 2), grad.rows_like(dk, k.shape, 2), grad.rows_like(dv, v.shape, 2))
             return *sparse, None, None, None
+        if isinstance(grad, TokenSparseTensor):  # every row kept: the ordinary dense backward
+            grad = grad.values.reshape(q.shape)
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         kh, vh = _expand_kv(kh, ctx.group), _expand_kv(vh, ctx.group)
         masked = window is not None or key_start is not None
