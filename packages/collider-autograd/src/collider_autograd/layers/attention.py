@@ -7,14 +7,15 @@ page, ``docs/design.rst``).
 
 A sliding ``window`` and per-token document starts (``key_start``) restrict the keys each query
 sees, in the forward and in both backwards. Without them the plain causal kernels run: PyTorch's
-cuDNN attention on CUDA fp16/bf16 where cuDNN takes the call (grouped K/V heads natively; on an
-H200 its forward + backward takes 0.54-0.63x the time of PyTorch's flash attention at the three
-models' shapes, ``benchmarks/results/attention_backends_h200.json``), else its flash attention,
-its memory-efficient attention (CUDA fp32) and its CPU flash attention. With them, the same
-kernels take an explicit additive mask: the CPU flash attention on CPU and the memory-efficient
-attention on CUDA (every dtype). That path is exact for any window and any valid ``key_start`` (no host synchronisation, no
-restriction to whole documents); it computes the full T×T score square and builds a (B, 1, T, T)
-bias for each forward and each dense backward, instead of saving one per layer.
+cuDNN attention on CUDA fp16/bf16 where cuDNN takes the call (grouped K/V heads natively; on an H200
+its forward + backward takes 0.54-0.63x the time of PyTorch's flash attention at the three models'
+shapes, ``benchmarks/results/attention_backends_h200.json``), else its flash attention, its memory-
+efficient attention (CUDA fp32) and its CPU flash attention. With them, the same kernels take an
+explicit additive mask: the CPU flash attention on CPU and the memory-efficient attention on CUDA
+(every dtype). That path is exact for any window and any valid ``key_start`` (no host
+synchronisation, no restriction to whole documents); it computes the full T×T score square and
+builds a (B, 1, T, T) bias for each forward and each dense backward, instead of saving one per
+layer.
 """
 
 from __future__ import annotations
