@@ -157,3 +157,15 @@ def keep_row(kind: str, T: int, gen: torch.Generator) -> torch.Tensor:
     elif kind != "empty":
         raise ValueError(f"unknown keep kind {kind!r}")
     return row
+
+
+def doc_starts(B: int, T: int, docs: int, gen: torch.Generator) -> torch.Tensor:
+    """(B, T) int64 key_start of rows packed with up to ``docs`` documents each: the position
+    where each token's document begins (random boundaries)."""
+    t = torch.arange(T)
+    boundary = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        cuts = torch.randint(0, T, (max(0, docs - 1),), generator=gen)
+        boundary[b, cuts] = True
+    boundary[:, 0] = True
+    return torch.where(boundary, t, 0).cummax(1).values

@@ -1,5 +1,6 @@
 """Public ``masked_attention_backward`` API: the torch backend against the dense reference of the
-contract (DESIGN.md §2), argument validation, and ``sequence_offsets``."""
+contract (the Design page), sliding windows and document starts, argument validation, and
+``sequence_offsets``."""
 
 import math
 
@@ -7,29 +8,30 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import KEEP_KINDS, keep_row
+from kernel_testing import KEEP_KINDS, doc_starts, keep_row
 
 import collider_kernels as ck
 from collider_kernels.reference import attention_forward_reference, masked_attention_backward_reference
 
 
-def make_case(B, T, Hq, Hkv, D, kinds, dtype, seed):
+def make_case(B, T, Hq, Hkv, D, kinds, dtype, seed, window=None, docs=0):
     """Inputs (q/k/v strided views of one projection, ``out`` transposed like SDPA's) and the
-    reference gradients of the kept rows."""
+    reference gradients of the kept rows; ``docs`` > 0 packs up to that many documents per row."""
     gen = torch.Generator().manual_seed(seed)
     fused = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=gen, dtype=torch.float64).to(dtype)
     q = fused[..., : Hq * D].view(B, T, Hq, D)
     k = fused[..., Hq * D: (Hq + Hkv) * D].view(B, T, Hkv, D)
     v = fused[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
     keep = torch.stack([keep_row(kd, T, gen) for kd in kinds])  # (B, T)
-    q64, k64, v64 = (t.double() for t in (q, k, v))
-    out, lse = attention_forward_reference(q64, k64, v64)
     grad = torch.randn(B, T, Hq, D, generator=gen, dtype=torch.float64)
+    masks = dict(window=window, key_start=doc_starts(B, T, docs, gen) if docs else None)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    out, lse = attention_forward_reference(q64, k64, v64, **masks)
     index = keep.reshape(-1).nonzero().squeeze(1)
-    ref = masked_attention_backward_reference(q64, k64, v64, grad * keep[..., None, None], keep)
+    ref = masked_attention_backward_reference(q64, k64, v64, grad * keep[..., None, None], keep, **masks)
     ref_kept = [r.reshape(B * T, r.shape[2], D)[index] for r in ref]
     args = dict(q=q, k=k, v=v, out=out.to(dtype), lse=lse.float() if dtype != torch.float64 else lse,
-                grad_out=grad.reshape(B * T, Hq, D)[index].to(dtype), index=index)
+                grad_out=grad.reshape(B * T, Hq, D)[index].to(dtype), index=index, **masks)
     return args, ref, ref_kept, keep
 
 
@@ -41,10 +43,12 @@ def make_case(B, T, Hq, Hkv, D, kinds, dtype, seed):
     group=st.sampled_from((1, 4, 6, 8)),
     D=st.sampled_from((4, 8, 16)),
     kinds=st.lists(st.sampled_from(KEEP_KINDS), min_size=3, max_size=3),
+    window=st.one_of(st.none(), st.integers(1, 45)),
+    docs=st.sampled_from((0, 1, 3, 8)),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_torch_backend_matches_reference(B, T, Hkv, group, D, kinds, seed):
-    args, ref, ref_kept, keep = make_case(B, T, Hkv * group, Hkv, D, kinds[:B], torch.float64, seed)
+def test_torch_backend_matches_reference(B, T, Hkv, group, D, kinds, window, docs, seed):
+    args, ref, ref_kept, keep = make_case(B, T, Hkv * group, Hkv, D, kinds[:B], torch.float64, seed, window, docs)
     res = ck.masked_attention_backward(**args, backend="torch")
     for name, a, r in zip(("dq", "dk", "dv"), res, ref_kept, strict=True):
         assert a.dtype == torch.float64 and a.shape == r.shape, name
@@ -55,12 +59,44 @@ def test_torch_backend_matches_reference(B, T, Hkv, group, D, kinds, seed):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_torch_backend_low_precision(dtype, tol):
-    args, _, ref_kept, _ = make_case(2, 37, 8, 2, 16, ("scattered", "runs"), dtype, seed=4)
+@pytest.mark.parametrize("window,docs", [(None, 0), (6, 0), (None, 4), (9, 3)])
+def test_torch_backend_low_precision(dtype, tol, window, docs):
+    args, _, ref_kept, _ = make_case(2, 37, 8, 2, 16, ("scattered", "runs"), dtype, 4, window, docs)
     res = ck.masked_attention_backward(**args, backend="torch")
     for a, r in zip(res, ref_kept, strict=True):
         assert a.dtype == dtype
         assert (a.double() - r).abs().max() <= tol * (1 + r.abs().max())
+
+
+def test_window_and_documents_change_the_gradients():
+    """The masks are honoured, not ignored: a window or document boundaries that cut keys change
+    every gradient against plain causal attention (same data), and a window as long as the row
+    changes nothing."""
+    def grads(**masks):
+        args = make_case(2, 30, 4, 2, 8, ("all", "scattered"), torch.float64, 3, **masks)[0]
+        return ck.masked_attention_backward(**args, backend="torch")
+
+    plain = grads()
+    for masks in ({"window": 4}, {"docs": 3}):
+        for a, p in zip(grads(**masks), plain, strict=True):
+            assert (a - p).abs().max() > 1e-3, masks
+    for a, p in zip(grads(window=30), plain, strict=True):
+        torch.testing.assert_close(a, p)
+
+
+def test_window_matches_transformers_convention():
+    """window=W: query t sees keys t-W+1 .. t (W keys, itself included), as transformers'
+    sliding_window_overlay (kv_idx > q_idx - W) on top of its causal mask."""
+    from collider_kernels.reference import attention_visibility
+
+    T, W = 12, 4
+    vis = attention_visibility(T, window=W)[0]
+    q, kv = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    assert torch.equal(vis, (kv > q - W) & (kv <= q))
+    assert vis.sum(1).tolist() == [min(t + 1, W) for t in range(T)]
+    starts = torch.tensor([[0, 0, 0, 3, 3, 3, 3, 3, 8, 8, 8, 8]])
+    vis = attention_visibility(T, key_start=starts)[0]
+    assert torch.equal(vis, (starts[0][:, None] == starts[0][None, :]) & (kv <= q))
 
 
 def test_all_kept_is_dense_autograd():
@@ -134,10 +170,39 @@ def test_bad_inputs_name_the_argument(name, exc, mutate):
         ck.masked_attention_backward(**args, backend="torch")
 
 
+def test_bad_masks_name_the_argument():
+    args = {k: v for k, v in _good().items() if k not in ("window", "key_start")}  # B=2, T=8
+    ok = torch.zeros(2, 8, dtype=torch.int64)
+    for bad in (0, -3, 2.0, True, "4"):
+        with pytest.raises(ValueError, match="window"):
+            ck.masked_attention_backward(**args, window=bad, backend="torch")
+    cases = [
+        (TypeError, ok.float()),
+        (ValueError, ok[:, :5]),
+        (ValueError, ok[0]),
+        (ValueError, torch.tensor([[0, 0, 0, 4, 4, 4, 4, 4]] * 2)),  # key_start[3] = 4 > 3
+        (ValueError, torch.tensor([[0, 0, 2, 2, 1, 1, 1, 1]] * 2)),  # decreasing
+        (ValueError, torch.full((2, 8), -1)),
+    ]
+    for exc, ks in cases:
+        with pytest.raises(exc, match="key_start"):
+            ck.masked_attention_backward(**args, key_start=ks, backend="torch")
+    ck.masked_attention_backward(**args, key_start=torch.full((2, 8), 9), validate=False, backend="torch")
+
+
 def test_bad_offsets_and_backend():
     args = _good()
     with pytest.raises(ValueError, match="offsets"):
         ck.masked_attention_backward(**args, offsets=torch.zeros(5, dtype=torch.int64), backend="torch")
+    right = ck.sequence_offsets(args["index"], 2, 8)
+    with pytest.raises(ValueError, match="offsets"):  # right shape, wrong values: never read blindly
+        ck.masked_attention_backward(**args, offsets=right + 1, backend="torch")
+    with pytest.raises(ValueError, match="offsets"):
+        ck.masked_attention_backward(**args, offsets=torch.tensor([0, 1, 99]), backend="torch")
+    with pytest.raises(TypeError, match="offsets"):
+        ck.masked_attention_backward(**args, offsets=right.float(), backend="torch")
+    with pytest.raises(TypeError, match="offsets"):
+        ck.masked_attention_backward(**args, offsets=right.tolist(), backend="torch")
     with pytest.raises(ValueError, match="backend"):
         ck.masked_attention_backward(**args, backend="nope")
 
@@ -145,7 +210,8 @@ def test_bad_offsets_and_backend():
 @pytest.mark.parametrize("strategy_share", [0.0, 2.0])  # 0: always the dense CPU flash path; 2: never
 @pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_torch_backend_cpu_strategies_agree_with_reference(monkeypatch, strategy_share, group, dtype):
+@pytest.mark.parametrize("window,docs", [(None, 0), (5, 0), (None, 3), (7, 4)])
+def test_torch_backend_cpu_strategies_agree_with_reference(monkeypatch, strategy_share, group, dtype, window, docs):
     import collider_kernels.masked_attention as mod
 
     monkeypatch.setattr(mod, "_CPU_DENSE_KEEP_SHARE", strategy_share)
@@ -157,13 +223,14 @@ def test_torch_backend_cpu_strategies_agree_with_reference(monkeypatch, strategy
     keep[1] = False
     keep[2, 0] = True
     dout = torch.randn(B, T, hkv * group, D, generator=gen, dtype=torch.float64) * keep[..., None, None]
-    out, lse = attention_forward_reference(q, k, v)
+    masks = dict(window=window, key_start=doc_starts(B, T, docs, gen) if docs else None)
+    out, lse = attention_forward_reference(q, k, v, **masks)
     index = keep.reshape(-1).nonzero().squeeze(1)
     got = ck.masked_attention_backward(
         q.to(dtype), k.to(dtype), v.to(dtype), out.to(dtype), lse.to(torch.promote_types(dtype, torch.float32)),
-        dout.reshape(B * T, -1, D)[index].to(dtype), index, backend="torch",
+        dout.reshape(B * T, -1, D)[index].to(dtype), index, backend="torch", **masks,
     )
-    ref = masked_attention_backward_reference(q, k, v, dout, keep)
+    ref = masked_attention_backward_reference(q, k, v, dout, keep, **masks)
     tol = 1e-12 if dtype == torch.float64 else 1e-4
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g.double(), r.reshape(B * T, -1, D)[index], rtol=tol, atol=tol)

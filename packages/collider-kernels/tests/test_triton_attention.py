@@ -1,4 +1,4 @@
-"""Triton masked attention backward against the dense reference of the contract (DESIGN.md §2).
+"""Triton masked attention backward against the dense reference of the contract (the Design page).
 
 On CPU the kernels run under Triton's interpreter (small fp32/fp16 cases, both dQ strategies,
 preallocated outputs poisoned with NaN). The ``gpu`` tests run bf16 on CUDA with the rule
@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import KEEP_KINDS, keep_row
+from kernel_testing import KEEP_KINDS, doc_starts, keep_row
 
 import collider_kernels as ck
 from collider_kernels.masked_attention import _masked_attention_backward_torch
@@ -35,7 +35,8 @@ class Case:
     """Random inputs in ``dtype`` (q/k/v strided views of one projection, ``out`` transposed like
     SDPA's), the fp64 forward, and the fp32-or-better truth of the contract on the same values."""
 
-    def __init__(self, B, T, Hq, Hkv, D, kinds, dtype, seed, device=DEVICE, truth=torch.float64):
+    def __init__(self, B, T, Hq, Hkv, D, kinds, dtype, seed, device=DEVICE, truth=torch.float64, window=None,
+                 docs=0):
         gen = torch.Generator().manual_seed(seed)
         self.shape = (B, T, Hq, Hkv, D)
         fused = torch.randn(B, T, (Hq + 2 * Hkv) * D, generator=gen).to(dtype).to(device)
@@ -43,8 +44,11 @@ class Case:
         self.k = fused[..., Hq * D: (Hq + Hkv) * D].view(B, T, Hkv, D)
         self.v = fused[..., (Hq + Hkv) * D:].view(B, T, Hkv, D)
         self.keep = torch.stack([keep_row(kd, T, gen) for kd in kinds]).to(device)  # (B, T)
+        self.window = window
+        self.key_start = doc_starts(B, T, docs, gen).to(device) if docs else None
+        masks = dict(window=window, key_start=self.key_start)
         qt, kt, vt = (t.to(truth) for t in (self.q, self.k, self.v))
-        out, lse = attention_forward_reference(qt, kt, vt)  # out (B, T, Hq, D) transposed view
+        out, lse = attention_forward_reference(qt, kt, vt, **masks)  # out (B, T, Hq, D) transposed view
         self.out = out.to(dtype)
         self.lse = lse if dtype == torch.float64 else lse.float()  # (B, Hq, T)
         grad = torch.randn(B, T, Hq, D, generator=gen).to(dtype).to(device)
@@ -53,11 +57,15 @@ class Case:
         self.grad_out = grad.reshape(B * T, Hq, D)[self.index]  # (n, Hq, D)
         dense_g = (grad.to(truth) * self.keep[..., None, None])
         self.scale = 1.0 / math.sqrt(D)
-        ref = masked_attention_backward_reference(qt, kt, vt, dense_g, self.keep)
+        ref = masked_attention_backward_reference(qt, kt, vt, dense_g, self.keep, **masks)
         self.ref = [r.reshape(B * T, r.shape[2], D)[self.index] for r in ref]  # kept rows
 
     def args(self):
-        return (self.q, self.k, self.v, self.out, self.lse, self.grad_out, self.index, self.offsets, self.scale)
+        return (self.q, self.k, self.v, self.out, self.lse, self.grad_out, self.index, self.offsets, self.scale,
+                self.window, self.key_start)
+
+    def public_kwargs(self):
+        return dict(window=self.window, key_start=self.key_start)
 
     def run(self, strategy, poison=True, **variant):
         n = self.index.numel()
@@ -121,6 +129,66 @@ def test_matches_reference_fp32(B, T, Hkv, group, D, kinds, seed):
         assert_close_rel(case.run(strategy), case.ref, 2e-5, f"fp32 {strategy}")
 
 
+@settings(deadline=None, max_examples=12)
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 90),
+    Hkv=st.integers(1, 2),
+    group=st.sampled_from((1, 3, 4)),
+    D=st.sampled_from((16, 24)),
+    kinds=st.lists(st.sampled_from(KEEP_KINDS), min_size=3, max_size=3),
+    window=st.one_of(st.none(), st.integers(1, 70)),
+    docs=st.sampled_from((0, 1, 2, 6)),
+    dtype=st.sampled_from((torch.float32, torch.float16)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_masks_match_reference(B, T, Hkv, group, D, kinds, window, docs, dtype, seed):
+    """Sliding windows and document starts, random: both dQ strategies, split dK/dV sums and
+    compact queries, outputs poisoned with NaN."""
+    case = Case(B, T, Hkv * group, Hkv, D, kinds[:B], dtype, seed, window=window, docs=docs)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    for strategy in STRATEGIES:
+        assert_close_rel(case.run(strategy), case.ref, tol, f"{dtype} window {window} docs {docs} {strategy}")
+    if group > 1:
+        res = case.run("separate", dkdv_split=group, compact_q=False)
+        assert_close_rel(res, case.ref, tol, f"{dtype} window {window} docs {docs} split")
+
+
+@pytest.mark.parametrize("blocks", [{"dkdv": (16, 16), "dq": (16, 16)}, {"dkdv": (64, 16), "dq": (32, 64)}])
+@pytest.mark.parametrize("window,docs", [(1, 0), (17, 0), (None, 5), (40, 3)])
+def test_masks_across_block_shapes(blocks, window, docs, monkeypatch):
+    """Windows and documents straddling several blocks of both passes (interpreter only)."""
+    if CUDA:
+        pytest.skip("block shapes are autotuned on the GPU")
+    monkeypatch.setattr(tab, "INTERPRET_BLOCKS", blocks)
+    case = Case(2, 150, 4, 2, 16, ("scattered", "all"), torch.float32, seed=8, window=window, docs=docs)
+    for strategy in STRATEGIES:
+        assert_close_rel(case.run(strategy), case.ref, 2e-5, f"blocks {blocks} window {window} docs {docs}")
+
+
+def test_window_skips_key_blocks_before_it():
+    """Keys in whole blocks before every kept query's window are never read by the dQ pass
+    ("separate"): poisoning them with NaN changes nothing."""
+    case = Case(1, 128, 4, 2, 16, ("empty",), torch.float32, seed=4, window=8)
+    keep = torch.zeros(1, 128, dtype=torch.bool, device=case.q.device)
+    keep[0, 100:] = True  # kept queries see keys from 93 on
+    index = keep.reshape(-1).nonzero().squeeze(1)
+    grad = torch.randn(1, 128, 4, 16, dtype=torch.float64, device=case.q.device)
+    qkv = (case.q.double(), case.k.double(), case.v.double())
+    ref = masked_attention_backward_reference(*qkv, grad * keep[..., None, None], keep, window=8)
+    case.index, case.offsets = index, ck.sequence_offsets(index, 1, 128)
+    case.grad_out = grad.reshape(128, 4, 16)[index].float()
+    case.ref = [r.reshape(128, -1, 16)[index] for r in ref]
+    clean = case.run("separate")
+    case.k, case.v = case.k.clone(), case.v.clone()
+    case.k[:, :64] = float("nan")  # whole blocks for every block size used here
+    case.v[:, :64] = float("nan")
+    poisoned = case.run("separate")
+    assert_close_rel(poisoned, case.ref, 2e-5, "poisoned keys before the window")
+    for a, b in zip(clean, poisoned, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("blocks", [{"dkdv": (16, 16), "dq": (16, 16)}, {"dkdv": (64, 16), "dq": (32, 64)}])
 def test_block_shapes(strategy, blocks, monkeypatch):
@@ -171,6 +239,9 @@ def test_public_api_and_edge_sets(strategy, monkeypatch):
         case = Case(2, 33, 8, 2, 16, kinds, torch.float32, seed=3)
         res = ck.masked_attention_backward(*case.args()[:7], backend="triton")
         assert_close_rel(res, case.ref, 2e-5, f"public api {kinds}")
+        masked = Case(2, 33, 8, 2, 16, kinds, torch.float32, seed=3, window=5, docs=3)
+        res = ck.masked_attention_backward(*masked.args()[:7], backend="triton", **masked.public_kwargs())
+        assert_close_rel(res, masked.ref, 2e-5, f"public api masked {kinds}")
         assert all(r.dtype == torch.float32 for r in res)
 
 
@@ -221,9 +292,10 @@ def test_fp16_upcast(strategy):
 
 
 def test_float64_falls_back_to_torch():
-    case = Case(1, 20, 2, 1, 16, ("scattered",), torch.float64, seed=1)
-    res = tab.masked_attention_backward_triton(*case.args())
-    assert_close_rel(res, case.ref, 1e-10, "fp64")
+    for masks in ({}, {"window": 3, "docs": 2}):
+        case = Case(1, 20, 2, 1, 16, ("scattered",), torch.float64, seed=1, **masks)
+        res = tab.masked_attention_backward_triton(*case.args())
+        assert_close_rel(res, case.ref, 1e-10, f"fp64 {masks}")
 
 
 def test_rejects_unknown_strategy():
@@ -260,6 +332,33 @@ def _bf16_check(case, what):
 def test_gpu_bf16_rule(B, T, Hkv, group, D, kinds, seed):
     case = Case(B, T, Hkv * group, Hkv, D, kinds[:B], torch.bfloat16, seed, truth=torch.float32)
     _bf16_check(case, f"bf16 B{B} T{T} G{group} D{D}")
+
+
+@pytest.mark.gpu
+@settings(deadline=None, max_examples=8)
+@given(
+    B=st.integers(1, 3),
+    T=st.integers(1, 600),
+    group=st.sampled_from((1, 4, 6)),
+    D=st.sampled_from((64, 128)),
+    kinds=st.lists(st.sampled_from(KEEP_KINDS), min_size=3, max_size=3),
+    window=st.one_of(st.none(), st.integers(1, 300)),
+    docs=st.sampled_from((0, 2, 7)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_gpu_bf16_masks_rule(B, T, group, D, kinds, window, docs, seed):
+    case = Case(B, T, 2 * group, 2, D, kinds[:B], torch.bfloat16, seed, truth=torch.float32, window=window,
+                docs=docs)
+    _bf16_check(case, f"bf16 masks B{B} T{T} G{group} D{D} window {window} docs {docs}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window,docs", [(4096, 0), (256, 0), (None, 6), (300, 4)])
+def test_gpu_bf16_masks_model_shapes(window, docs):
+    """Qwen2.5 heads (12/2, D 128) at T=2048: windows and packed documents at model scale."""
+    case = Case(2, 2048, 12, 2, 128, ("scattered", "all"), torch.bfloat16, seed=5, truth=torch.float32,
+                window=window, docs=docs)
+    _bf16_check(case, f"bf16 model shapes window {window} docs {docs}")
 
 
 @pytest.mark.gpu

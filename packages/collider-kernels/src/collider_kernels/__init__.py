@@ -6,6 +6,7 @@ backward, and the row-wise SwiGLU, GELU (tanh), RMSNorm, LayerNorm and rotary ba
 :mod:`collider_kernels.reference`.
 """
 
+from collider_kernels._checks import check_attention_masks
 from collider_kernels.backends import auto_backend, available_backends, resolve_backend, set_auto_backends
 from collider_kernels.gather_matmul import gather_matmul
 from collider_kernels.gathered_weight_grad import gathered_weight_grad
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "auto_backend",
     "available_backends",
+    "check_attention_masks",
     "gather_matmul",
     "gathered_weight_grad",
     "gelu_new_backward",

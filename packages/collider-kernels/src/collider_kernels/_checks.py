@@ -51,6 +51,25 @@ def check_norm_args(x, weight, eps) -> None:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
 
 
+def check_attention_masks(batch: int, seqlen: int, device, *, window=None, key_start=None,
+                          validate: bool = True) -> None:
+    """``window``: None or an int >= 1; ``key_start``: None or a (B, T) integer tensor with
+    ``0 <= key_start[b, t] <= t``, non-decreasing in ``t`` (values checked when ``validate``)."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1 (keys each query sees, itself included), got {window!r}")
+    if key_start is None:
+        return
+    check_tensor("key_start", key_start, ndim=2, dtypes=(torch.int64, torch.int32), device=device)
+    if tuple(key_start.shape) != (batch, seqlen):
+        raise ValueError(f"key_start must be ({batch}, {seqlen}), got {tuple(key_start.shape)}")
+    if validate and key_start.numel():
+        t = torch.arange(seqlen, device=key_start.device)
+        if not bool(((key_start >= 0) & (key_start <= t)).all()):
+            raise ValueError("key_start must satisfy 0 <= key_start[b, t] <= t (a query sees itself)")
+        if seqlen > 1 and not bool((key_start[:, 1:] >= key_start[:, :-1]).all()):
+            raise ValueError("key_start must be non-decreasing along each sequence (contiguous documents)")
+
+
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """``t`` in fp32, or unchanged when already fp32/fp64."""
     return t.to(torch.promote_types(t.dtype, torch.float32))

@@ -30,8 +30,36 @@ def scatter_add_rows_reference(src, index, num_rows):
     return onehot.t() @ src
 
 
-def attention_forward_reference(q, k, v, scale=None):
-    """Causal attention by its definition; (B, T, Hq, D), (B, T, Hkv, D) → out, lse (B, Hq, T)."""
+def key_lower_bound(seqlen, window=None, key_start=None, device=None):
+    """First key position each query sees: ``max(key_start[b, t], t - window + 1, 0)``.
+
+    ``window`` counts the keys a query sees, itself included (the transformers convention for
+    Mistral/Qwen2: key ``j`` is visible from query ``t`` when ``t - window < j <= t``).
+    Returns (B, T) int64, or (1, T) when ``key_start`` is None.
+    """
+    if key_start is not None:
+        device = key_start.device
+    t = torch.arange(seqlen, device=device)  # (T,)
+    lo = torch.zeros(1, seqlen, dtype=torch.int64, device=device)
+    if window is not None:
+        lo = (t - window + 1).clamp_min(0)[None, :]  # (1, T)
+    if key_start is not None:
+        lo = torch.maximum(lo, key_start.to(torch.int64))  # (B, T)
+    return lo
+
+
+def attention_visibility(seqlen, window=None, key_start=None, device=None):
+    """(B or 1, T, T) bool: query ``t`` sees key ``j`` iff ``key_lower_bound[t] <= j <= t``."""
+    lo = key_lower_bound(seqlen, window, key_start, device)  # (B, T)
+    j = torch.arange(seqlen, device=lo.device)
+    return (j[None, None, :] <= j[None, :, None]) & (j[None, None, :] >= lo[:, :, None])
+
+
+def attention_forward_reference(q, k, v, scale=None, *, window=None, key_start=None):
+    """Causal attention by its definition; (B, T, Hq, D), (B, T, Hkv, D) → out, lse (B, Hq, T).
+
+    ``window`` and ``key_start`` restrict the keys each query sees (:func:`attention_visibility`).
+    """
     B, T, Hq, D = q.shape
     group = Hq // k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else scale
@@ -39,20 +67,21 @@ def attention_forward_reference(q, k, v, scale=None):
     kh = k.transpose(1, 2).repeat_interleave(group, 1)  # (B, Hq, T, D)
     vh = v.transpose(1, 2).repeat_interleave(group, 1)
     scores = scale * qh @ kh.transpose(-1, -2)  # (B, Hq, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
+    visible = attention_visibility(T, window, key_start, q.device)[:, None]  # (B or 1, 1, T, T)
+    scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, -1)  # (B, Hq, T)
     out = torch.exp(scores - lse[..., None]) @ vh  # (B, Hq, T, D)
     return out.transpose(1, 2), lse
 
 
-def masked_attention_backward_reference(q, k, v, grad_out, keep, scale=None):
+def masked_attention_backward_reference(q, k, v, grad_out, keep, scale=None, *, window=None, key_start=None):
     """Dense gradients of the contract: K and V rows of filtered positions detached.
 
     Args:
         q, k, v: (B, T, H*, D) forward inputs.
         grad_out: (B, T, Hq, D) dense output gradient (zero rows where ``keep`` is False).
         keep: (B, T) bool.
+        scale, window, key_start: as :func:`attention_forward_reference`.
 
     Returns:
         Dense ``(dq, dk, dv)`` with the shapes of ``q, k, v``.
@@ -63,7 +92,7 @@ def masked_attention_backward_reference(q, k, v, grad_out, keep, scale=None):
     m = keep[..., None, None]
     k_eff = torch.where(m, k, k.detach())
     v_eff = torch.where(m, v, v.detach())
-    out, _ = attention_forward_reference(q, k_eff, v_eff, scale)
+    out, _ = attention_forward_reference(q, k_eff, v_eff, scale, window=window, key_start=key_start)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad_out)
     return dq, dk, dv
 

@@ -17,6 +17,6 @@ def from_preset(name: str):
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "CausalLM", "CausalLMOutput", "KVCache", "ModelConfig", "from_config", "from_preset", "from_pretrained", "generate",
-    "preset_config", "save_pretrained", "shift_labels",
+    "PRESETS", "CausalLM", "CausalLMOutput", "KVCache", "ModelConfig", "from_config", "from_preset", "from_pretrained",
+    "generate", "preset_config", "save_pretrained", "shift_labels",
 ]

@@ -2,7 +2,16 @@
 
 Dense gradient in → PyTorch's own attention backward. Sparse gradient in (kept query rows) →
 :func:`collider_kernels.masked_attention_backward`: dQ of kept queries over all visible keys,
-dK/dV of kept keys over kept queries (filtered keys and values are detached, DESIGN.md §2).
+dK/dV of kept keys over kept queries (filtered keys and values are detached; see the Design page).
+
+A sliding ``window`` and per-token document starts (``key_start``) restrict the keys each query
+sees, in the forward and in both backwards. Without them the plain causal kernels run: PyTorch's
+flash attention (CUDA fp16/bf16, grouped K/V heads natively), its memory-efficient attention
+(CUDA fp32) and its CPU flash attention. With them, the same kernels take an explicit additive
+mask: the CPU flash attention on CPU and the memory-efficient attention on CUDA (every dtype).
+That path is exact for any window and any valid ``key_start`` (no host synchronisation, no
+restriction to whole documents); it computes the full T×T score square and builds a (B, 1, T, T)
+bias for each forward and each dense backward, instead of saving one per layer.
 """
 
 from __future__ import annotations
@@ -11,10 +20,15 @@ import math
 
 import torch
 
+from collider_autograd._autocast import autocast_off, cast_for_matmul
 from collider_autograd.sparse_grad import TokenSparseTensor
-from collider_kernels import masked_attention_backward
+from collider_kernels import check_attention_masks, masked_attention_backward
+from collider_kernels.reference import attention_visibility
 
 aten = torch.ops.aten
+
+# Memory-efficient attention wants the bias's row stride a multiple of this many elements.
+_BIAS_ALIGN = 16
 
 
 def _expand_kv(t: torch.Tensor, group: int) -> torch.Tensor:
@@ -30,9 +44,30 @@ def _reduce_kv(t: torch.Tensor, group: int) -> torch.Tensor:
     return t.view(B, H // group, group, T, D).sum(2)
 
 
-def _flash_forward(qh, kh, vh, scale):
-    """(B, H, T, D) ×3 → out (B, H, T, D), lse (B, H, T) fp32, extra outputs for the backward."""
+def _mask_bias(q: torch.Tensor, heads: int, window, key_start) -> torch.Tensor:
+    """(B, heads, T, T) additive mask in q's dtype (0 visible, -inf hidden), broadcast over heads,
+    rows padded to an aligned stride as the memory-efficient kernel requires."""
+    B, T = q.shape[0], q.shape[1]
+    visible = attention_visibility(T, window, key_start, q.device)  # (B or 1, T, T)
+    padded = -(-T // _BIAS_ALIGN) * _BIAS_ALIGN
+    bias = torch.zeros((visible.shape[0], 1, T, padded), dtype=q.dtype, device=q.device)[..., :T]
+    bias.masked_fill_(~visible[:, None], float("-inf"))
+    return bias.expand(B, heads, T, T)
+
+
+def _flash_forward(qh, kh, vh, scale, bias):
+    """(B, H, T, D) ×3 → out (B, H, T, D), lse (B, H, T) fp32, extra outputs for the backward.
+
+    ``bias``: None (plain causal) or the additive mask of :func:`_mask_bias`."""
     T = qh.shape[2]
+    if bias is not None:
+        if qh.is_cuda:
+            out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
+                qh, kh, vh, bias, True, 0.0, False, scale=scale
+            )
+            return out, lse[:, :, :T], ("efficient", [lse, seed, offset])
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(qh, kh, vh, 0.0, False, attn_mask=bias, scale=scale)
+        return out, lse, ("cpu", [])
     if qh.is_cuda and qh.dtype in (torch.float16, torch.bfloat16):
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_flash_attention(
             qh, kh, vh, 0.0, True, False, scale=scale
@@ -47,8 +82,9 @@ def _flash_forward(qh, kh, vh, scale):
     return out, lse, ("cpu", [])
 
 
-def _dense_backward(grad_out, qh, kh, vh, out, lse, kind, extra, scale):
-    """PyTorch's own causal attention backward; all tensors (B, H, T, D)."""
+def _dense_backward(grad_out, qh, kh, vh, out, lse, kind, extra, scale, bias):
+    """PyTorch's own attention backward (causal, or under ``bias``); all tensors (B, H, T, D)."""
+    causal = bias is None
     if kind == "flash":
         cum_q, cum_k, seed, offset, max_q, max_k = extra
         return aten._scaled_dot_product_flash_attention_backward(
@@ -57,59 +93,106 @@ def _dense_backward(grad_out, qh, kh, vh, out, lse, kind, extra, scale):
     if kind == "efficient":
         full_lse, seed, offset = extra
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-            grad_out, qh, kh, vh, None, out, full_lse, seed, offset, 0.0, [True, True, True, False],
-            True, scale=scale,
+            grad_out, qh, kh, vh, bias, out, full_lse, seed, offset, 0.0, [True, True, True, False],
+            causal, scale=scale,
         )
         return dq, dk, dv
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_out, qh, kh, vh, out, lse, 0.0, True, scale=scale
+        grad_out, qh, kh, vh, out, lse, 0.0, causal, attn_mask=bias, scale=scale
     )
 
 
 class CausalAttentionFunction(torch.autograd.Function):
-    """q (B, T, Hq, D), k/v (B, T, Hkv, D) → (B, T, Hq, D) causal softmax attention."""
+    """q (B, T, Hq, D), k/v (B, T, Hkv, D) → (B, T, Hq, D) causal softmax attention, optionally
+    restricted to a sliding ``window`` and per-token ``key_start`` (B, T)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale):
+    def forward(ctx, q, k, v, scale, window, key_start):
+        B, T, Hq, D = q.shape
+        ctx.empty = q.numel() == 0 or k.numel() == 0
+        if ctx.empty:  # B = 0, T = 0 (or no heads): nothing to attend; the CPU kernel would crash
+            ctx.shapes, ctx.dtype = (q.shape, k.shape, v.shape), q.dtype
+            return q.new_empty((B, T, Hq, D))
+        masked = window is not None or key_start is not None
         # CUDA flash attention takes grouped K/V heads natively; the other kernels need them expanded.
-        native_gqa = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        group = 1 if native_gqa else q.shape[2] // k.shape[2]
+        native_gqa = not masked and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        group = 1 if native_gqa else Hq // k.shape[2]
         qh = q.transpose(1, 2)  # (B, Hq, T, D)
         kh = _expand_kv(k.transpose(1, 2), group)  # (B, Hq or Hkv, T, D)
         vh = _expand_kv(v.transpose(1, 2), group)
-        out, lse, (kind, extra) = _flash_forward(qh, kh, vh, scale)
-        ctx.save_for_backward(q, k, v, out, lse, *(t for t in extra if not isinstance(t, int)))
+        bias = _mask_bias(q, Hq, window, key_start) if masked else None  # (B, Hq, T, T)
+        out, lse, (kind, extra) = _flash_forward(qh, kh, vh, scale, bias)
+        saved = extra if key_start is None else [*extra, key_start]
+        ctx.save_for_backward(q, k, v, out, lse, *(t for t in saved if not isinstance(t, int)))
         ctx.ints = [t for t in extra if isinstance(t, int)]  # flash's max_q, max_k
         ctx.kind, ctx.scale, ctx.group = kind, scale, group
+        ctx.window, ctx.has_key_start = window, key_start is not None
         return out.transpose(1, 2).contiguous()  # (B, T, Hq, D)
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.empty:
+            zeros = (torch.zeros(s, dtype=ctx.dtype, device=grad.device) for s in ctx.shapes)
+            return *zeros, None, None, None
         q, k, v, out, lse, *extra = ctx.saved_tensors
+        key_start = extra.pop() if ctx.has_key_start else None
         extra = list(extra) + ctx.ints
+        window = ctx.window
         B, T, Hq, D = q.shape
         if isinstance(grad, TokenSparseTensor):
             n = grad.index.numel()
             dq, dk, dv = masked_attention_backward(
                 q, k, v, out.transpose(1, 2), lse, grad.values.reshape(n, Hq, D), grad.index,
-                scale=ctx.scale, validate=False,
+                scale=ctx.scale, window=window, key_start=key_start, validate=False,
             )  # (n, Hq, D), (n, Hkv, D), (n, Hkv, D)
-            return grad.rows_like(dq, q.shape, 2), grad.rows_like(dk, k.shape, 2), grad.rows_like(dv, v.shape, 2), None
+            sparse = (grad.rows_like(dq, q.shape, 2), grad.rows_like(dk, k.shape, 2), grad.rows_like(dv, v.shape, 2))
+            return *sparse, None, None, None
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         kh, vh = _expand_kv(kh, ctx.group), _expand_kv(vh, ctx.group)
-        dq, dk, dv = _dense_backward(grad.transpose(1, 2), qh, kh, vh, out, lse, ctx.kind, extra, ctx.scale)
+        masked = window is not None or key_start is not None
+        bias = _mask_bias(q, Hq, window, key_start) if masked else None  # rebuilt, not saved
+        dq, dk, dv = _dense_backward(grad.transpose(1, 2), qh, kh, vh, out, lse, ctx.kind, extra, ctx.scale, bias)
         dk, dv = _reduce_kv(dk, ctx.group), _reduce_kv(dv, ctx.group)
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Causal attention over (B, T, H, D) tensors with grouped-query K/V; returns (B, T, Hq, D)."""
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    *,
+    window: int | None = None,
+    key_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention over (B, T, H, D) tensors with grouped-query K/V; returns (B, T, Hq, D).
+
+    Query ``t`` of sequence ``b`` sees the keys ``j`` with
+    ``max(key_start[b, t], t - window + 1) <= j <= t``.
+
+    Args:
+        q: (B, T, Hq, D) queries; k, v: (B, T, Hkv, D), ``Hq % Hkv == 0``.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        window: sliding window as transformers defines it for Mistral/Qwen2 (``sliding_window``):
+            the number of keys a query sees, itself included. None: unlimited.
+        key_start: optional (B, T) int64/int32 first key position each query may see, e.g. the
+            start of its document when documents are packed in one row (``0 <= key_start[b, t]
+            <= t``, non-decreasing in ``t``; checked, which synchronises on CUDA).
+
+    Under ``torch.autocast`` q, k and v are cast to the autocast dtype, as for a matmul. B = 0
+    or T = 0 gives an empty result.
+    """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (B, T, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         want = f"({q.shape[0]}, {q.shape[1]}, Hkv, {q.shape[3]})"
         raise ValueError(f"k and v must be {want}, got {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2]:
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return CausalAttentionFunction.apply(q, k, v, scale)
+    B, T = q.shape[:2]
+    check_attention_masks(B, T, q.device, window=window, key_start=key_start)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
+    q, k, v = cast_for_matmul(q, k, v)
+    with autocast_off(q.device.type):
+        return CausalAttentionFunction.apply(q, k, v, scale, window, key_start)

@@ -1,4 +1,4 @@
-"""Triton masked attention backward (restore-Q) over kept tokens (DESIGN.md §2).
+"""Triton masked attention backward (restore-Q) over kept tokens (the Design page's contract).
 
 Inputs are the dense causal forward (``q, k, v, out, lse``) and the output gradient of the kept
 query rows only. Kept rows are read through ``index``, and the output gradient of filtered queries
@@ -19,6 +19,12 @@ is never touched. Launches:
    ``"separate"`` loops over every key at positions ``0..max query position`` of the block;
    strategy ``"atomic"`` loops over the *filtered* keys only (kept keys already came in through
    the atomics) and finishes the accumulator. Either way dQ sums over all causally visible keys.
+
+With a sliding window or document starts (``HAS_LO``), each kept row carries its first visible
+key position; since these lower bounds never decrease along a sequence, the dK/dV pass stops at
+the first query block that sees none of its keys and the dQ pass starts at the first key block
+its queries see (the ``"atomic"`` strategy's filtered-key loop does not skip: it masks). Only
+blocks that straddle a bound are masked.
 
 Causality is by original positions. Among kept rows of one sequence (sorted), "query position >=
 key position" is the same as "query row >= key row", so the dK/dV pass masks in row space and
@@ -42,6 +48,7 @@ import triton.language as tl
 
 from collider_kernels.backends import register
 from collider_kernels.masked_attention import _masked_attention_backward_torch
+from collider_kernels.reference import key_lower_bound
 from collider_kernels.triton import AUTOTUNE, DEVICES, INTERPRET, KERNEL_DTYPES, num_sms
 from collider_kernels.triton.launch import Launcher
 
@@ -111,11 +118,11 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _dkdv_step(
     dk, dv, k, v,
-    q_base, do_base, lse_base, delta_base, dq_base, INDEX,
-    tok0, start_m, e, rk, d, md, qk_scale,
+    q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
+    tok0, start_m, e, rk, kpos, d, md, qk_scale,
     stride_qt, stride_qd, stride_don, stride_dod, stride_lt, stride_dqn,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, COMPACT_Q: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, COMPACT_Q: tl.constexpr, HAS_LO: tl.constexpr,
 ):
     # One block of BLOCK_M kept queries (rows start_m..) against the program's BLOCK_N kept keys.
     rq = start_m + tl.arange(0, BLOCK_M)  # (BM,) kept rows
@@ -138,7 +145,11 @@ def _dkdv_step(
     qkT = tl.dot(k, tl.trans(q), input_precision=PREC)  # (BN, BM)
     pT = tl.exp2(qkT * qk_scale - lse[None, :])
     if MASK:
-        pT = tl.where(rq[None, :] >= rk[:, None], pT, 0.0)
+        visible = rq[None, :] >= rk[:, None]  # causal, in row space
+        if HAS_LO:  # keys before each query's window/document start
+            qlo = tl.load(LO + rq64, mask=mq, other=0)  # (BM,) first visible key position
+            visible = visible & (kpos[:, None] >= qlo[None, :])
+        pT = tl.where(visible, pT, 0.0)
     dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BN, BM)
     dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
@@ -151,7 +162,7 @@ def _dkdv_step(
 
 @triton.jit(do_not_specialize=["n", "T", "GROUP", "NUM_KV_HEADS", "stride_lb", "stride_lh"])
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, INDEX, OFFSETS, QC, LSEC, DK_PART, DV_PART,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, INDEX, OFFSETS, QC, LSEC, DK_PART, DV_PART, LO, KEND,
     qk_scale, scale, n, T, GROUP, NUM_KV_HEADS,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -161,12 +172,15 @@ def _attn_bwd_dkdv(
     stride_dkn, stride_dkh, stride_dvn, stride_dvh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, COMPACT_Q: tl.constexpr, SPLIT: tl.constexpr,
+    HAS_LO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # grid (B * Hkv * SPLIT, cdiv(T, BLOCK_N)): the key-block axis is the slow one, so the programs
     # with the most work (first key blocks) start first. BLOCK_N % BLOCK_M == 0. With SPLIT > 1
     # the query heads of a group are dealt over SPLIT programs, each writing scaled fp32 partial
     # sums to DK_PART/DV_PART (SPLIT, n, Hkv, HEAD_DIM), which _attn_bwd_dkdv_reduce adds up.
+    # HAS_LO (window / document starts): LO (n,) is each kept row's first visible key position,
+    # KEND (n,) for each kept key row the end of the kept query rows that see it.
     pid_bh = tl.program_id(0) // SPLIT
     split = tl.program_id(0) % SPLIT
     b = pid_bh // NUM_KV_HEADS
@@ -194,6 +208,12 @@ def _attn_bwd_dkdv(
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         end_diag = tl.minimum(start_n + BLOCK_N, e)
+        m_full = e  # query rows [end_diag, m_full) see every key of the block
+        m_end = e  # ... and rows [m_full, m_end) some of them; later rows none
+        if HAS_LO:  # lower bounds never decrease along the rows: whole query blocks drop out
+            kend_first = tl.load(KEND + start_n)
+            m_full = end_diag + (tl.maximum(kend_first - end_diag, 0) // BLOCK_M) * BLOCK_M
+            m_end = tl.maximum(tl.load(KEND + end_diag - 1), m_full)
         heads = GROUP // SPLIT
         stride_dqn = GROUP * NUM_KV_HEADS * HEAD_DIM
         for g in range(split * heads, split * heads + heads):
@@ -214,17 +234,24 @@ def _attn_bwd_dkdv(
             # Queries in the key block's own rows: causal mask (row order = position order).
             for start_m in range(start_n, end_diag, BLOCK_M):
                 dk, dv = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX,
-                    tok0, start_m, e, rk, d, md, qk_scale,
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
+                    tok0, start_m, e, rk, kpos, d, md, qk_scale,
                     q_stride_t, q_stride_d, stride_don, stride_dod, stride_lt, stride_dqn,
-                    BLOCK_M, True, ATOMIC_DQ, UPCAST, PREC, COMPACT_Q)
-            # Later kept queries see every key of the block.
-            for start_m in range(end_diag, e, BLOCK_M):
+                    BLOCK_M, True, ATOMIC_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
+            # Later kept queries see every key of the block (up to m_full).
+            for start_m in range(end_diag, m_full, BLOCK_M):
                 dk, dv = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX,
-                    tok0, start_m, e, rk, d, md, qk_scale,
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
+                    tok0, start_m, e, rk, kpos, d, md, qk_scale,
                     q_stride_t, q_stride_d, stride_don, stride_dod, stride_lt, stride_dqn,
-                    BLOCK_M, False, ATOMIC_DQ, UPCAST, PREC, COMPACT_Q)
+                    BLOCK_M, False, ATOMIC_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
+            if HAS_LO:  # queries whose window/document starts inside the key block
+                for start_m in range(m_full, m_end, BLOCK_M):
+                    dk, dv = _dkdv_step(
+                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
+                        tok0, start_m, e, rk, kpos, d, md, qk_scale,
+                        q_stride_t, q_stride_d, stride_don, stride_dod, stride_lt, stride_dqn,
+                        BLOCK_M, True, ATOMIC_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
         dk = dk * scale
         if SPLIT == 1:
             tl.store(DK + rk64[:, None] * stride_dkn + hkv * stride_dkh + d[None, :],
@@ -264,10 +291,10 @@ def _attn_bwd_dkdv_reduce(
 
 @triton.jit
 def _dq_step(
-    dq, q, do, lse, delta, qpos,
+    dq, q, do, lse, delta, qpos, qlo,
     k_base, v_base, kpos, mk, d, md, qk_scale,
     stride_kt, stride_kd, stride_vt, stride_vd,
-    MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    MASK: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_LO: tl.constexpr,
 ):
     # One block of BLOCK_N keys at positions kpos against the program's kept queries.
     mkd = mk[:, None] & md[None, :]
@@ -279,7 +306,10 @@ def _dq_step(
     qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BM, BN)
     p = tl.exp2(qk * qk_scale - lse[:, None])
     if MASK:
-        p = tl.where((kpos[None, :] <= qpos[:, None]) & mk[None, :], p, 0.0)
+        visible = (kpos[None, :] <= qpos[:, None]) & mk[None, :]
+        if HAS_LO:
+            visible = visible & (kpos[None, :] >= qlo[:, None])
+        p = tl.where(visible, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # (BM, BN)
     ds = (p * (dp - delta[:, None])).to(k.dtype)
     dq += tl.dot(ds, k, input_precision=PREC)
@@ -288,7 +318,7 @@ def _dq_step(
 
 @triton.jit(do_not_specialize=["n", "T", "GROUP", "NUM_HEADS", "stride_lb", "stride_lh"])
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, DQ_ACC, INDEX, OFFSETS, FPOS,
+    Q, K, V, DO, LSE, DELTA, DQ, DQ_ACC, INDEX, OFFSETS, FPOS, LO,
     qk_scale, scale, n, T, GROUP, NUM_HEADS,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -297,10 +327,11 @@ def _attn_bwd_dq(
     stride_lb, stride_lh, stride_lt,
     stride_dqn, stride_dqh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FILTERED_KEYS: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_LO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # grid (B * Hq, cdiv(T, BLOCK_M)); query blocks run last-first (the later, the more keys).
+    # HAS_LO: LO (n,) is each kept row's first visible key position (window / document start).
     pid_bh = tl.program_id(0)
     b = pid_bh // NUM_HEADS
     h = pid_bh % NUM_HEADS
@@ -318,6 +349,10 @@ def _attn_bwd_dq(
         r_last = tl.minimum(start_m + BLOCK_M, e) - 1
         qpos_min = (tl.load(INDEX + start_m) - tok0).to(tl.int32)
         qpos_max = (tl.load(INDEX + r_last) - tok0).to(tl.int32)
+        if HAS_LO:
+            qlo = tl.load(LO + rq64, mask=mq, other=0)  # (BM,)
+        else:
+            qlo = qpos  # unused
         d = tl.arange(0, BLOCK_D)
         md = d < HEAD_DIM
         mqd = mq[:, None] & md[None, :]
@@ -341,32 +376,46 @@ def _attn_bwd_dq(
             f_base = FPOS + b64 * T
             n_vis = qpos_max - (r_last - s)  # filtered keys at positions <= qpos_max
             n_full = ((qpos_min - (start_m - s)) // BLOCK_N) * BLOCK_N  # ... < qpos_min
+            if HAS_LO:  # some filtered keys lie before a query's start: masked steps throughout
+                n_full = n_full * 0
             for start_n in range(0, n_full, BLOCK_N):
                 kr = start_n + tl.arange(0, BLOCK_N)
                 kpos = tl.load(f_base + kr)
-                dq = _dq_step(dq, q, do, lse, delta, qpos, k_base, v_base, kpos, kr >= 0, d, md,
+                dq = _dq_step(dq, q, do, lse, delta, qpos, qlo, k_base, v_base, kpos, kr >= 0, d, md,
                               qk_scale, stride_kt, stride_kd, stride_vt, stride_vd,
-                              False, UPCAST, PREC)
+                              False, UPCAST, PREC, HAS_LO)
             for start_n in range(n_full, n_vis, BLOCK_N):
                 kr = start_n + tl.arange(0, BLOCK_N)
                 mk = kr < n_vis
                 kpos = tl.load(f_base + kr, mask=mk, other=0)
-                dq = _dq_step(dq, q, do, lse, delta, qpos, k_base, v_base, kpos, mk, d, md,
+                dq = _dq_step(dq, q, do, lse, delta, qpos, qlo, k_base, v_base, kpos, mk, d, md,
                               qk_scale, stride_kt, stride_kd, stride_vt, stride_vd,
-                              True, UPCAST, PREC)
+                              True, UPCAST, PREC, HAS_LO)
         else:
             dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            n_full = ((qpos_min + 1) // BLOCK_N) * BLOCK_N  # keys visible to every query
-            for start_n in range(0, n_full, BLOCK_N):
+            n_full = ((qpos_min + 1) // BLOCK_N) * BLOCK_N  # keys up to here: visible causally to all
+            k_full = 0  # keys from here on: past every query's window/document start
+            if HAS_LO:
+                # Key blocks [k_lo, k_full) hold some query's start: masked; earlier ones are skipped.
+                lo_min = tl.load(LO + start_m)
+                lo_max = tl.load(LO + r_last)
+                k_lo = (lo_min // BLOCK_N) * BLOCK_N
+                k_full = tl.minimum(tl.maximum(k_lo, tl.cdiv(lo_max, BLOCK_N) * BLOCK_N), n_full)
+                for start_n in range(k_lo, k_full, BLOCK_N):
+                    kpos = start_n + tl.arange(0, BLOCK_N)
+                    dq = _dq_step(dq, q, do, lse, delta, qpos, qlo, k_base, v_base, kpos, kpos >= 0, d, md,
+                                  qk_scale, stride_kt, stride_kd, stride_vt, stride_vd,
+                                  True, UPCAST, PREC, HAS_LO)
+            for start_n in range(k_full, n_full, BLOCK_N):
                 kpos = start_n + tl.arange(0, BLOCK_N)
-                dq = _dq_step(dq, q, do, lse, delta, qpos, k_base, v_base, kpos, kpos >= 0, d, md,
+                dq = _dq_step(dq, q, do, lse, delta, qpos, qlo, k_base, v_base, kpos, kpos >= 0, d, md,
                               qk_scale, stride_kt, stride_kd, stride_vt, stride_vd,
-                              False, UPCAST, PREC)
+                              False, UPCAST, PREC, HAS_LO)
             for start_n in range(n_full, qpos_max + 1, BLOCK_N):
                 kpos = start_n + tl.arange(0, BLOCK_N)
-                dq = _dq_step(dq, q, do, lse, delta, qpos, k_base, v_base, kpos, kpos <= qpos_max,
+                dq = _dq_step(dq, q, do, lse, delta, qpos, qlo, k_base, v_base, kpos, kpos <= qpos_max,
                               d, md, qk_scale, stride_kt, stride_kd, stride_vt, stride_vd,
-                              True, UPCAST, PREC)
+                              True, UPCAST, PREC, HAS_LO)
         dq = dq * scale
         tl.store(DQ + rq64[:, None] * stride_dqn + h * stride_dqh + d[None, :],
                  dq.to(DQ.dtype.element_ty), mask=mqd)
@@ -412,13 +461,13 @@ _DKDV_NAMES, _DQ_NAMES = ("BLOCK_N", "BLOCK_M"), ("BLOCK_M", "BLOCK_N")
 if AUTOTUNE:
     _dkdv_kernel = triton.autotune(
         configs=_config_list(_DKDV_CONFIGS, _DKDV_NAMES),
-        key=["HEAD_DIM", "GROUP", "ATOMIC_DQ", "COMPACT_Q", "SPLIT"],
+        key=["HEAD_DIM", "GROUP", "ATOMIC_DQ", "COMPACT_Q", "SPLIT", "HAS_LO"],
         prune_configs_by={"early_config_prune": _pruner(_DKDV_CONFIGS, _DKDV_NAMES)},
         restore_value=["DQ_ACC"],  # tuning runs add into the accumulator: undo them
     )(_attn_bwd_dkdv)
     _dq_kernel = triton.autotune(
         configs=_config_list(_DQ_CONFIGS, _DQ_NAMES),
-        key=["HEAD_DIM", "GROUP", "FILTERED_KEYS"],
+        key=["HEAD_DIM", "GROUP", "FILTERED_KEYS", "HAS_LO"],
         prune_configs_by={"early_config_prune": _pruner(_DQ_CONFIGS, _DQ_NAMES)},
     )(_attn_bwd_dq)
 else:
@@ -471,12 +520,23 @@ def _filtered_positions(index: torch.Tensor, B: int, T: int) -> torch.Tensor:
     return torch.argsort(kept.view(B, T), dim=1, stable=True)
 
 
+def _mask_rows(index: torch.Tensor, B: int, T: int, window, key_start):
+    """(LO, KEND) int32 (n,) of the kept rows: each row's first visible key position, and for each
+    kept key row the end of the kept query rows that see it (lower bounds never decrease)."""
+    lower = key_lower_bound(T, window, key_start, index.device).expand(B, T)  # (B, T)
+    starts = torch.arange(B, device=index.device)[:, None] * T
+    lo_flat = (lower + starts).reshape(-1).index_select(0, index)  # (n,) b*T + lower bound, sorted
+    lo = (lo_flat - (index // T) * T).to(torch.int32)
+    kend = torch.searchsorted(lo_flat, index, right=True).to(torch.int32)
+    return lo, kend
+
+
 def masked_attention_backward_triton(
-    q, k, v, out, lse, grad_out, index, offsets, scale, *,
+    q, k, v, out, lse, grad_out, index, offsets, scale, window=None, key_start=None, *,
     dq_strategy: str | None = None, dkdv_split: int | None = None, compact_q: bool | None = None,
     dq=None, dk=None, dv=None,
 ):
-    """Launch the Triton backward; shapes as :func:`collider_kernels.masked_attention_backward`.
+    """Launch the Triton backward; arguments as :func:`collider_kernels.masked_attention_backward`.
 
     ``dq_strategy`` overrides :data:`DQ_STRATEGY`; ``dkdv_split`` (a divisor of Hq/Hkv) deals the
     query heads of a group over that many dK/dV programs (default: :func:`dkdv_split_for`);
@@ -484,7 +544,8 @@ def masked_attention_backward_triton(
     outputs (n, Hq, D), (n, Hkv, D), (n, Hkv, D) (every row is overwritten).
     """
     if q.dtype not in KERNEL_DTYPES:
-        return _masked_attention_backward_torch(q, k, v, out, lse, grad_out, index, offsets, scale)
+        return _masked_attention_backward_torch(q, k, v, out, lse, grad_out, index, offsets, scale, window,
+                                                key_start)
     strategy = DQ_STRATEGY if dq_strategy is None else dq_strategy
     if strategy not in _STRATEGIES:
         raise ValueError(f"dq_strategy must be one of {_STRATEGIES}, got {strategy!r}")
@@ -531,6 +592,8 @@ def masked_attention_backward_triton(
         dv_part = torch.empty_like(dk_part)
     else:
         dk_part = dv_part = delta
+    has_lo = window is not None or key_start is not None
+    lo, kend = _mask_rows(index, B, T, window, key_start) if has_lo else (delta, delta)
 
     pre_m = 32 if INTERPRET else 64
     _attn_bwd_preprocess[(triton.cdiv(n, pre_m), Hq)](
@@ -549,12 +612,12 @@ def masked_attention_backward_triton(
     fp32 = q.dtype == torch.float32
     meta_dkdv = {} if tuned else _fixed_meta("dkdv", fp32)
     dkdv_kernel[lambda m: (B * Hkv * split, triton.cdiv(T, m["BLOCK_N"]))](
-        q, k, v, grad_out, lse, delta, dk, dv, dq_acc, index, offsets, q_c, lse_c, dk_part, dv_part,
+        q, k, v, grad_out, lse, delta, dk, dv, dq_acc, index, offsets, q_c, lse_c, dk_part, dv_part, lo, kend,
         qk_scale, float(scale), n, T, group, Hkv,
         *common,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         HEAD_DIM=D, BLOCK_D=block_d, ATOMIC_DQ=atomic, UPCAST=upcast, PREC=prec,
-        COMPACT_Q=compact, SPLIT=split,
+        COMPACT_Q=compact, SPLIT=split, HAS_LO=has_lo,
         **meta_dkdv,
     )
     if split > 1:
@@ -566,16 +629,16 @@ def masked_attention_backward_triton(
         )
     meta_dq = {} if tuned else _fixed_meta("dq", fp32)
     dq_kernel[lambda m: (B * Hq, triton.cdiv(T, m["BLOCK_M"]))](
-        q, k, v, grad_out, lse, delta, dq, dq_acc, index, offsets, fpos,
+        q, k, v, grad_out, lse, delta, dq, dq_acc, index, offsets, fpos, lo,
         qk_scale, float(scale), n, T, group, Hq,
         *common,
         dq.stride(0), dq.stride(1),
-        HEAD_DIM=D, BLOCK_D=block_d, FILTERED_KEYS=atomic, UPCAST=upcast, PREC=prec,
+        HEAD_DIM=D, BLOCK_D=block_d, FILTERED_KEYS=atomic, UPCAST=upcast, PREC=prec, HAS_LO=has_lo,
         **meta_dq,
     )
     return dq, dk, dv
 
 
 @register("masked_attention_backward", "triton", DEVICES)
-def _masked_attention_backward_triton(q, k, v, out, lse, grad_out, index, offsets, scale):
-    return masked_attention_backward_triton(q, k, v, out, lse, grad_out, index, offsets, scale)
+def _masked_attention_backward_triton(q, k, v, out, lse, grad_out, index, offsets, scale, window, key_start):
+    return masked_attention_backward_triton(q, k, v, out, lse, grad_out, index, offsets, scale, window, key_start)

@@ -1,0 +1,69 @@
+"""collider-bench on a CPU: defaults that fit the device, an honest report, baselines skipped with a reason."""
+
+import json
+
+import pytest
+
+from collider_models.cli.bench import main as bench_main
+
+
+def test_cpu_defaults_pick_a_tiny_model_and_say_so(tmp_path, capsys):
+    stem = tmp_path / "bench"
+    rc = bench_main(["--device", "cpu", "--warmup", "0", "--repeats", "1", "--no-ideal", "--liger", "--out", str(stem)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "no GPU" in err and "tinyllama-tiny" in err
+    record = json.loads(stem.with_suffix(".json").read_text())
+    (row,) = record["results"]
+    assert row["preset"] == "tinyllama-tiny" and row["batch"] == 4 and row["seq"] == 256
+    assert row["masked"]["peak_gib"] is None  # not measured on CPU, not NaN
+    assert "liger" in row["skipped"] and "CUDA" in row["skipped"]["liger"]
+    md = stem.with_suffix(".md").read_text()
+    assert "wall clock" in md and "CUDA events" not in md and "nan" not in md
+    assert "no liger column" in md
+
+
+def test_full_size_preset_refused_on_cpu(tmp_path):
+    with pytest.raises(SystemExit, match="tinyllama-1.1b has 1100M parameters"):
+        bench_main(["--device", "cpu", "--presets", "tinyllama-1.1b", "--out", str(tmp_path / "b")])
+
+
+def test_cuda_requested_without_a_gpu_is_a_plain_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the message is for machines without one")
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        bench_main(["--device", "cuda", "--out", str(tmp_path / "b")])
+
+
+def test_hf_baseline_column_on_cpu(tmp_path):
+    pytest.importorskip("transformers")
+    stem = tmp_path / "bench"
+    bench_main(["--device", "cpu", "--presets", "tinyllama-tiny", "--batch", "2", "--seq", "32", "--warmup", "0",
+                "--repeats", "1", "--no-ideal", "--hf", "--out", str(stem)])
+    (row,) = json.loads(stem.with_suffix(".json").read_text())["results"]
+    q = row["ratios"]
+    assert q["baseline"] == "hf"
+    assert q["masked_fwd_bwd_vs_baseline"] == row["masked"]["fwd_bwd_ms"] / row["hf"]["fwd_bwd_ms"]
+    assert q["forward_vs_hf"] == row["masked"]["forward_ms"] / row["hf"]["forward_ms"]
+    assert "Against what users run today" in stem.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("void cutlass::Kernel2<cutlass_80_wmma_tensorop_bf16_s161616gemm_bf16_32x32_128x2_nn_align8>", "gemm"),
+    ("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT", "gemm"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128>>", "attention"),
+    ("_rms_norm_backward_kernel", "norm"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::silu_kernel>", "activation"),
+    ("_liger_rope_kernel", "rotary"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float>", "lm head + loss"),
+    ("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("void at::native::index_elementwise_kernel<128, 4>", "gather / scatter / index"),
+    ("void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda>", "copy / cast / fill"),
+    ("some_unknown_kernel", "other"),
+])
+def test_kernel_names_map_to_op_kinds(name, kind):
+    from collider_models.cli.op_breakdown import kind_of
+
+    assert kind_of(name) == kind
