@@ -277,3 +277,29 @@ def test_torchrun_two_processes(hf, tmp_path, engine):
     # A checkpoint resumes at the same world size only.
     single = [a for a in args if a != "--fsdp"]
     assert main([*single, "--steps", "6", "--resume"]) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cuda_fine_tune(hf, tmp_path, precision):
+    out = tmp_path / "run"
+    assert main(_hf_args(hf, out, "--steps", "4", "--device", "cuda", "--precision", precision,
+                         "--save-every", "2", "--eval-every", "2")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["device"].startswith("cuda") and 0 < summary["eval_loss_last"] < 20
+    assert main(_hf_args(hf, out, "--steps", "6", "--device", "cuda", "--precision", precision,
+                         "--save-every", "2", "--eval-every", "2", "--resume")) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_torchrun_two_gpus_bf16(hf, tmp_path, engine):
+    out = tmp_path / "run"
+    args = _hf_args(hf, out, "--steps", "4", "--device", "cuda", "--precision", "bf16", "--grad-accum", "2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "collider_models.cli.train", *args, *(["--fsdp"] if engine == "fsdp" else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2

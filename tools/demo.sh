@@ -8,6 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 export COLLIDER_CACHE="$PWD/.cache/collider"
+# The default model is tiny: on a busy 2-core machine two threads stall each other (several
+# times slower than one, measured), so one thread is the default. Set OMP_NUM_THREADS to override.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 OUT="runs/demo-$(date +%Y%m%d-%H%M%S)"
 prev=""
 for arg in "$@"; do  # an --out of the caller's wins

@@ -70,3 +70,23 @@ def test_loss_selection_keeps_the_highest_losses():
     top = token_loss.reshape(-1).topk(round(0.25 * token_loss.numel())).values
     assert stats.kept == top.numel()
     assert abs(stats.loss - float(top.mean())) < 1e-9
+
+
+def test_masked_loss_baseline_has_the_dense_masked_mean_gradient():
+    model = _model(0)
+    micro = _batches()
+    stats = accumulate_gradients(model, micro, Selection("loss", 0.5), Dist(), masked_loss=True)
+    expected = _model(0)
+    keeps = []
+    for ids in micro:
+        with torch.no_grad():
+            token_loss = expected(ids, labels=ids).token_loss
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        valid[:, -1] = False
+        keeps.append(select_top_k(token_loss, 0.5, valid=valid))
+    total = sum(int(k.sum()) for k in keeps)
+    for ids, keep in zip(micro, keeps, strict=True):  # no K/V detached: the plain masked mean
+        ((expected(ids, labels=ids).token_loss * keep).sum() / total).backward()
+    assert stats.kept == total
+    for (name, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=name)

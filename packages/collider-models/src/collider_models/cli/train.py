@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsdp", action="store_true", help="shard with FSDP2 under torchrun (default: DDP)")
     p.add_argument("--vocab-size", type=int,
                    help="tokenizer size of a preset trained from scratch (default: the preset's vocab_size)")
+    p.add_argument("--masked-loss", action="store_true",
+                   help="use the plain masked-mean loss (dense backward) instead of filtered_mean: the baseline "
+                        "to time Collider against")
     return p
 
 
@@ -72,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         keep=args.keep, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
         grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup, precision=args.precision, device=args.device,
         eval_every=args.eval_every, save_every=args.save_every, resume=args.resume, seed=args.seed, fsdp=args.fsdp,
-        vocab_size=args.vocab_size,
+        vocab_size=args.vocab_size, masked_loss=args.masked_loss,
     )
 
 

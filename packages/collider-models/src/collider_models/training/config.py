@@ -44,6 +44,7 @@ class TrainConfig:
     seed: int = 0
     fsdp: bool = False
     vocab_size: int | None = None  # BPE size for a preset trained from scratch (default: the preset's)
+    masked_loss: bool = False  # the dense-backward baseline instead of filtered_mean
     eval_sequences: int = 256  # most held-out sequences an evaluation reads
     title: str = field(default="", repr=False)  # what the data is, for the plot and the summary
 

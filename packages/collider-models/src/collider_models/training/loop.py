@@ -24,7 +24,8 @@ from collider_models.training.tokenizer import TextTokenizer
 MAX_GRAD_NORM = 1.0
 FINAL_LR_SHARE = 0.1  # the cosine schedule ends at this share of --lr
 # Settings a resumed run must share with the checkpoint it continues.
-RESUME_KEYS = ("world_size", "batch_size", "seq_len", "grad_accum", "seed", "model", "data", "selection", "keep")
+RESUME_KEYS = ("world_size", "batch_size", "seq_len", "grad_accum", "seed", "model", "data", "selection", "keep",
+               "masked_loss")
 INTERRUPTED = 130  # exit status after a stop request (as after Ctrl-C)
 
 
@@ -66,7 +67,7 @@ def lr_lambda(warmup: int, steps: int):
 def _trainer_state(cfg: TrainConfig, d: distributed.Dist, position: int) -> dict:
     return {"data_position": position, "world_size": d.world, "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
             "grad_accum": cfg.grad_accum, "seed": cfg.seed, "model": cfg.model, "data": cfg.data,
-            "selection": cfg.selection, "keep": cfg.keep, "steps": cfg.steps}
+            "selection": cfg.selection, "keep": cfg.keep, "steps": cfg.steps, "masked_loss": cfg.masked_loss}
 
 
 def _check_resumable(saved: dict, now: dict, folder: Path) -> None:
@@ -152,7 +153,7 @@ def train_stage(
             idx = order.micro_batches(position, cfg.batch_size, cfg.grad_accum, d.rank, d.world)
             micro = [packed.train[i].to(d.device, non_blocking=True) for i in idx]
             stats = accumulate_gradients(model, micro, sel, d, step=step, precision=cfg.precision,
-                                         stop=stop.requested)
+                                         stop=stop.requested, masked_loss=cfg.masked_loss)
             if not math.isfinite(stats.loss_all):
                 raise FloatingPointError(f"the training loss became {stats.loss_all} at step {step + 1}; "
                                          f"resume from the last checkpoint with a lower --lr")
@@ -213,6 +214,7 @@ def _summarize(cfg, metrics: MetricsLog, status, step, n_params, packed, d, seco
         "keep": cfg.keep,
         "reference": cfg.reference,
         "precision": cfg.precision,
+        "backward": "dense (masked loss)" if cfg.masked_loss else "Collider (filtered_mean)",
         "device": str(d.device),
         "world_size": d.world,
         "steps": step,

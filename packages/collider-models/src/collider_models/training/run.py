@@ -131,8 +131,10 @@ def run(cfg: TrainConfig, log=print) -> int:
             return INTERRUPTED
         if d.main:
             out = Path(cfg.out)
-            say(f"\nheld-out loss {summary['eval_loss_first']:.3f} -> {summary['eval_loss_last']:.3f}; "
-                f"{summary['tokens_trained']:,} tokens in {summary['seconds_this_session']:.0f} s")
+            first, last = summary["eval_loss_first"], summary["eval_loss_last"]
+            held = f"{last:.3f}" if first == last else f"{first:.3f} -> {last:.3f}"
+            say(f"\nheld-out loss {held}; {summary['tokens_trained']:,} tokens trained, "
+                f"{summary['seconds_this_session']:.0f} s")
             say(f"output: {out.resolve()}")
             say(f"  final model (transformers AutoModelForCausalLM / AutoTokenizer): {out / 'final'}")
             say(f"  metrics: {out / 'metrics.jsonl'}, summary: {out / 'summary.json'}, plot: {out / 'loss.png'}")

@@ -91,9 +91,14 @@ def accumulate_gradients(
     step: int = 0,
     precision: str = "fp32",
     stop: bool = False,
+    masked_loss: bool = False,
 ) -> StepStats:
     """Forward and backward of one step's micro-batches (each (B, T) token ids, used as
     inputs and, shifted inside the model, as labels); gradients land in ``.grad``.
+
+    ``masked_loss`` computes the same loss as a plain masked mean, whose backward is dense
+    (the baseline Collider is measured against; its gradient does not detach filtered keys
+    and values).
 
     ``stop`` is this process's stop request; the returned ``stop`` is true when any process
     made one, so all of them stop after the same step.
@@ -116,7 +121,10 @@ def accumulate_gradients(
                 out = model(ids, labels=ids)  # call the (wrapped) model so DDP/FSDP hooks run
                 token_loss = out.token_loss  # (B, T) fp32; the last position is 0
                 keep = sel.mask(k, ids, token_loss, valid)
-            loss = filtered_mean(token_loss, keep, normalizer=normalizer, validate=False)
+            if masked_loss:
+                loss = (token_loss * keep).sum() / max(normalizer, 1e-30)
+            else:
+                loss = filtered_mean(token_loss, keep, normalizer=normalizer, validate=False)
             loss.backward()
         detached = token_loss.detach().double()
         sums += torch.stack([(detached * keep).sum(), detached[valid].sum(), keep.sum().double(),
