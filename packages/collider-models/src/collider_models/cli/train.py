@@ -84,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(parser.parse_args(argv))
     try:
         return run(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
         print(f"collider-train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C during a step
+        print("\ncollider-train: interrupted; the latest complete checkpoint (if any) is intact", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -213,6 +213,7 @@ def _summarize(cfg, metrics: MetricsLog, status, step, n_params, packed, d, seco
         "selection": cfg.selection,
         "keep": cfg.keep,
         "reference": cfg.reference,
+        "reference_data": cfg.reference_data,
         "precision": cfg.precision,
         "backward": "dense (masked loss)" if cfg.masked_loss else "Collider (filtered_mean)",
         "device": str(d.device),

@@ -84,7 +84,7 @@ def _reference(cfg: TrainConfig, tok: TextTokenizer, d: distributed.Dist, log) -
         ref_cfg = dataclasses.replace(
             cfg, model=cfg.reference, data=cfg.reference_data, out=str(Path(cfg.out) / "reference"),
             reference="none", reference_data=None, selection="loss", keep=1.0, steps=cfg.reference_steps,
-            title=f"reference training on {', '.join(map(str, cfg.reference_data))}",
+            title="clean text " + ", ".join(f"{Path(p).parent.name}/{Path(p).name}" for p in cfg.reference_data),
         )
         final = Path(ref_cfg.out) / "final"
         if not final.is_dir():
