@@ -12,4 +12,5 @@ fi
 .venv/bin/python -m pip install -q -c tools/constraints.txt -r tools/requirements-dev.txt \
     -e packages/collider-kernels -e packages/collider-autograd -e packages/collider-models
 # Offline once cached; the tests and tools/demo.sh read it from here.
-COLLIDER_CACHE="$PWD/.cache/collider" .venv/bin/python -m collider_models.training.corpus
+COLLIDER_CACHE="$PWD/.cache/collider" .venv/bin/python -c \
+    "from collider_models.training.corpus import main; main()"

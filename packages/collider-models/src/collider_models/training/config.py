@@ -38,7 +38,7 @@ class TrainConfig:
     warmup: int = 20
     precision: str = "fp32"
     device: str | None = None  # None: cuda if available, else cpu
-    eval_every: int = 100
+    eval_every: int = 50
     save_every: int = 100
     resume: bool = False
     seed: int = 0

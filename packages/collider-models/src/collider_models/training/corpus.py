@@ -19,8 +19,7 @@ anything. The reference model has never seen it and scores it badly, while the t
 quickly learns its letter frequencies, so its excess loss is low and excess-loss selection
 filters it out; selection by the model's own loss would keep it (its loss stays high).
 
-Run ``python -m collider_models.training.corpus`` to fetch and build it ahead of time
-(``tools/setup.sh`` does).
+:func:`main` fetches and builds it ahead of time (``tools/setup.sh`` calls it).
 """
 
 from __future__ import annotations
@@ -166,6 +165,7 @@ def default_corpus(cache: str | os.PathLike | None = None, log=print) -> Corpus:
     return Corpus(folder / "train.jsonl", folder / "reference.jsonl", folder / "eval.jsonl", info)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """Fetch and build the default corpus into :func:`cache_root` (if not there yet); print where."""
     corpus = default_corpus()
     print(f"default corpus: {corpus.train.parent} ({corpus.describe()})")
