@@ -70,5 +70,9 @@ html_title = f"Collider {release}"
 html_theme_options = {
     "description": "Token-filtered LLM training with a backward over kept tokens only",
     "fixed_sidebar": True,
+    # Wider than the default 940 px, still under a 1280-px window; code lines wrap (code_blocks.css).
+    "page_width": "1200px",
+    "sidebar_width": "220px",
 }
 html_static_path = ["_static"]
+html_css_files = ["code_blocks.css"]

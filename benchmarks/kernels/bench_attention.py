@@ -4,7 +4,8 @@ Shapes: the attention layers of TinyLlama-1.1B (Hq=32, Hkv=4, D=64), Qwen2.5-1.5
 Phi-1.5 (32/32/64) at B=8, T=2048, bf16; kept fractions 1.0/0.8/0.6/0.4, each sequence keeping a
 random subset of exactly round(keep*T) positions.
 
-What is timed (CUDA events via ``triton.testing.do_bench``, median, after warm-up and autotuning):
+What is timed (``collider_kernels.timing.median_ms``: calls queued back to back between CUDA
+events, median of batches, after a warm-up and tuning):
 
 * baseline: ``torch.ops.aten._scaled_dot_product_flash_attention_backward`` alone (the kernel
   autograd calls for ``F.scaled_dot_product_attention(..., is_causal=True)`` on the flash path),
@@ -28,10 +29,10 @@ import functools
 import json
 import math
 import os
-import statistics
 import sys
 
 import torch
+from common import max_rel_diff
 
 MODELS = {
     "TinyLlama-1.1B": (32, 4, 64),
@@ -97,21 +98,6 @@ class DenseFlash:
             self.grad, self.qh, self.kh, self.vh, self.out, self.lse, 0.0, True, scale=self.scale)
 
 
-def _time_ms(fn, smoke):
-    if smoke:
-        import time
-
-        ts = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-
-
 def _kernel_breakdown(fn):
     """Mean CUDA time (ms) per kernel name over 5 calls, from the torch profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -130,10 +116,6 @@ def _kernel_breakdown(fn):
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
 
 
-def _rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default="benchmarks/results")
@@ -150,9 +132,10 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the script's logic")
     args = ap.parse_args(argv)
 
-    import collider_kernels.triton.attention_backward as tab
-    from collider_kernels import masked_attention_backward, sequence_offsets
-    from collider_kernels.masked_attention import _masked_attention_backward_torch
+    from collider_kernels import masked_attention_backward, sequence_offsets, tuning
+    from collider_kernels.timing import median_ms
+    from collider_kernels.triton import masked_attention_backward as tab
+    from collider_kernels.triton import settings
 
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -165,7 +148,7 @@ def main(argv=None):
         scale = 1.0 / math.sqrt(D)
         q, k, v = _make_inputs(B, T, Hq, Hkv, D, dtype, device, gen)
         dense = DenseFlash(q, k, v, scale)
-        base_ms = _time_ms(dense.backward, args.smoke)
+        base_ms = median_ms(dense.backward, device=device)
         out = dense.out.transpose(1, 2)  # (B, T, Hq, D) view, as SDPA returns it
         lse = dense.lse  # (B, Hq, T) fp32
         print(f"{model}: dense flash backward {base_ms:.3f} ms (GQA: {dense.gqa})", flush=True)
@@ -177,7 +160,8 @@ def main(argv=None):
             grad = torch.randn(n, Hq, D, dtype=dtype, device=device, generator=gen)
             ref = None
             if args.check:
-                ref = _masked_attention_backward_torch(q, k, v, out, lse, grad, index, offsets, scale)
+                ref = masked_attention_backward(q, k, v, out, lse, grad, index, offsets=offsets, scale=scale,
+                                                backend="torch", validate=False)
             for strat, variant in ((s, v) for s in args.strategies for v in args.variants):
                 split_s, compact_s = variant.split(":")
                 split = None if split_s == "auto" else int(split_s)
@@ -196,20 +180,20 @@ def main(argv=None):
                 res = ours()  # autotunes on first use of a shape class
                 if device == "cuda":
                     torch.cuda.synchronize()
-                sms = tab.num_sms(q.device)
+                sms = settings.num_sms(q.device)
                 used_split = tab.dkdv_split_for(B, Hkv, Hq // Hkv, n, D, sms) if split is None else split
                 used_compact = tab.COMPACT_Q if compact is None else compact
                 row = {"model": model, "keep": keep, "strategy": strat, "n": n,
                        "dkdv_split": used_split, "compact_q": used_compact}
                 if ref is not None:
-                    errs = (float(f"{_rel_err(a, r):.3e}") for a, r in zip(res, ref, strict=True))
+                    errs = (float(f"{max_rel_diff(a, r):.3e}") for a, r in zip(res, ref, strict=True))
                     row["max_rel_err_vs_torch_backend"] = dict(zip(("dq", "dk", "dv"), errs, strict=True))
-                ms = _time_ms(ours, args.smoke)
+                ms = median_ms(ours, device=device)
                 row.update(ms=ms, dense_ms=base_ms, ratio=ms / base_ms)
-                for name, kern in (("dkdv", tab._dkdv_kernel), ("dq", tab._dq_kernel)):
-                    best = getattr(kern, "best_config", None)
-                    if best is not None:
-                        row.setdefault("configs", {})[name] = str(best)
+                for name in ("dkdv", "dq"):  # the tuned launch configurations so far
+                    chosen = tuning.cache(f"masked_attention_backward.{name}")
+                    if chosen:
+                        row.setdefault("configs", {})[name] = str(list(chosen.values()))
                 if args.profile and device == "cuda":
                     row["kernels_ms"] = _kernel_breakdown(ours)
                 rows.append(row)
@@ -231,11 +215,11 @@ def main(argv=None):
         "torch": torch.__version__,
         "triton": triton.__version__,
         "shape": {"B": B, "T": T, "dtype": str(dtype).replace("torch.", "")},
-        "timing": "triton.testing.do_bench median (CUDA events, L2 flushed between reps), warm-up 50 ms, rep 300 ms",
+        "timing": "collider_kernels.timing.median_ms (CUDA events around back-to-back calls, median of 5 batches)",
         "baseline": "aten._scaled_dot_product_flash_attention_backward, dense causal, all B*T rows",
         "ours": "masked_attention_backward(backend='triton', validate=False), all launches",
         "default_strategy": default_strategy,
-        "autotune": tab.AUTOTUNE,
+        "autotune": tuning.ENABLED,
     }
     result = {"info": info, "models": meta, "rows": rows}
     os.makedirs(args.out_dir, exist_ok=True)

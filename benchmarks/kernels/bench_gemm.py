@@ -30,9 +30,10 @@ import sys
 import time
 
 import torch
-from timing import TOKENS, graph_ms, rel_err, time_ms
+from common import TOKENS, rel_err
 
 import collider_kernels as ck
+from collider_kernels.timing import median_ms
 
 KEEPS = (1.0, 0.8, 0.6, 0.4)
 # (model, {layer names: (out_features N, in_features K)}); identical shapes are grouped.
@@ -89,7 +90,7 @@ def bench_gemms(backends: list[str], log, save) -> list[dict]:
                             out = fn()
                             err = rel_err(out, truth)
                             del out
-                            ms = time_ms(fn)
+                            ms = median_ms(fn)
                             row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_cublas": err}
                         except Exception as e:  # a failing backend is reported, not fatal
                             row[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
@@ -97,7 +98,7 @@ def bench_gemms(backends: list[str], log, save) -> list[dict]:
                         if name == "cupy":  # CuPy's own cuBLAS handle is not captured here
                             continue
                         try:
-                            gms = graph_ms(fn)
+                            gms = median_ms(fn, graph=True)
                             row[name].update(graph_ms=gms, graph_tflops=flops / gms / 1e9)
                         except Exception as e:
                             row[name]["graph_error"] = f"{type(e).__name__}: {e}"[:300]
@@ -150,7 +151,7 @@ def bench_scatter(backends: list[str], log) -> list[dict]:
             variants[b + "_det"] = (b, True)
         for name, (b, det) in variants.items():
             try:
-                ms = time_ms(lambda b=b, det=det: ck.scatter_add_rows(
+                ms = median_ms(lambda b=b, det=det: ck.scatter_add_rows(
                     src, tok, out=out, deterministic=det, backend=b, validate=False))
                 row[name] = {"ms": ms}
             except Exception as e:

@@ -23,9 +23,10 @@ import os
 import time
 
 import torch
-from timing import time_ms
+from common import max_rel_diff
 
 import collider_kernels as ck
+from collider_kernels.timing import median_ms
 
 DEVICE = "cuda"
 ROWS = 16384
@@ -56,12 +57,6 @@ SWIGLU_SWEEP = [
     {"block_r": r, "block_i": i, "num_warps": w}
     for r, i, w in ((1, 1024, 4), (2, 1024, 4), (4, 1024, 8), (8, 512, 4), (8, 1024, 8), (16, 256, 4))
 ]
-
-
-def max_rel_diff(a, b) -> float:
-    """max|a - b| / max|b| in fp32."""
-    a, b = a.float(), b.float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def make_inputs(op, width, keep, dtype, gen, model=None):
@@ -107,8 +102,6 @@ def traffic_bytes(op, n, width, dtype) -> int:
 
 
 def bench(dtype, sweep: bool, deadline: float, log) -> list[dict]:
-    from collider_kernels.triton import rowwise
-
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     rows = []
     for op, model, width, eps in CASES:
@@ -119,48 +112,51 @@ def bench(dtype, sweep: bool, deadline: float, log) -> list[dict]:
             ref = call(op, "torch", args, eps, idx)
             for backend in ("torch", "triton"):
                 out = call(op, backend, args, eps, idx)
-                ms = time_ms(lambda b=backend: call(op, b, args, eps, idx))
+                ms = median_ms(lambda b=backend: call(op, b, args, eps, idx))
                 diff = max(max_rel_diff(o, r) for o, r in zip(out, ref, strict=True))
                 row[backend] = {"ms": ms, "gb_per_s": gbytes / ms * 1e3, "max_rel_diff_vs_torch": diff}
                 del out
             row["speedup"] = row["torch"]["ms"] / row["triton"]["ms"]
-            row["triton_default_config"] = default_config(rowwise, op, width, model)
+            row["triton_default_config"] = default_config(op, width, model)
             log(f"{op:10s} {model:31s} W={width:5d} keep={keep:.1f}  torch {row['torch']['ms']:.3f} ms  "
                 f"triton {row['triton']['ms']:.3f} ms ({row['triton']['gb_per_s']:.0f} GB/s)  "
                 f"x{row['speedup']:.2f}  diff {row['triton']['max_rel_diff_vs_torch']:.1e}")
             if sweep and keep != 1.0 and op != "rotary":
-                row["sweep"] = sweep_configs(rowwise, op, args, eps, idx, deadline, log)
+                row["sweep"] = sweep_configs(op, args, eps, idx, deadline, log)
             rows.append(row)
             del ref
             torch.cuda.empty_cache()
     return rows
 
 
-def default_config(rowwise, op, width, model=None) -> dict:
+def default_config(op, width, model=None) -> dict:
+    from collider_kernels.triton import rotary_backward, row_norms, rows
+
     if op == "rotary":
-        from collider_kernels.triton import rotary
+        return rotary_backward.rotary_config(ROTARY[model][1])
+    if op in ("rms_norm", "layer_norm"):
+        return row_norms.norm_config(width)
+    return rows.elementwise_config(width)
 
-        return rotary.rotary_config(ROTARY[model][1])
-    return {"rms_norm": rowwise.rms_config, "swiglu": rowwise.swiglu_config,
-            "layer_norm": rowwise.layer_norm_config, "gelu_new": rowwise.gelu_config}[op](width)
 
+def sweep_configs(op, args, eps, idx, deadline, log) -> list[dict]:
+    from collider_kernels.triton import gelu_new_backward, layer_norm_backward, rms_norm_backward, swiglu_backward
 
-def sweep_configs(rowwise, op, args, eps, idx, deadline, log) -> list[dict]:
     results = []
     for cfg in RMS_SWEEP if op in ("rms_norm", "layer_norm") else SWIGLU_SWEEP:
         if time.time() > deadline:
             log("  sweep stopped at the time budget")
             break
         if op == "rms_norm":
-            fn = lambda cfg=cfg: rowwise.launch_rms_norm_backward(*args, eps, idx, cfg)
+            fn = lambda cfg=cfg: rms_norm_backward.launch_rms_norm_backward(*args, eps, idx, cfg)
         elif op == "layer_norm":
-            fn = lambda cfg=cfg: rowwise.launch_layer_norm_backward(*args, eps, idx, cfg)
+            fn = lambda cfg=cfg: layer_norm_backward.launch_layer_norm_backward(*args, eps, idx, cfg)
         elif op == "gelu_new":
-            fn = lambda cfg=cfg: rowwise.launch_gelu_new_backward(*args, idx, cfg)
+            fn = lambda cfg=cfg: gelu_new_backward.launch_gelu_new_backward(*args, idx, cfg)
         else:
-            fn = lambda cfg=cfg: rowwise.launch_swiglu_backward(*args, idx, cfg)
+            fn = lambda cfg=cfg: swiglu_backward.launch_swiglu_backward(*args, idx, cfg)
         try:
-            results.append({"config": cfg, "ms": time_ms(fn, batches=3, budget_ms=10.0)})
+            results.append({"config": cfg, "ms": median_ms(fn, repeats=3, budget_ms=10.0)})
         except Exception as e:  # a config that does not compile is reported, not fatal
             results.append({"config": cfg, "error": f"{type(e).__name__}: {e}"[:200]})
     best = min((r for r in results if "ms" in r), key=lambda r: r["ms"], default=None)

@@ -17,9 +17,13 @@ import pstats
 import time
 
 import torch
-from timing import TOKENS, time_ms
+from common import TOKENS
 
 import collider_kernels as ck
+from collider_kernels import tuning
+from collider_kernels.timing import median_ms
+from collider_kernels.triton import gather_matmul as tgm
+from collider_kernels.triton import gathered_weight_grad as twg
 from collider_kernels.triton import gemm
 
 
@@ -71,29 +75,30 @@ def main() -> None:
         }
         for fn in list(fns.values()):
             fn()  # tunes the triton choice
-        fwd_cfg = next(c for k, c in gemm._CHOICE.items() if k[0] == "fwd" and k[2] == N and k[3] == K)
-        wg_cfg = next(c for k, c in gemm._CHOICE.items() if k[0] == "wgrad" and k[2] == N and k[3] == K)
-        fns["fwd into, fixed cfg"] = lambda: gemm.gather_matmul_into(x, idx, w, None, y, cfg=fwd_cfg)
-        fns["wgrad into, fixed cfg"] = lambda: gemm.gathered_weight_grad_into(g, x, idx, dw, False, cfg=wg_cfg)
+        # Tuning keys start (path, N, K, ...).
+        fwd_cfg = next(c for k, c in tuning.cache("gather_matmul").items() if k[1] == N and k[2] == K)
+        wg_cfg = next(c for k, c in tuning.cache("gathered_weight_grad").items() if k[1] == N and k[2] == K)
+        fns["fwd into, fixed cfg"] = lambda: tgm.gather_matmul_into(x, idx, w, None, y, cfg=fwd_cfg)
+        fns["wgrad into, fixed cfg"] = lambda: twg.gathered_weight_grad_into(g, x, idx, dw, False, cfg=wg_cfg)
         if fwd_cfg["DESC"]:
-            fns["fwd desc launch only"] = lambda: gemm._launch_fwd_desc(x, idx, w, None, y, fwd_cfg)
+            fns["fwd desc launch only"] = lambda: tgm.launch_desc(x, idx, w, None, y, fwd_cfg)
         print(f"== N={N} K={K} n={n}: fwd cfg {fwd_cfg}; wgrad cfg {wg_cfg}", flush=True)
         for name, fn in fns.items():
-            print(f"{name:28s} host {host_us(fn):7.1f} us/call   gpu {time_ms(fn) * 1e3:7.1f} us/call", flush=True)
+            print(f"{name:28s} host {host_us(fn):7.1f} us/call   gpu {median_ms(fn) * 1e3:7.1f} us/call", flush=True)
         # The launch alone: Triton's plain JIT dispatch against the cached launcher, same arguments.
         if fwd_cfg["DESC"]:
             bm, bn, bk = fwd_cfg["BLOCK_M"], fwd_cfg["BLOCK_N"], fwd_cfg["BLOCK_K"]
-            desc = gemm._desc(w, [bn, bk])
-            grid = (gemm._grid_size(-(-n // bm) * -(-N // bn), fwd_cfg, x.device),)
+            desc = gemm.tensor_desc(w, [bn, bk])
+            grid = (gemm.grid_size(-(-n // bm) * -(-N // bn), fwd_cfg, x.device),)
             args = (x, idx, desc, y, y, n, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1))
             meta = dict(HAS_INDEX=True, HAS_BIAS=False, UPCAST=False, EVEN_K=K % bk == 0,
                         FLATTEN=fwd_cfg["PERSIST"], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=fwd_cfg["GROUP_M"],
                         num_warps=fwd_cfg["num_warps"], num_stages=fwd_cfg["num_stages"])
-            launcher = gemm._gather_mm_desc_kernel
+            launcher = tgm.gather_mm_desc_kernel
             floors = {
                 "plain kernel[grid](...)": lambda: launcher.kernel[grid](*args, **meta),
                 "cached Launcher[grid](...)": lambda: launcher[grid](*args, **meta),
-                "TensorDescriptor(...)": lambda: gemm._desc(w, [bn, bk]),
+                "TensorDescriptor(...)": lambda: gemm.tensor_desc(w, [bn, bk]),
                 "torch.empty(n, N)": lambda: torch.empty(n, N, device="cuda", dtype=torch.bfloat16),
             }
             for name, fn in floors.items():

@@ -20,10 +20,14 @@ import json
 import os
 
 import torch
-from timing import TOKENS, rel_err, time_ms
+from common import TOKENS, rel_err
 
 import collider_kernels as ck
-from collider_kernels.triton import gemm
+from collider_kernels import tuning
+from collider_kernels.timing import median_ms
+from collider_kernels.triton import gather_matmul as tgm
+from collider_kernels.triton import gathered_weight_grad as twg
+from collider_kernels.triton import gemm, settings
 
 SHAPES = {  # name: (N out, K in)
     "TL q,o": (2048, 2048), "TL k,v": (256, 2048), "TL gate,up": (5632, 2048), "TL down": (2048, 5632),
@@ -56,9 +60,9 @@ def ncu_targets():
     """One cuBLAS-compact and fixed Triton weight-gradient configs per narrow shape between
     ``torch.cuda.profiler.start()`` and ``stop()`` (fixed, since tuning under ncu is distorted)."""
     configs = {  # (N, K): Triton configs (the best of ``--candidates`` on the H200, and the unsplit tile)
-        (1536, 1536): [gemm._cfg(256, 128, 64, 4, 8, PERSIST=True, SPLIT_K=1, STREAM_K=True),
-                       gemm._cfg(256, 128, 64, 4, 8, PERSIST=True, SPLIT_K=1)],
-        (256, 1536): [gemm._cfg(128, 128, 64, 4, 8, PERSIST=True, SPLIT_K=5, SPLIT_MODE="partial")],
+        (1536, 1536): [gemm.tile_config(256, 128, 64, 4, 8, PERSIST=True, SPLIT_K=1, STREAM_K=True),
+                       gemm.tile_config(256, 128, 64, 4, 8, PERSIST=True, SPLIT_K=1)],
+        (256, 1536): [gemm.tile_config(128, 128, 64, 4, 8, PERSIST=True, SPLIT_K=5, SPLIT_MODE="partial")],
     }
     calls = []
     for (N, K), cfgs in configs.items():
@@ -67,7 +71,7 @@ def ncu_targets():
         calls.append(lambda g=g, xc=xc: torch.mm(g.t(), xc))
         for c in cfgs:
             print(f"ncu target: wgrad N={N} K={K} n={idx.shape[0]} {cfg_name(c)}", flush=True)
-            calls.append(lambda g=g, x=x, idx=idx, dw=dw, c=c: gemm.gathered_weight_grad_into(
+            calls.append(lambda g=g, x=x, idx=idx, dw=dw, c=c: twg.gathered_weight_grad_into(
                 g, x, idx, dw, False, cfg={**c, "DESC": True}))
     for fn in calls:  # compile outside the profiled range
         fn()
@@ -89,22 +93,22 @@ def profile_wgrad():
         x, _, idx, _, g = problem(N, K)
         n = idx.shape[0]
         for path in ("desc", "pointer"):
-            gemm._CHOICE.clear()
-            gemm.gathered_weight_grad_into(g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
+            tuning.clear("gathered_weight_grad")
+            twg.gathered_weight_grad_into(g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
                                            False, path=path)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(20):
-                gemm.gathered_weight_grad_into(g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
+                twg.gathered_weight_grad_into(g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
                                                False, path=path)
             host = (time.perf_counter() - t0) / 20 * 1e3
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
-                    gemm.gathered_weight_grad_into(g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
+                    twg.gathered_weight_grad_into(g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16),
                                                    False, path=path)
                 torch.cuda.synchronize()
-            cfg = [c for k, c in gemm._CHOICE.items() if k[1] == path]
+            cfg = [c for k, c in tuning.cache("gathered_weight_grad").items() if k[0] == path]  # key: path first
             print(f"profile wgrad N={N} K={K} n={n} {path} cfg={cfg_name(cfg[0]) if cfg else '?'} "
                   f"host {host:.3f} ms/call", flush=True)
             for ev in prof.key_averages():
@@ -114,31 +118,28 @@ def profile_wgrad():
 
 def candidates_graph():
     """Device time (CUDA-graph replay) of every candidate of both ops on the narrow shapes."""
-    from timing import graph_ms
-
     for N, K in ((1536, 1536), (256, 1536), (256, 2048)):
         x, w, idx, xc, g = problem(N, K)
         n = idx.shape[0]
         y = torch.empty(n, N, device="cuda", dtype=torch.bfloat16)
         dw = torch.empty(N, K, device="cuda", dtype=torch.bfloat16)
         flops = 2.0 * n * N * K
-        sms = gemm.num_sms(x.device)
+        sms = settings.num_sms(x.device)
         ops = {
             "fwd": (lambda: torch.mm(xc, w.t()),
-                    [{**c, "DESC": True} for c in gemm._fwd_candidates(N)]
-                    + [{**c, "DESC": False} for c in gemm._pointer_candidates()],
-                    lambda c: gemm.gather_matmul_into(x, idx, w, None, y, cfg=c)),
+                    tuning.candidates("gather_matmul", N),
+                    lambda c: tgm.gather_matmul_into(x, idx, w, None, y, cfg=c)),
             "wgrad": (lambda: torch.mm(g.t(), xc),
-                      [{**c, "DESC": True} for c in gemm._wgrad_candidates(N, K, n, sms, deterministic=False)],
-                      lambda c: gemm.gathered_weight_grad_into(g, x, idx, dw, False, cfg=c)),
+                      tuning.candidates("gathered_weight_grad", N, K, n, sms, pointer=False, deterministic=False),
+                      lambda c: twg.gathered_weight_grad_into(g, x, idx, dw, False, cfg=c)),
         }
         for op, (cublas, cands, run) in ops.items():
-            ms = graph_ms(cublas)
+            ms = median_ms(cublas, graph=True)
             print(f"{op} N={N} K={K} n={n}: cuBLAS-compact {ms * 1e3:.1f} us ({flops / ms / 1e9:.0f} TFLOP/s)")
             res = []
             for c in cands:
                 try:
-                    ms = graph_ms(lambda c=c: run(c))
+                    ms = median_ms(lambda c=c: run(c), graph=True)
                     res.append((ms, ("desc " if c["DESC"] else "ptr ") + cfg_name(c)))
                 except Exception as e:
                     res.append((float("inf"), f"{cfg_name(c)} {type(e).__name__}"))
@@ -178,20 +179,21 @@ def main():
                             "isel": lambda: ck.gather_matmul(x, idx, w, backend="torch", validate=False)}
 
                     def mk(path, cfg=None):
-                        return lambda: gemm.gather_matmul_into(
+                        return lambda: tgm.gather_matmul_into(
                             x, idx, w, None, torch.empty(n, N, device="cuda", dtype=torch.bfloat16),
                             path=path, cfg=cfg)
-                    cands = gemm._fwd_candidates(N)
+                    cands = tuning.candidates("gather_matmul", N, pointer=False)
                 else:
                     truth = torch.mm(g.t(), xc)
                     base = {"cublas": lambda: torch.mm(g.t(), xc),
                             "isel": lambda: ck.gathered_weight_grad(g, x, idx, backend="torch", validate=False)}
 
                     def mk(path, cfg=None):
-                        return lambda: gemm.gathered_weight_grad_into(
+                        return lambda: twg.gathered_weight_grad_into(
                             g, x, idx, torch.empty(N, K, device="cuda", dtype=torch.bfloat16), False,
                             path=path, cfg=cfg)
-                    cands = gemm._wgrad_candidates(N, K, n, gemm.num_sms(x.device))
+                    cands = tuning.candidates("gathered_weight_grad", N, K, n, settings.num_sms(x.device),
+                                              pointer=False)
                 fns = {**base, "pointer": mk("pointer"), "desc": mk("desc"),
                        "public": (lambda: ck.gather_matmul(x, idx, w, backend="triton", validate=False))
                        if op == "fwd" else (lambda: ck.gathered_weight_grad(g, x, idx, backend="triton",
@@ -200,12 +202,13 @@ def main():
                 for k, fn in fns.items():
                     try:
                         err = rel_err(fn(), truth)
-                        ms = time_ms(fn)
+                        ms = median_ms(fn)
                         row[k] = {"ms": ms, "tflops": flops / ms / 1e9, "err": err}
                     except Exception as e:
                         row[k] = {"error": f"{type(e).__name__}: {e}"[:200]}
-                key_desc = [c for kk, c in gemm._CHOICE.items() if kk[0] == op and kk[1] and kk[2] == N
-                            and kk[3] == K and kk[4] == n.bit_length()]
+                kernel = "gather_matmul" if op == "fwd" else "gathered_weight_grad"
+                key_desc = [c for kk, c in tuning.cache(kernel).items()  # key: (path, N, K, rows bucket, ...)
+                            if kk[1] == N and kk[2] == K and kk[3] == n.bit_length()]
                 row["desc_choice"] = cfg_name(key_desc[0]) if key_desc else "?"
                 if keep == 0.6:
                     cand_times = []
@@ -213,7 +216,7 @@ def main():
                         try:
                             fn = mk("desc", c)
                             err = rel_err(fn(), truth)
-                            ms = time_ms(fn, budget_ms=8.0)
+                            ms = median_ms(fn, budget_ms=8.0)
                             cand_times.append((ms, cfg_name(c), err))
                         except Exception as e:
                             cand_times.append((float("inf"), cfg_name(c) + f" {type(e).__name__}", float("nan")))

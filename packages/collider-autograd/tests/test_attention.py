@@ -153,6 +153,13 @@ def test_bad_masks_name_the_argument():
         causal_attention(q, k, v, key_start=torch.zeros(2, 6))
     with pytest.raises(ValueError, match="key_start"):
         causal_attention(q, k, v, key_start=torch.tensor([[0, 0, 3, 3, 3, 3]] * 2))  # 3 > t = 2
+    # validate=False skips the value checks (a model checks once per batch), not the shape checks.
+    decreasing = torch.tensor([[0, 0, 2, 1, 1, 1]] * 2)  # not contiguous documents: refused when checked
+    with pytest.raises(ValueError, match="non-decreasing"):
+        causal_attention(q, k, v, key_start=decreasing)
+    assert torch.isfinite(causal_attention(q, k, v, key_start=decreasing, validate=False)).all()
+    with pytest.raises(ValueError, match="key_start"):
+        causal_attention(q, k, v, key_start=torch.zeros(2, 5, dtype=torch.int64), validate=False)
 
 
 @pytest.mark.parametrize("masks", [{}, {"window": 5}, {"key_start": "docs"}])

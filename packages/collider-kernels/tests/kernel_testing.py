@@ -1,5 +1,6 @@
-"""Helpers shared by the kernel tests: index sets, fresh random data, the error rule and the
-checks of the two row norms (RMSNorm and LayerNorm share one Triton kernel).
+"""Helpers shared by the kernel tests: index sets, fresh random data, the error rule, and the
+cases and checks of the row-wise backwards (SwiGLU, GELU, and the two row norms, which share one
+Triton kernel).
 
 The error rule (as in the best kernel libraries): a backend's result ``out`` may differ from an
 fp32/fp64 reference by at most twice what the torch backend computing in the same dtype does,
@@ -13,6 +14,17 @@ import torch
 
 import collider_kernels as ck
 from collider_kernels import reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"  # where the Triton tests run (CPU: the interpreter)
+GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def triton_only(op: str):
+    """Skip marker for tests of ``op``'s Triton backend where it is not available."""
+    return pytest.mark.skipif("triton" not in ck.available_backends(op, DEVICE),
+                              reason="the Triton backend is not available here")
+
 
 # "none" is index=None (all rows in order); "repeats" may repeat rows (embedding gradients).
 INDEX_KINDS = ("none", "empty", "single", "sorted_subset", "full", "repeats")
@@ -51,11 +63,28 @@ def nan_alloc(shape, dtype, device) -> torch.Tensor:
 @contextlib.contextmanager
 def nan_outputs():
     """Every Triton kernel output (and workspace) allocated NaN-filled while the block runs."""
-    from collider_kernels.triton import gemm, rotary, rowwise
+    from collider_kernels.triton import settings
 
     with pytest.MonkeyPatch.context() as mp:
-        for module in (gemm, rotary, rowwise):
-            mp.setattr(module, "_alloc", nan_alloc)
+        mp.setattr(settings, "alloc_output", nan_alloc)
+        yield
+
+
+@contextlib.contextmanager
+def only_gemm_family(path: str):
+    """Make the other Triton GEMM kernel family fail ("desc" or "pointer"), so a test proves
+    which one ran."""
+    from collider_kernels.triton import gather_matmul, gathered_weight_grad, gemm
+
+    def fail(*args, **kwargs):
+        raise AssertionError("unexpected GEMM kernel family")
+
+    with pytest.MonkeyPatch.context() as mp:
+        if path == "desc":
+            mp.setattr(gemm, "launch_pointer", fail)
+        else:
+            mp.setattr(gather_matmul, "launch_desc", fail)
+            mp.setattr(gathered_weight_grad, "launch_desc", fail)
         yield
 
 
@@ -75,6 +104,45 @@ def norm_case(M, H, n, kind, dtype, device, seed, row_pad=0, weight_dtype=None, 
     idx = make_index(kind, M, n, gen, device)
     grad = rand(M if idx is None else idx.shape[0], H, grad_dtype or dtype, device, gen, row_pad=row_pad)
     return grad, x, w, idx
+
+
+def swiglu_case(M, I, n, kind, dtype, device, seed, row_pad=0):
+    """``(grad, gate, up, index)`` of a SwiGLU backward: gate, up (M, I), grad (n, I)."""
+    gen = torch.Generator().manual_seed(seed)
+    gate = rand(M, I, dtype, device, gen, scale=3.0, row_pad=row_pad)  # (M, I)
+    up = rand(M, I, dtype, device, gen, row_pad=row_pad)
+    idx = make_index(kind, M, n, gen, device)
+    grad = rand(M if idx is None else idx.shape[0], I, dtype, device, gen, row_pad=row_pad)  # (n, I)
+    return grad, gate, up, idx
+
+
+def check_swiglu(backend, grad, gate, up, idx):
+    """``swiglu_backward`` on ``backend`` against the fp32 reference and the torch backend."""
+    dgate, dup = ck.swiglu_backward(grad, gate, up, idx, backend=backend)
+    ref = reference.swiglu_backward_reference(grad.float(), gate.float(), up.float(), idx)
+    base = ck.swiglu_backward(grad, gate, up, idx, backend="torch")
+    for name, out, r, b in zip(("dgate", "dup"), (dgate, dup), ref, base, strict=True):
+        assert out.dtype == gate.dtype and out.device == gate.device
+        assert_rule(out, r, b, atol=small_atol(gate.dtype, r), what=f"swiglu {name}[{backend}]", same_dtype=True)
+
+
+def gelu_case(M, F, n, kind, dtype, device, seed, row_pad=0, scale=3.0):
+    """``(grad, x, index)`` of a GELU backward: x (M, F), grad (n, F)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = rand(M, F, dtype, device, gen, scale=scale, row_pad=row_pad)  # (M, F)
+    idx = make_index(kind, M, n, gen, device)
+    grad = rand(M if idx is None else idx.shape[0], F, dtype, device, gen, row_pad=row_pad)  # (n, F)
+    return grad, x, idx
+
+
+def check_gelu(backend, grad, x, idx):
+    """``gelu_new_backward`` on ``backend`` against the fp64 reference and the torch backend."""
+    dx = ck.gelu_new_backward(grad, x, idx, backend=backend)
+    ref = reference.gelu_new_backward_reference(grad.double(), x.double(), idx)
+    base = ck.gelu_new_backward(grad, x, idx, backend="torch")
+    assert dx.dtype == x.dtype and dx.device == x.device
+    assert_rule(dx, ref, base, atol=small_atol(x.dtype, ref), what=f"gelu dx[{backend}]", same_dtype=True)
+    return dx
 
 
 def check_rms(backend, grad, x, w, idx, eps):

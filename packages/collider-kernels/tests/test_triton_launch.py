@@ -103,21 +103,21 @@ def test_launcher_takes_plain_path_when_it_cannot_key_or_hooks_are_set(fake, mon
 def test_gpu_cached_launches_match_plain_launches():
     """Alternate aligned/misaligned inputs and sizes through the cached launcher; every result
     matches the plain ``kernel[grid]`` launch of the same kernel."""
-    from collider_kernels.triton import gemm
+    from collider_kernels.triton import gather_matmul, gemm
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     base = torch.randn(4100, 72, device="cuda", dtype=torch.float16, generator=gen)
     w = torch.randn(40, 71, device="cuda", dtype=torch.float16, generator=gen)
-    cfg = {**gemm._cfg(32, 32, 32, 2, 4), "DESC": False}
+    cfg = {**gemm.tile_config(32, 32, 32, 2, 4), "DESC": False}
     for rep in range(3):
         for off, n in ((0, 4096), (1, 4000), (0, 17), (3, 1)):
             x = base[off:off + n, :71]  # row stride 72, start misaligned when off is odd
             idx = torch.randint(0, n, (n,), device="cuda", generator=gen)
             y_fast = torch.full((n, 40), float("nan"), device="cuda", dtype=torch.float16)
-            gemm.gather_matmul_into(x, idx, w, None, y_fast, cfg=cfg)
+            gather_matmul.gather_matmul_into(x, idx, w, None, y_fast, cfg=cfg)
             y_plain = torch.full_like(y_fast, float("nan"))
             strides = (x.stride(0), x.stride(1), w.stride(1), w.stride(0), y_plain.stride(0), 1)
-            kernel = gemm._gemm_kernel.kernel  # the plain JIT function under the launcher
+            kernel = gemm.gemm_kernel.kernel  # the plain JIT function under the launcher
             kernel[(triton_cdiv(n, 32) * triton_cdiv(40, 32), 1)](
                 x, w, y_plain, y_plain, idx, y_plain, y_plain, y_plain, n, 40, 71, *strides,
                 GATHER_A_ROWS=True, GATHER_B_ROWS=False, HAS_BIAS=False, ACCUMULATE=False, ATOMIC=False,
@@ -126,7 +126,7 @@ def test_gpu_cached_launches_match_plain_launches():
             )
             assert not y_fast.isnan().any()
             assert torch.equal(y_fast, y_plain), (rep, off, n)
-    assert len(gemm._gemm_kernel._cache) >= 2  # cached entries were made and used
+    assert len(gemm.gemm_kernel._cache) >= 2  # cached entries were made and used
 
 
 def triton_cdiv(a, b):

@@ -1,22 +1,31 @@
 """collider-kernels: tensors in, tensors out.
 
 The backward GEMMs of token-filtered training, restricted to kept rows, the masked attention
-backward, and the row-wise SwiGLU, GELU (tanh), RMSNorm, LayerNorm and rotary backwards. Every op takes
-``backend="auto" | "torch" | "triton" | "cupy"`` and has a dense reference in
-:mod:`collider_kernels.reference`.
+backward (with sliding windows and packed documents), and the row-wise SwiGLU, GELU (tanh),
+RMSNorm, LayerNorm and rotary backwards. Every op takes ``backend="auto" | "torch" | "triton" |
+"cupy"`` and has a dense reference in :mod:`collider_kernels.reference`. The registry
+(:func:`registered_ops`, :func:`available_backends`) says which backends exist where;
+:mod:`collider_kernels.tuning` and :mod:`collider_kernels.timing` are the tuner and the timer the
+kernels and benchmarks share.
 """
 
 from collider_kernels._checks import check_attention_masks
-from collider_kernels.backends import auto_backend, available_backends, resolve_backend, set_auto_backends
-from collider_kernels.gather_matmul import gather_matmul
-from collider_kernels.gathered_weight_grad import gathered_weight_grad
-from collider_kernels.gelu_backward import gelu_new_backward
-from collider_kernels.layer_norm_backward import layer_norm_backward
-from collider_kernels.masked_attention import masked_attention_backward, sequence_offsets
-from collider_kernels.rms_norm_backward import rms_norm_backward
-from collider_kernels.rotary_backward import rotary_backward
-from collider_kernels.scatter_add_rows import scatter_add_rows
-from collider_kernels.swiglu_backward import swiglu_backward
+from collider_kernels.backends import (
+    auto_backend,
+    available_backends,
+    registered_ops,
+    resolve_backend,
+    set_auto_backends,
+)
+from collider_kernels.ops.gather_matmul import gather_matmul
+from collider_kernels.ops.gathered_weight_grad import gathered_weight_grad
+from collider_kernels.ops.gelu_new_backward import gelu_new_backward
+from collider_kernels.ops.layer_norm_backward import layer_norm_backward
+from collider_kernels.ops.masked_attention_backward import masked_attention_backward, sequence_offsets
+from collider_kernels.ops.rms_norm_backward import rms_norm_backward
+from collider_kernels.ops.rotary_backward import rotary_backward
+from collider_kernels.ops.scatter_add_rows import scatter_add_rows
+from collider_kernels.ops.swiglu_backward import swiglu_backward
 
 __version__ = "0.1.0"
 
@@ -29,6 +38,7 @@ __all__ = [
     "gelu_new_backward",
     "layer_norm_backward",
     "masked_attention_backward",
+    "registered_ops",
     "resolve_backend",
     "rms_norm_backward",
     "rotary_backward",

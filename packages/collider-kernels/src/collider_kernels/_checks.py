@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from collider_kernels.dtypes import FLOAT_DTYPES
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device=None) -> None:
@@ -41,14 +41,17 @@ def check_row_grad(grad, x, index, *, validate: bool, x_name: str = "x") -> None
         raise ValueError(f"grad must be ({rows}, {x.shape[1]}) ({what}), got {tuple(grad.shape)}")
 
 
-def check_norm_args(x, weight, eps) -> None:
-    """x (M, H), weight (H,), eps >= 0 of a normalisation backward."""
+def check_norm_args(grad, x, weight, eps, index, *, validate: bool) -> tuple:
+    """grad (n, H) of the rows ``index`` of x (M, H), weight (H,), eps >= 0 of a normalisation
+    backward; returns the arguments of its implementations, ``(grad, x, weight, float(eps), index)``."""
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
     if weight.shape[0] != x.shape[1]:
         raise ValueError(f"weight must be ({x.shape[1]},) to match x, got {tuple(weight.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    check_row_grad(grad, x, index, validate=validate)
+    return grad, x, weight, float(eps), index
 
 
 def check_attention_masks(batch: int, seqlen: int, device, *, window=None, key_start=None,
@@ -68,8 +71,3 @@ def check_attention_masks(batch: int, seqlen: int, device, *, window=None, key_s
             raise ValueError("key_start must satisfy 0 <= key_start[b, t] <= t (a query sees itself)")
         if seqlen > 1 and not bool((key_start[:, 1:] >= key_start[:, :-1]).all()):
             raise ValueError("key_start must be non-decreasing along each sequence (contiguous documents)")
-
-
-def upcast(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in fp32, or unchanged when already fp32/fp64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))

@@ -1,9 +1,12 @@
-"""Backend registry: which implementation of an op runs for a given device.
+"""Backend registry: which implementation of an op runs for a given device, dtypes and call.
 
-Each op module registers its torch implementation; the Triton and CuPy packages register
-theirs when they import cleanly. ``backend="auto"`` picks, per op and device, the first
-registered backend in :data:`AUTO_ORDER_CUDA_BY_OP` (else :data:`AUTO_ORDER_CUDA`) that
-supports the device.
+The op modules (:mod:`collider_kernels.ops`) register their torch implementations; the Triton and
+CuPy packages register theirs when they import cleanly. Each registration names the device types
+and dtypes the implementation takes, and optionally a check of the call's arguments for any other
+limit (a row too wide for one program). The registry owns the fallbacks: ``backend="auto"``
+takes, per op and device, the first backend of the op's order that is registered, allowed by
+:func:`set_auto_backends` and takes the call; an explicit backend that cannot take it is an error
+that names the op, the backend and what it cannot take.
 """
 
 from __future__ import annotations
@@ -14,8 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
+from collider_kernels.dtypes import FLOAT_DTYPES
+
 BACKENDS = ("torch", "triton", "cupy")
-# Preference of ``backend="auto"`` on CUDA; CPU always resolves to "torch".
+# Device types the registry reports on (available_backends() with no device).
+DEVICE_TYPES = ("cpu", "cuda")
+# Preference of ``backend="auto"`` on CUDA; CPU always resolves to "torch" (the Triton
+# interpreter runs on CPU for tests only), and lists backends in BACKENDS order.
 AUTO_ORDER_CUDA = ("triton", "cupy", "torch")
 # Per-op preference where measured (benchmarks/results/gemm_h200.md, H200, bf16, model shapes):
 # geomean eager time per call over all shapes and keeps, gather_matmul: torch 0.413 ms, triton
@@ -38,23 +46,44 @@ AUTO_ORDER_CUDA_BY_OP = {
 
 
 @dataclass(frozen=True)
-class _Impl:
+class Implementation:
+    """One backend's implementation of an op and what it takes."""
+
     fn: Callable
-    devices: tuple[str, ...]  # device types this implementation accepts
+    devices: tuple[str, ...]  # device types
+    dtypes: tuple[torch.dtype, ...]  # dtypes of the tensors the op's front door names
+    check: Callable[..., str | None] | None = None  # the call's arguments → why not, or None
+
+    def refusal(self, device_type: str, dtypes=(), args=None) -> str | None:
+        """Why this implementation cannot take the call, or None when it can."""
+        if device_type not in self.devices:
+            return f"does not run on device {device_type!r} (runs on {', '.join(self.devices)})"
+        for dt in dtypes:
+            if dt not in self.dtypes:
+                takes = ", ".join(_dtype_name(d) for d in self.dtypes)
+                return f"does not take dtype {_dtype_name(dt)} (takes {takes})"
+        if self.check is not None and args is not None:
+            return self.check(*args)
+        return None
 
 
-_REGISTRY: dict[str, dict[str, _Impl]] = {}
+_REGISTRY: dict[str, dict[str, Implementation]] = {}
 _OPTIONAL_LOADED = False
 _AUTO_ALLOWED: tuple[str, ...] = BACKENDS  # what backend="auto" may pick (set_auto_backends)
 
 
-def register(op: str, backend: str, devices: tuple[str, ...] = ("cpu", "cuda")):
-    """Decorator registering ``fn`` as ``backend``'s implementation of ``op``."""
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def register(op: str, backend: str, *, devices=DEVICE_TYPES, dtypes=FLOAT_DTYPES, check=None):
+    """Decorator registering ``fn`` as ``backend``'s implementation of ``op``, for the device types
+    ``devices`` and the ``dtypes``; ``check(*args)`` may return why a call is out of its reach."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
     def deco(fn):
-        _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, devices)
+        _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, tuple(devices), tuple(dtypes), check)
         return fn
 
     return deco
@@ -73,13 +102,38 @@ def _load_optional() -> None:
             pass
 
 
-def available_backends(op: str, device: torch.device | str) -> list[str]:
-    """Backends that implement ``op`` on ``device`` (in ``auto`` preference order)."""
+def registered_ops() -> tuple[str, ...]:
+    """The names of every op, sorted."""
     _load_optional()
+    return tuple(sorted(_REGISTRY))
+
+
+def _order(op: str, device_type: str) -> tuple[str, ...]:
+    return AUTO_ORDER_CUDA_BY_OP.get(op, AUTO_ORDER_CUDA) if device_type == "cuda" else BACKENDS
+
+
+def _implementations(op: str) -> dict[str, Implementation]:
+    _load_optional()
+    impls = _REGISTRY.get(op)
+    if impls is None:
+        raise KeyError(f"unknown op {op!r}; the ops are {registered_ops()}")
+    return impls
+
+
+def available_backends(op: str | None = None, device: torch.device | str | None = None):
+    """Backends that implement ``op`` on ``device``, in ``auto`` preference order.
+
+    ``available_backends(op, device)`` is a list; without a device, a dict of such lists per
+    device type (``"cpu"``, ``"cuda"``); without an op, a dict over every op
+    (:func:`registered_ops`). Which dtypes each backend takes is not considered here.
+    """
+    if op is None:
+        return {name: available_backends(name, device) for name in registered_ops()}
+    if device is None:
+        return {dev: available_backends(op, dev) for dev in DEVICE_TYPES}
+    impls = _implementations(op)
     dev = torch.device(device).type
-    impls = _REGISTRY.get(op, {})
-    order = AUTO_ORDER_CUDA_BY_OP.get(op, AUTO_ORDER_CUDA) if dev == "cuda" else ("torch", "triton", "cupy")
-    return [b for b in order if b in impls and dev in impls[b].devices]
+    return [b for b in _order(op, dev) if b in impls and dev in impls[b].devices]
 
 
 def set_auto_backends(names: tuple[str, ...] | list[str] | None = None) -> tuple[str, ...]:
@@ -97,35 +151,39 @@ def set_auto_backends(names: tuple[str, ...] | list[str] | None = None) -> tuple
     return previous
 
 
-def auto_backend(op: str, device: torch.device | str) -> str:
-    """The backend ``backend="auto"`` resolves ``op`` to on ``device``."""
-    if torch.device(device).type != "cuda":
-        return "torch"
-    return next(b for b in available_backends(op, device) if b in _AUTO_ALLOWED)
+def auto_backend(op: str, device: torch.device | str, dtypes=(), args=None) -> str:
+    """The backend ``backend="auto"`` resolves ``op`` to on ``device`` (for tensors of ``dtypes``
+    and, when given, the call's ``args``): torch on CPU; on CUDA the first backend of the op's
+    order that is available, allowed by :func:`set_auto_backends` and takes the call."""
+    impls = _implementations(op)
+    dev = torch.device(device).type
+    order = _order(op, dev) if dev == "cuda" else ("torch",)
+    for b in order:
+        if b in _AUTO_ALLOWED and b in impls and impls[b].refusal(dev, dtypes, args) is None:
+            return b
+    raise RuntimeError(f"no backend of {op} takes this call on {dev} (dtypes {[_dtype_name(d) for d in dtypes]})")
 
 
-def resolve_backend(op: str, backend: str, device: torch.device | str) -> Callable:
+def resolve_backend(op: str, backend: str, device: torch.device | str, dtypes=(), args=None) -> Callable:
     """Return the implementation of ``op`` for ``backend`` on ``device``.
 
-    ``"auto"`` means the torch backend on CPU and, on CUDA, the first available backend of the
-    op's order (:data:`AUTO_ORDER_CUDA_BY_OP`) allowed by :func:`set_auto_backends`. An explicit
-    backend that cannot run there is an error.
+    ``"auto"`` falls back along the op's order (:func:`auto_backend`). An explicit backend that is
+    not installed, does not run on the device, does not take one of ``dtypes`` or (given ``args``)
+    the call, is a ``RuntimeError`` naming the backend and what it cannot take.
     """
-    _load_optional()
-    dev = torch.device(device).type
-    impls = _REGISTRY.get(op)
-    if impls is None:
-        raise KeyError(f"unknown op {op!r}")
+    impls = _implementations(op)
     if backend == "auto":
-        return impls[auto_backend(op, device)].fn
+        return impls[auto_backend(op, device, dtypes, args)].fn
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    dev = torch.device(device).type
     impl = impls.get(backend)
     if impl is None:
         raise RuntimeError(
             f"backend {backend!r} is not available for {op} (is its package installed?); "
             f"available on {dev}: {available_backends(op, device)}"
         )
-    if dev not in impl.devices:
-        raise RuntimeError(f"backend {backend!r} of {op} does not run on device {dev!r}")
+    reason = impl.refusal(dev, dtypes, args)
+    if reason is not None:
+        raise RuntimeError(f"backend {backend!r} of {op} {reason}; use backend='auto' or 'torch'")
     return impl.fn

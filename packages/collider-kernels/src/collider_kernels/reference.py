@@ -9,6 +9,9 @@ import math
 
 import torch
 
+# Constants of the tanh-approximated GELU (``gelu_new``): sqrt(2 / pi) and the cubic coefficient.
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+GELU_COEF = 0.044715
 
 def gather_matmul_reference(x, index, weight, bias=None):
     """``x[index] @ weightᵀ (+ bias)``; (M, K), (n,), (N, K) → (n, N)."""
@@ -137,7 +140,7 @@ def gelu_new_backward_reference(grad, x, index=None):
     (n, F), (M, F) → dx (n, F).
     """
     rows = (x if index is None else x[index]).detach().requires_grad_()
-    y = 0.5 * rows * (1 + torch.tanh(math.sqrt(2 / math.pi) * (rows + 0.044715 * rows**3)))
+    y = 0.5 * rows * (1 + torch.tanh(SQRT_2_OVER_PI * (rows + GELU_COEF * rows**3)))
     (dx,) = torch.autograd.grad(y, (rows,), grad)
     return dx
 

@@ -5,6 +5,7 @@ from collider_models.blocks import CausalLM, CausalLMOutput, shift_labels
 from collider_models.checkpoint import from_pretrained, save_pretrained
 from collider_models.config import ModelConfig
 from collider_models.generate import KVCache, generate
+from collider_models.hf.convert import from_hf
 from collider_models.presets import PRESETS, preset_config
 from collider_models.registry import from_config
 
@@ -17,6 +18,6 @@ def from_preset(name: str):
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "CausalLM", "CausalLMOutput", "KVCache", "ModelConfig", "from_config", "from_preset", "from_pretrained",
-    "generate", "preset_config", "save_pretrained", "shift_labels",
+    "PRESETS", "CausalLM", "CausalLMOutput", "KVCache", "ModelConfig", "from_config", "from_hf", "from_preset",
+    "from_pretrained", "generate", "preset_config", "save_pretrained", "shift_labels",
 ]

@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import statistics
-import time
-
-import torch
 
 from collider_autograd import filtered_mean
+from collider_kernels.timing import Timer
 from collider_models.reference import masked_mean
 
+__all__ = ["MODES", "Timer", "compare_backward", "step_times"]
+
 MODES = ("masked", "collider")
-
-
-class Timer:
-    """Elapsed milliseconds between marks: CUDA events on GPU, perf_counter on CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
-
-    def elapsed_ms(self, start, end) -> float:
-        if self.cuda:
-            end.synchronize()
-            return start.elapsed_time(end)
-        return (end - start) * 1e3
 
 
 def step_times(model, input_ids, labels, keep, mode: str) -> tuple[float, float]:

@@ -2,7 +2,8 @@
 
 Dense gradient in → PyTorch's own attention backward. Sparse gradient in (kept query rows) →
 :func:`collider_kernels.masked_attention_backward`: dQ of kept queries over all visible keys,
-dK/dV of kept keys over kept queries (filtered keys and values are detached; see the Design page).
+dK/dV of kept keys over kept queries (filtered keys and values are detached; see the Design
+page, ``docs/design.rst``).
 
 A sliding ``window`` and per-token document starts (``key_start``) restrict the keys each query
 sees, in the forward and in both backwards. Without them the plain causal kernels run: PyTorch's
@@ -164,6 +165,7 @@ def causal_attention(
     *,
     window: int | None = None,
     key_start: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Causal attention over (B, T, H, D) tensors with grouped-query K/V; returns (B, T, Hq, D).
 
@@ -177,7 +179,10 @@ def causal_attention(
             the number of keys a query sees, itself included. None: unlimited.
         key_start: optional (B, T) int64/int32 first key position each query may see, e.g. the
             start of its document when documents are packed in one row (``0 <= key_start[b, t]
-            <= t``, non-decreasing in ``t``; checked, which synchronises on CUDA).
+            <= t``, non-decreasing in ``t``).
+        validate: check the values of ``key_start`` (a device synchronisation on CUDA; a model
+            that checked them once per batch passes False to its layers). Its shape, dtype and
+            device, and ``window``, are always checked.
 
     Under ``torch.autocast`` q, k and v are cast to the autocast dtype, as for a matmul. B = 0
     or T = 0 gives an empty result.
@@ -190,7 +195,7 @@ def causal_attention(
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
     B, T = q.shape[:2]
-    check_attention_masks(B, T, q.device, window=window, key_start=key_start)
+    check_attention_masks(B, T, q.device, window=window, key_start=key_start, validate=validate)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
     q, k, v = cast_for_matmul(q, k, v)

@@ -21,7 +21,7 @@ import torch
 from triton.runtime import driver
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from collider_kernels.triton import INTERPRET
+from collider_kernels.tuning import INTERPRET
 
 try:  # where Triton keeps its launch hooks (absent: always take the plain path)
     from triton import knobs as _knobs

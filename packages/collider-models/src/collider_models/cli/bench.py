@@ -37,10 +37,10 @@ from pathlib import Path
 
 import torch
 
+from collider_kernels.timing import Timer
 from collider_models.cli import bench_baselines as baselines
 from collider_models.cli import op_breakdown
 from collider_models.reference import masked_mean
-from collider_models.timing import Timer
 
 # Kernel backends: "auto" lets collider-kernels pick (the fastest measured on CUDA);
 # "torch" restricts backend="auto" to the torch backend (collider_kernels.set_auto_backends).
@@ -55,8 +55,6 @@ DEFAULTS = {
 # Presets this large are refused on a CPU unless --force is given (parameters, millions).
 CPU_MAX_PARAMS_M = 200
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-KERNEL_OPS = ("gather_matmul", "gathered_weight_grad", "scatter_add_rows", "masked_attention_backward",
-              "rms_norm_backward", "swiglu_backward", "layer_norm_backward", "gelu_new_backward", "rotary_backward")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,7 +287,7 @@ def _free(device: torch.device) -> None:
 
 def environment(device: torch.device, kernels: str) -> dict:
     """GPU, library versions, date, commit and the kernel backend each op resolves to."""
-    from collider_kernels import auto_backend
+    from collider_kernels import auto_backend, registered_ops
 
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -298,7 +296,7 @@ def environment(device: torch.device, kernels: str) -> dict:
         "python": platform.python_version(),
         "kernels": kernels,
         "device_type": device.type,
-        "kernel_backends": {op: auto_backend(op, device) for op in KERNEL_OPS},
+        "kernel_backends": {op: auto_backend(op, device) for op in registered_ops()},
         "env": {k: v for k, v in os.environ.items() if k.startswith(("COLLIDER_", "TRITON_"))},
     }
     for mod, dist in (("triton", "triton"), ("transformers", "transformers"), ("liger_kernel", "liger-kernel")):

@@ -1,0 +1,122 @@
+"""The Triton kernel shared by the RMSNorm and LayerNorm backwards, over (optionally gathered) rows.
+
+A program owns a contiguous run of rows and holds a whole row in registers (the row reductions
+need all of it); it writes ``dx`` per row and its partial ``dweight`` (and LayerNorm's ``dbias``)
+sums to row ``pid`` of an fp32 (sums, programs, H) buffer, which torch sums afterwards
+(deterministic: the split depends only on the GPU and the shape). Block shapes are fixed
+heuristics of the row width (the kernel is memory-bound). Rows wider than
+:data:`MAX_NORM_WIDTH` are out of its reach (:func:`too_wide`): ``backend="auto"`` takes the
+torch backend for them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from collider_kernels.triton import settings
+from collider_kernels.triton.launch import Launcher
+from collider_kernels.triton.rows import unit_cols
+from collider_kernels.tuning import INTERPRET
+
+# Widest RMSNorm/LayerNorm row held in registers by one program.
+MAX_NORM_WIDTH = 16384
+
+
+def too_wide(grad, x, weight, eps, index) -> str | None:
+    """Why the kernel cannot take these arguments (rows wider than :data:`MAX_NORM_WIDTH`), or None."""
+    if x.shape[1] > MAX_NORM_WIDTH:
+        return f"does not take rows wider than {MAX_NORM_WIDTH} (got {x.shape[1]})"
+    return None
+
+
+@Launcher
+@triton.jit
+def _norm_bwd_kernel(
+    grad_ptr, x_ptr, w_ptr, index_ptr, dx_ptr, part_ptr,
+    n, H, rows_per_prog, eps, inv_h,  # inv_h = 1/H from the host: exact for H = 1
+    stride_grad, stride_x, stride_dx, stride_part,
+    GATHER: tl.constexpr,  # row r is x row index[r]
+    CENTER: tl.constexpr,  # LayerNorm (subtract the mean; dbias partials too), else RMSNorm
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    mask_h = cols < H
+    w = tl.load(w_ptr + cols, mask=mask_h, other=0.0).to(tl.float32)  # (BLOCK_H,)
+    dw = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    db = tl.zeros((BLOCK_R, BLOCK_H), dtype=tl.float32)
+    start = pid * rows_per_prog
+    stop = min(n, start + rows_per_prog)
+    for r0 in range(start, stop, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < stop
+        mask = mask_r[:, None] & mask_h[None, :]
+        rows = offs_r.to(tl.int64)
+        if GATHER:
+            src = tl.load(index_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
+        else:
+            src = rows
+        x = tl.load(x_ptr + src[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + rows[:, None] * stride_grad + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if CENTER:
+            xc = tl.where(mask, x - (tl.sum(x, axis=1) * inv_h)[:, None], 0.0)
+        else:
+            xc = x
+        var = tl.sum(xc * xc, axis=1) * inv_h  # (BLOCK_R,) variance, or mean square
+        rstd = tl.math.rsqrt(tl.where(mask_r, var + eps, 1.0))  # rows past the end stay finite when eps == 0
+        xhat = xc * rstd[:, None]
+        dxhat = g * w[None, :]
+        proj = tl.sum(dxhat * xhat, axis=1) * inv_h  # (BLOCK_R,)
+        if CENTER:
+            dw += g * xhat
+            db += g
+            dx = rstd[:, None] * (dxhat - (tl.sum(dxhat, axis=1) * inv_h)[:, None] - xhat * proj[:, None])
+        else:
+            # RMSNorm's dweight sees the normalised row after the forward's cast to x's dtype.
+            dw += g * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
+            dx = rstd[:, None] * (dxhat - xhat * proj[:, None])
+        tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    part = part_ptr + pid.to(tl.int64) * H + cols
+    tl.store(part, tl.sum(dw, axis=0), mask=mask_h)
+    if CENTER:
+        tl.store(part + stride_part, tl.sum(db, axis=0), mask=mask_h)
+
+
+def norm_config(H: int) -> dict:
+    """Rows per step, warps and programs per SM of the RMSNorm/LayerNorm kernel for width ``H``."""
+    block_h = triton.next_power_of_2(H)
+    if INTERPRET:
+        return {"block_r": max(1, min(8, 1024 // block_h)), "num_warps": 4, "programs_per_sm": 2}
+    block_r = max(1, min(16, 4096 // block_h))
+    num_warps = max(4, min(16, block_r * block_h // 512))
+    return {"block_r": block_r, "num_warps": num_warps, "programs_per_sm": 8}
+
+
+def launch_norm_backward(grad, x, weight, eps, index, cfg, center: bool):
+    """dx (n, H) and the fp32 parameter sums: (dweight,) for RMSNorm (``center`` False), (dweight,
+    dbias) for LayerNorm; ``cfg`` overrides :func:`norm_config` (block_r, num_warps, programs_per_sm)."""
+    n, H = grad.shape
+    sums = 2 if center else 1
+    dx = settings.alloc_output((n, H), x.dtype, x.device)  # (n, H)
+    if n == 0 or H == 0:
+        return dx, *torch.zeros(sums, H, dtype=torch.float32, device=x.device)
+    grad, x = unit_cols(grad), unit_cols(x)
+    weight = weight.contiguous()
+    index = None if index is None else index.contiguous()
+    cfg = {**norm_config(H), **(cfg or {})}
+    block_r = cfg["block_r"]
+    programs = max(1, min(triton.cdiv(n, block_r), cfg["programs_per_sm"] * settings.num_sms(x.device)))
+    rows_per_prog = triton.cdiv(n, programs)
+    programs = triton.cdiv(n, rows_per_prog)  # every program owns at least one row
+    part = settings.alloc_output((sums, programs, H), torch.float32, x.device)  # partial sums, rows written once
+    _norm_bwd_kernel[(programs,)](
+        grad, x, weight, dx if index is None else index, dx, part,
+        n, H, rows_per_prog, eps, 1.0 / H,
+        grad.stride(0), x.stride(0), dx.stride(0), part.stride(0),
+        GATHER=index is not None, CENTER=center, BLOCK_R=block_r, BLOCK_H=triton.next_power_of_2(H),
+        num_warps=cfg["num_warps"],
+    )
+    return dx, *part.sum(1)  # (H,) each, summed in a fixed order
+

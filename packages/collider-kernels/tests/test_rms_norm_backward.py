@@ -1,0 +1,90 @@
+"""``rms_norm_backward`` (torch and Triton backends) against the dense reference.
+
+The torch backend is checked in fp64 tightly; the Triton backend runs under the interpreter on CPU
+(fp32, fp16) and on CUDA in the ``gpu`` tests (bf16, fp16, fp32), with the error rule
+``max|out - ref32| <= 2 max|out_torch - ref32| + atol``. The tests of the kernel RMSNorm shares
+with LayerNorm (row runs per program, eps = 0, mixed dtypes, determinism) are in
+``test_row_norms.py``, for both norms.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_testing import DEVICE, GPU_DTYPES, check_rms, nan_outputs, norm_case, poison_cuda_allocator, triton_only
+from kernel_testing import INDEX_KINDS as KINDS
+
+import collider_kernels as ck
+from collider_kernels import backends, reference
+
+needs_triton = triton_only("rms_norm_backward")
+widths, row_counts, epsilons = st.integers(1, 300), st.integers(1, 40), st.sampled_from((1e-5, 1e-6, 0.1))
+
+
+@settings(deadline=None, max_examples=15)
+@given(M=row_counts, H=widths, n=row_counts, kind=st.sampled_from(KINDS), eps=epsilons, seed=st.integers(0, 2**16))
+def test_torch_fp64(M, H, n, kind, eps, seed):
+    grad, x, w, idx = norm_case(M, H, n, kind, torch.float64, "cpu", seed)
+    dx, dw = ck.rms_norm_backward(grad, x, w, eps, idx, backend="torch")
+    ref_dx, ref_dw = reference.rms_norm_backward_reference(grad, x, w, eps, idx)
+    assert dx.dtype == dw.dtype == torch.float64
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-10, atol=1e-11)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-10, atol=1e-11)
+
+
+def test_torch_casts_xhat_for_dweight():
+    """dweight uses the normalised row after the forward's cast to x's dtype (the layer convention)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 10, generator=gen).to(torch.bfloat16)
+    g = torch.randn(6, 10, generator=gen)
+    w = torch.randn(10, generator=gen)
+    _, dw = ck.rms_norm_backward(g, x, w, 1e-6, backend="torch")
+    x32 = x.float()
+    xhat = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16).float()
+    torch.testing.assert_close(dw, (g * xhat).sum(0), rtol=0, atol=0)
+
+
+@needs_triton
+@settings(deadline=None, max_examples=15)
+@given(M=row_counts, H=widths, n=row_counts, kind=st.sampled_from(KINDS),
+       dtype=st.sampled_from((torch.float32, torch.float16)), eps=epsilons, row_pad=st.sampled_from((0, 5)),
+       seed=st.integers(0, 2**16))
+def test_triton(M, H, n, kind, dtype, eps, row_pad, seed):
+    with nan_outputs():
+        check_rms("triton", *norm_case(M, H, n, kind, dtype, DEVICE, seed, row_pad), eps)
+
+
+def test_bad_inputs_name_the_argument():
+    a = torch.randn(5, 8)
+    idx = torch.tensor([0, 4])
+    cases = [
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(7), 1e-5, idx), ValueError, "weight"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(8, 1), 1e-5, idx), ValueError, "weight"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 7), a, torch.randn(8), 1e-5, idx), ValueError, "grad"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a.int(), torch.randn(8), 1e-5, idx), TypeError, "x"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(8), -1.0, idx), ValueError, "eps"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(8), 1e-5, torch.tensor([-1, 0])),
+         IndexError, "index"),
+        (lambda: ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(8), 1e-5, idx[:, None]), ValueError,
+         "index"),
+    ]
+    for fn, exc, name in cases:
+        with pytest.raises(exc, match=name):
+            fn()
+    ck.rms_norm_backward(torch.randn(2, 8), a, torch.randn(8), 1e-5, idx, validate=False)  # no range check
+
+
+@pytest.mark.gpu
+def test_gpu_auto_picks_triton():
+    from collider_kernels.triton.rms_norm_backward import rms_norm_backward_triton
+
+    assert backends.resolve_backend("rms_norm_backward", "auto", "cuda") is rms_norm_backward_triton
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("H", (2048, 1536, 300, 1))
+@pytest.mark.parametrize("kind", ("none", "sorted_subset", "repeats"))
+def test_gpu(poison, dtype, H, kind):
+    poison_cuda_allocator()
+    check_rms("triton", *norm_case(5000, H, 3000, kind, dtype, "cuda", seed=H, row_pad=8), 1e-5)

@@ -1,0 +1,106 @@
+"""``rotary_backward`` (torch and Triton backends) against the dense reference (autograd of the forward).
+
+The torch backend is checked in fp64; the Triton backend runs under the interpreter on CPU (fp32,
+fp16) and on CUDA in the ``gpu`` tests (bf16, fp16, fp32) with the rule
+``max|out - ref32| <= 2 max|out_torch - ref32| + atol``. Triton outputs are allocated NaN-filled.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kernel_testing import assert_rule, nan_outputs, small_atol
+
+import collider_kernels as ck
+from collider_kernels import reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+triton_only = pytest.mark.skipif("triton" not in ck.available_backends("rotary_backward", DEVICE),
+                                 reason="the Triton backend is not available here")
+
+
+def case(n, H, D, R, T, dtype, device, seed, head_pad=0):
+    """grad (n, H, D) (a strided view when ``head_pad``), tables (T, R), positions (n,) with repeats."""
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.randn(n, H + head_pad, D, generator=gen).to(dtype).to(device)[:, head_pad:]
+    angles = torch.rand(T, R // 2, generator=gen) * 6.0
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
+    positions = torch.randint(0, T, (n,), generator=gen).to(device)
+    return grad, cos, sin, positions
+
+
+def ref32(grad, cos, sin, positions, truth=torch.float64):
+    return reference.rotary_backward_reference(grad.to(truth), cos.to(truth), sin.to(truth), positions)
+
+
+@settings(deadline=None, max_examples=25)
+@given(n=st.integers(0, 40), H=st.integers(1, 4), half=st.integers(0, 8), extra=st.integers(0, 6),
+       T=st.integers(1, 50), seed=st.integers(0, 2**31 - 1))
+def test_torch_backend_fp64(n, H, half, extra, T, seed):
+    R = 2 * half
+    grad, cos, sin, pos = case(n, H, R + extra or 2, R, T, torch.float64, "cpu", seed)
+    out = ck.rotary_backward(grad, cos, sin, pos, backend="torch")
+    torch.testing.assert_close(out, ref32(grad, cos, sin, pos), rtol=1e-12, atol=1e-12)
+
+
+def test_general_tables_not_just_duplicated_halves():
+    """The formula holds for any cos/sin tables, not only ones whose halves repeat."""
+    gen = torch.Generator().manual_seed(3)
+    grad = torch.randn(7, 2, 8, dtype=torch.float64, generator=gen)
+    cos = torch.randn(5, 6, dtype=torch.float64, generator=gen)
+    sin = torch.randn(5, 6, dtype=torch.float64, generator=gen)
+    pos = torch.tensor([0, 4, 4, 1, 2, 3, 0])
+    want = ref32(grad, cos, sin, pos)
+    for backend in ck.available_backends("rotary_backward", "cpu"):
+        out = ck.rotary_backward(grad.float(), cos.float(), sin.float(), pos, backend=backend).double()
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5, msg=backend)
+
+
+@triton_only
+@settings(deadline=None, max_examples=12)
+@given(n=st.integers(0, 70), H=st.integers(1, 5), D=st.sampled_from((8, 16, 24, 64)),
+       rot_share=st.sampled_from((1.0, 0.5, 0.25)), head_pad=st.integers(0, 2),
+       dtype=st.sampled_from((torch.float32, torch.float16)), seed=st.integers(0, 2**31 - 1))
+def test_triton_matches_reference(n, H, D, rot_share, head_pad, dtype, seed):
+    if CUDA:
+        pytest.skip("the GPU variant runs in test_gpu_rule")
+    R = int(D * rot_share) // 2 * 2
+    grad, cos, sin, pos = case(n, H, D, R, 33, dtype, DEVICE, seed, head_pad=head_pad)
+    with nan_outputs():  # NaN-filled outputs (a fixture cannot wrap hypothesis examples)
+        out = ck.rotary_backward(grad, cos, sin, pos, backend="triton")
+    truth = ref32(grad, cos, sin, pos, torch.float32)
+    torch_out = ck.rotary_backward(grad, cos, sin, pos, backend="torch")
+    assert out.dtype == dtype
+    assert_rule(out, truth, torch_out, atol=small_atol(dtype, truth), what=f"triton {dtype} D={D} R={R}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("H,D,R", [(32, 64, 64), (12, 128, 128), (32, 64, 32), (2, 128, 128)])
+def test_gpu_rule(dtype, H, D, R, poison):
+    grad, cos, sin, pos = case(3000, H, D, R, 2048, dtype, "cuda", seed=H + D + R, head_pad=1)
+    out = ck.rotary_backward(grad, cos, sin, pos, backend="triton")
+    truth = ref32(grad, cos, sin, pos, torch.float32)
+    torch_out = ck.rotary_backward(grad, cos, sin, pos, backend="torch")
+    assert_rule(out, truth, torch_out, atol=small_atol(dtype, truth), what=f"gpu {dtype} {H}/{D}/{R}")
+
+
+def test_bad_input_names_the_argument():
+    grad, cos, sin, pos = case(5, 2, 8, 8, 10, torch.float32, "cpu", seed=1)
+    with pytest.raises(ValueError, match="grad must be 3-D"):
+        ck.rotary_backward(grad[0], cos, sin, pos)
+    with pytest.raises(ValueError, match="same shape"):
+        ck.rotary_backward(grad, cos, sin[:, :6], pos)
+    with pytest.raises(ValueError, match="even"):
+        ck.rotary_backward(grad, cos[:, :5], sin[:, :5], pos)
+    with pytest.raises(ValueError, match="head dim"):
+        ck.rotary_backward(grad[..., :6], cos, sin, pos)
+    with pytest.raises(IndexError, match="positions must lie in"):
+        ck.rotary_backward(grad, cos, sin, pos + 10)
+    with pytest.raises(ValueError, match="one entry per row"):
+        ck.rotary_backward(grad, cos, sin, pos[:3])
+    with pytest.raises(TypeError, match="positions must have dtype"):
+        ck.rotary_backward(grad, cos, sin, pos.float())
