@@ -65,3 +65,14 @@ def test_cache_location(monkeypatch, tmp_path):
     monkeypatch.delenv("COLLIDER_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
     assert corpus.cache_root() == tmp_path / "x" / "collider"
+
+
+def test_folder_tokenizer_without_transformers(tmp_path, monkeypatch):
+    import sys
+
+    tok = train_bpe([TEXT], 300)
+    tok.save(tmp_path)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.hf is None and loaded.eos_id == tok.eos_id and loaded.vocab_size == tok.vocab_size
+    assert loaded.encode_batch(["summer by this sun"]) == tok.encode_batch(["summer by this sun"])

@@ -20,7 +20,7 @@ _D = TrainConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="collider-train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="collider-train", description=__doc__.split("\n\n")[0].replace("``", ""),
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="a preset name (random init, BPE tokenizer trained on the data) or a Hugging Face folder")
