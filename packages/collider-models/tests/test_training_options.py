@@ -56,3 +56,19 @@ def test_learning_rate_schedule_warms_up_then_decays():
     assert f(4) == pytest.approx(1.0)
     assert f(12) == pytest.approx(FINAL_LR_SHARE + (1 - FINAL_LR_SHARE) * 0.5)
     assert f(20) == pytest.approx(FINAL_LR_SHARE) and f(25) == pytest.approx(FINAL_LR_SHARE)
+
+
+def test_stop_request_takes_the_first_signal_and_aborts_on_a_late_second(monkeypatch):
+    import os
+    import signal
+
+    from collider_models.training import interrupt
+
+    with interrupt.StopRequest(announce=False) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)  # a repeat at once (torchrun forwards it): still a stop request
+        assert stop.requested
+        monkeypatch.setattr(interrupt, "REPEAT_S", -1.0)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
