@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from collider_models.presets import PRESETS
+from collider_models.training import distributed
 
 SELECTIONS = ("excess", "loss", "random")
 PRECISIONS = ("fp32", "bf16")
@@ -113,6 +114,8 @@ def check_options(cfg: TrainConfig) -> None:
         raise ValueError(f"--reference is only used by --selection excess, not {cfg.selection!r}: drop it")
     if cfg.reference_data and cfg.selection != "excess":
         raise ValueError("--reference-data trains the reference model of --selection excess; drop it")
+    if cfg.fsdp and not distributed.launched():
+        raise ValueError(distributed.FSDP_NEEDS_TORCHRUN)
     if cfg.vocab_size is not None and not cfg.from_scratch:
         raise ValueError("--vocab-size sizes the tokenizer of a preset trained from scratch; "
                          f"{cfg.model!r} is a checkpoint folder with its own tokenizer")

@@ -34,6 +34,9 @@ class Dist:
         return self.world > 1
 
 
+FSDP_NEEDS_TORCHRUN = "--fsdp shards the model over processes: launch with torchrun --nproc-per-node N"
+
+
 def launched() -> bool:
     """Whether this process was started by ``torchrun`` (or another launcher setting ``WORLD_SIZE``)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -90,7 +93,7 @@ def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
     weight directly, so it must not be a group of its own)."""
     if fsdp:
         if not d.active:
-            raise ValueError("--fsdp shards the model over processes: launch with torchrun --nproc-per-node N")
+            raise ValueError(FSDP_NEEDS_TORCHRUN)
         from torch.distributed.fsdp import fully_shard
 
         for layer in model.model.layers:

@@ -48,7 +48,7 @@ class TextTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, without special tokens."""
         if self.hf is not None:
-            return self.hf(list(texts), add_special_tokens=False)["input_ids"]
+            return self.hf(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
         return [e.ids for e in self.raw.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
