@@ -136,6 +136,9 @@ def test_embedded_default_shortened(tmp_path, monkeypatch, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert "Shakespeare" in summary["data"] and summary["selection"] == "excess" and summary["keep"] == 0.6
     assert summary["reference"] == "tinyllama-tiny" and (out / "reference" / "final" / "config.json").is_file()
+    assert 0 <= summary["mean_kept_share_marked"] <= 1 and 0 <= summary["mean_kept_share_unmarked"] <= 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("kept_share_marked" in r for r in records if "loss" in r)  # the corrupted lines are marked
     tok = transformers.AutoTokenizer.from_pretrained(out / "final")
     transformers.AutoModelForCausalLM.from_pretrained(out / "final")
     model = collider_models.from_pretrained(out / "final")

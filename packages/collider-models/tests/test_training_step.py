@@ -90,3 +90,15 @@ def test_masked_loss_baseline_has_the_dense_masked_mean_gradient():
     assert stats.kept == total
     for (name, p), q in zip(model.named_parameters(), expected.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_marked_tokens_are_counted_by_the_labels_they_are():
+    model = _model(0)
+    (ids,) = _batches(K=1)
+    marked = torch.zeros_like(ids, dtype=torch.bool)
+    marked[0, 3:7] = True  # tokens 3..6 are predicted at positions 2..5
+    stats = accumulate_gradients(model, [ids], Selection("loss", 1.0), Dist(), marked=[marked])
+    assert stats.marked == 4 and stats.kept_marked == 4
+    marked[:, 0] = True  # the first token is never predicted
+    stats = accumulate_gradients(model, [ids], Selection("loss", 1.0), Dist(), marked=[marked])
+    assert stats.marked == 4

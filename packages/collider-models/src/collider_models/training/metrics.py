@@ -46,14 +46,25 @@ def plot(log: MetricsLog, path: Path, title: str) -> bool:
     except ImportError:
         return False
     train, evals = log.train_records(), log.eval_records()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    marked = [r for r in train if "kept_share_marked" in r]
+    if marked:
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1))
+        ax2.plot([r["step"] for r in marked], [r["kept_share_marked"] for r in marked], lw=1,
+                 label="kept share of marked tokens")
+        ax2.plot([r["step"] for r in marked], [r["kept_share_unmarked"] for r in marked], lw=1,
+                 label="kept share of other tokens")
+        ax2.set_ylim(0, 1)
+        ax2.set_xlabel("step")
+        ax2.legend(fontsize=8)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.set_xlabel("step")
     if train:
         steps = [r["step"] for r in train]
         ax.plot(steps, [r["loss_all"] for r in train], lw=1, label="training loss, all tokens")
         ax.plot(steps, [r["loss"] for r in train], lw=1, label="training loss, kept tokens")
     if evals:
         ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
-    ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title, fontsize=9, wrap=True)
     ax.legend()

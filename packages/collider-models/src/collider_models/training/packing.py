@@ -18,37 +18,60 @@ import torch
 HOLDOUT_EVERY = 20  # without evaluation data, sequence i is held out when i % 20 == 19
 
 
-def pack(docs_ids: Sequence[Sequence[int]], eos_id: int, seq_len: int) -> torch.Tensor:
-    """(N, seq_len) int64 sequences of the documents joined by ``eos_id`` (each document is
-    followed by it)."""
-    total = sum(len(d) + 1 for d in docs_ids)
-    stream = torch.empty(total, dtype=torch.int64)
+def _stream(parts: Sequence[Sequence], end, seq_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, seq_len) of the parts joined, each followed by ``end``; the remainder is dropped."""
+    total = sum(len(p) + 1 for p in parts)
+    stream = torch.empty(total, dtype=dtype)
     at = 0
-    for ids in docs_ids:
-        stream[at : at + len(ids)] = torch.as_tensor(ids, dtype=torch.int64)
-        stream[at + len(ids)] = eos_id
-        at += len(ids) + 1
+    for part in parts:
+        stream[at : at + len(part)] = torch.as_tensor(part, dtype=dtype)
+        stream[at + len(part)] = end
+        at += len(part) + 1
     n = total // seq_len
     return stream[: n * seq_len].view(n, seq_len)
 
 
+def pack(docs_ids: Sequence[Sequence[int]], eos_id: int, seq_len: int) -> torch.Tensor:
+    """(N, seq_len) int64 sequences of the documents joined by ``eos_id`` (each document is
+    followed by it)."""
+    return _stream(docs_ids, eos_id, seq_len, torch.int64)
+
+
+def pack_marks(docs_marks: Sequence[Sequence[bool]], seq_len: int) -> torch.Tensor:
+    """(N, seq_len) bool marks laid out as :func:`pack` lays out the tokens (EOS unmarked)."""
+    return _stream(docs_marks, False, seq_len, torch.bool)
+
+
+def token_marks(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]], length: int) -> torch.Tensor:
+    """(n,) bool: which tokens (character spans ``offsets``) overlap a marked span of a text
+    of ``length`` characters."""
+    chars = torch.zeros(length + 1, dtype=torch.int32)
+    for start, end in spans:
+        chars[start:end] = 1
+    before = torch.cat([torch.zeros(1, dtype=torch.int64), chars.cumsum(0)])  # marked chars before i
+    off = torch.as_tensor(offsets, dtype=torch.int64).view(-1, 2)
+    return (before[off[:, 1]] - before[off[:, 0]]) > 0
+
+
 @dataclass
 class Packed:
-    """Training and evaluation sequences, (N, T) int64 each, and the stream's token count."""
+    """Training and evaluation sequences, (N, T) int64 each, the stream's token count, and
+    (when the data mark spans) which training tokens are marked, (N, T) bool."""
 
     train: torch.Tensor
     eval: torch.Tensor
     tokens: int
+    train_marked: torch.Tensor | None = None
 
 
-def split(sequences: torch.Tensor, eval_sequences: torch.Tensor | None) -> Packed:
+def split(sequences: torch.Tensor, eval_sequences: torch.Tensor | None, marked: torch.Tensor | None = None) -> Packed:
     """Training/evaluation split: the given evaluation sequences, else every
     :data:`HOLDOUT_EVERY`-th sequence."""
     tokens = sequences.numel()
     if eval_sequences is not None:
-        return Packed(sequences, eval_sequences, tokens)
+        return Packed(sequences, eval_sequences, tokens, marked)
     held = torch.arange(sequences.shape[0]) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-    return Packed(sequences[~held], sequences[held], tokens)
+    return Packed(sequences[~held], sequences[held], tokens, None if marked is None else marked[~held])
 
 
 class SequenceOrder:

@@ -15,7 +15,7 @@ from collider_models.training.config import TrainConfig, check_options, check_ou
 from collider_models.training.corpus import default_corpus
 from collider_models.training.documents import check_paths, read_all
 from collider_models.training.loop import INTERRUPTED, check_data, check_vocab, train_stage
-from collider_models.training.packing import Packed, pack, split
+from collider_models.training.packing import Packed, pack, pack_marks, split, token_marks
 from collider_models.training.tokenizer import TextTokenizer, load_tokenizer, train_bpe
 
 
@@ -57,7 +57,7 @@ def _tokenizer(cfg: TrainConfig, d: distributed.Dist, log) -> TextTokenizer:
         paths = check_paths(cfg.data, "--data")
         if cfg.reference_data:
             paths += check_paths(cfg.reference_data, "--reference-data")
-        tok = train_bpe(read_all(paths), vocab)
+        tok = train_bpe([doc.text for doc in read_all(paths)], vocab)
         with atomic_dir(saved) as tmp:
             tok.save(tmp)
     distributed.barrier(d)
@@ -66,11 +66,20 @@ def _tokenizer(cfg: TrainConfig, d: distributed.Dist, log) -> TextTokenizer:
 
 def _packed(tok: TextTokenizer, data, eval_data, seq_len: int, option: str) -> Packed:
     docs = read_all(check_paths(data, option))
-    seqs = pack(tok.encode_batch(docs), tok.eos_id, seq_len)
+    texts = [doc.text for doc in docs]
+    marked = None
+    if any(doc.marked for doc in docs):
+        ids, offsets = tok.encode_with_offsets(texts)
+        marks = [token_marks(o, doc.marked, len(doc.text)) for o, doc in zip(offsets, docs, strict=True)]
+        marked = pack_marks(marks, seq_len)
+    else:
+        ids = tok.encode_batch(texts)
+    seqs = pack(ids, tok.eos_id, seq_len)
     evals = None
     if eval_data:
-        evals = pack(tok.encode_batch(read_all(check_paths(eval_data, "--eval-data"))), tok.eos_id, seq_len)
-    return split(seqs, evals)
+        eval_docs = read_all(check_paths(eval_data, "--eval-data"))
+        evals = pack(tok.encode_batch([doc.text for doc in eval_docs]), tok.eos_id, seq_len)
+    return split(seqs, evals, marked)
 
 
 def _reference(cfg: TrainConfig, tok: TextTokenizer, d: distributed.Dist, log) -> tuple[torch.nn.Module | None, int]:

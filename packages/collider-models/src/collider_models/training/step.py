@@ -73,6 +73,8 @@ class StepStats:
     kept: int
     predicted: int
     stop: bool  # some process asked to stop after this step
+    kept_marked: int = 0  # kept predicted tokens inside marked spans (see ``marked``)
+    marked: int = 0  # predicted tokens inside marked spans
 
 
 def autocast(device: torch.device, precision: str):
@@ -92,6 +94,7 @@ def accumulate_gradients(
     precision: str = "fp32",
     stop: bool = False,
     masked_loss: bool = False,
+    marked: list[torch.Tensor] | None = None,
 ) -> StepStats:
     """Forward and backward of one step's micro-batches (each (B, T) token ids, used as
     inputs and, shifted inside the model, as labels); gradients land in ``.grad``.
@@ -101,7 +104,8 @@ def accumulate_gradients(
     and values).
 
     ``stop`` is this process's stop request; the returned ``stop`` is true when any process
-    made one, so all of them stop after the same step.
+    made one, so all of them stop after the same step. ``marked`` ((B, T) bool per
+    micro-batch: tokens inside marked spans of the data) adds the counts of kept marked tokens.
     """
     dev = micro_batches[0].device
     valids = []
@@ -113,7 +117,7 @@ def accumulate_gradients(
     count = distributed.all_sum(d, torch.tensor([float(local)], dtype=torch.float64, device=dev))
     normalizer = float(count.item()) / d.world  # DDP/FSDP average over processes
 
-    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # kept loss, all loss, kept, predicted
+    sums = torch.zeros(6, dtype=torch.float64, device=dev)  # kept loss, all loss, kept, predicted, marked x2
     for k, (ids, valid) in enumerate(zip(micro_batches, valids, strict=True)):
         last = k == len(micro_batches) - 1
         with distributed.gradient_sync(model, sync=last):
@@ -127,11 +131,15 @@ def accumulate_gradients(
                 loss = filtered_mean(token_loss, keep, normalizer=normalizer, validate=False)
             loss.backward()
         detached = token_loss.detach().double()
+        label_marked = torch.zeros_like(valid)  # position t predicts token t + 1
+        if marked is not None:
+            label_marked[:, :-1] = marked[k][:, 1:].to(dev)
         sums += torch.stack([(detached * keep).sum(), detached[valid].sum(), keep.sum().double(),
-                             valid.sum().double()])
+                             valid.sum().double(), (keep & label_marked).sum().double(),
+                             (valid & label_marked).sum().double()])
     flags = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64, device=dev)
     total = distributed.all_sum(d, torch.cat([sums, flags])).tolist()
-    kept_loss, all_loss, kept, predicted, stops = total
+    kept_loss, all_loss, kept, predicted, kept_marked, n_marked, stops = total
     if int(kept) != int(count.item()):
         raise RuntimeError(f"selection kept {int(kept)} tokens, {int(count.item())} were counted for the normaliser")
     return StepStats(
@@ -140,6 +148,8 @@ def accumulate_gradients(
         kept=int(kept),
         predicted=int(predicted),
         stop=stops > 0,
+        kept_marked=int(kept_marked),
+        marked=int(n_marked),
     )
 
 

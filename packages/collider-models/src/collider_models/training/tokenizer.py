@@ -51,6 +51,14 @@ class TextTokenizer:
             return self.hf(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
         return [e.ids for e in self.raw.encode_batch(list(texts), add_special_tokens=False)]
 
+    def encode_with_offsets(self, texts: Sequence[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """Token ids of each text and each token's character span ``(start, end)``."""
+        if self.hf is not None:
+            enc = self.hf(list(texts), add_special_tokens=False, verbose=False, return_offsets_mapping=True)
+            return enc["input_ids"], enc["offset_mapping"]
+        encs = self.raw.encode_batch(list(texts), add_special_tokens=False)
+        return [e.ids for e in encs], [e.offsets for e in encs]
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``."""
         if self.hf is not None:
