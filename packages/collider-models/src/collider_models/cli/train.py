@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reference model of --selection excess: a trained folder sharing the tokenizer, or a preset "
                         "trained first on --reference-data; 'none' for --selection loss|random")
     p.add_argument("--reference-data", nargs="+", metavar="PATH",
-                   help="clean text to train the reference model on first (into DIR/reference)")
+                   help="clean text to train the reference model on first, into DIR/reference (without "
+                        "--reference, the reference starts as --model)")
     p.add_argument("--reference-steps", type=int, default=_D.reference_steps,
                    help="training steps of the reference model on --reference-data")
     p.add_argument("--selection", default=_D.selection, choices=SELECTIONS,

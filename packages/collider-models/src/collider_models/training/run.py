@@ -35,6 +35,8 @@ def resolve(cfg: TrainConfig, log=print) -> TrainConfig:
             cfg.reference_data = cfg.reference_data or [str(corpus.reference)]
     if cfg.selection != "excess" and cfg.reference is None:
         cfg.reference = "none"
+    if cfg.selection == "excess" and cfg.reference is None and cfg.reference_data:
+        cfg.reference = cfg.model  # the reference starts as the model and learns the clean text
     if cfg.selection == "excess" and cfg.reference is None:
         raise ValueError("--selection excess scores tokens against a reference model: give --reference FOLDER "
                          "(a trained model with the same tokenizer), or --reference PRESET with --reference-data "
