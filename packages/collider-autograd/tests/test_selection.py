@@ -43,3 +43,49 @@ def test_bad_inputs():
         select_top_k(torch.rand(2, 3), 0.5, per="token")
     with pytest.raises(ValueError, match="reference_loss"):
         excess_loss(torch.rand(2, 3), torch.rand(3, 2))
+
+
+INF = float("inf")
+
+
+@pytest.mark.parametrize("per", ["batch", "sequence"])
+def test_invalid_positions_are_never_kept_even_when_valid_scores_are_minus_inf(per):
+    scores = torch.tensor([[-INF, -INF, 1.0, -INF, 2.0], [-INF, 0.0, -INF, -INF, -INF]])
+    valid = torch.tensor([[True, False, False, True, False], [True, True, False, False, True]])
+    keep = select_top_k(scores, 1.0, per=per, valid=valid)
+    assert torch.equal(keep, valid)  # everything valid, nothing else, -inf scores included
+    keep = select_top_k(scores, 0.5, per=per, valid=valid)
+    assert not (keep & ~valid).any()
+    assert keep[1, 1]  # the one finite valid score of row 1 ranks first
+    nan_invalid = scores.masked_fill(~valid, float("nan"))  # NaN where invalid is allowed
+    assert torch.equal(select_top_k(nan_invalid, 1.0, per=per, valid=valid), valid)
+
+
+def test_ties_infinities_and_extremes():
+    scores = torch.tensor([[0.5, 0.5, 0.5, 0.5, INF, -INF]])
+    assert select_top_k(scores, 0.5).tolist() == [[True, True, False, False, True, False]]  # ties: earlier first
+    assert select_top_k(scores, 0.0).sum() == 0
+    assert select_top_k(scores, 1.0).all()
+    nothing_valid = torch.zeros_like(scores, dtype=torch.bool)
+    for per in ("batch", "sequence"):
+        assert select_top_k(scores, 1.0, per=per, valid=nothing_valid).sum() == 0
+        assert select_top_k(torch.empty(0, 4), 0.5, per=per).shape == (0, 4)
+        assert select_top_k(torch.empty(3, 0), 0.5, per=per).shape == (3, 0)
+    # per sequence: each row keeps round(fraction * its valid count), half to even
+    scores = torch.randn(2, 6, dtype=torch.float64)
+    valid = torch.tensor([[True] * 6, [True] * 5 + [False]])
+    assert select_top_k(scores, 0.5, per="sequence", valid=valid).sum(1).tolist() == [3, 2]
+    assert select_top_k(scores.to(torch.bfloat16), 0.5, valid=valid).sum() == 6
+
+
+def test_more_bad_inputs():
+    with pytest.raises(ValueError, match="fraction"):
+        select_top_k(torch.rand(2, 3), float("nan"))
+    with pytest.raises(ValueError, match="fraction"):
+        select_top_k(torch.rand(2, 3), "0.5")
+    with pytest.raises(ValueError, match="valid"):
+        select_top_k(torch.rand(2, 3), 0.5, valid=torch.ones(2, 3))
+    with pytest.raises(ValueError, match="valid"):
+        select_random((2, 3), 0.5, valid=torch.ones(3, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="NaN"):
+        select_top_k(torch.tensor([[float("nan"), 1.0]]), 0.5, per="sequence")

@@ -72,3 +72,6 @@ def hf_checkpoint(make_hf, tmp_path_factory):
         return made[arch]
 
     return get
+
+
+TINY["mistral"] = "mistral-tiny"

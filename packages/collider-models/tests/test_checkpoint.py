@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -257,8 +258,8 @@ def test_error_config_dtype_unknown(saved):
 
 
 def test_error_unsupported_rope_scaling(saved):
-    _edit_config(saved, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
-    with pytest.raises(ValueError, match="rope_type 'linear'"):
+    _edit_config(saved, rope_parameters={"rope_type": "proportional", "rope_theta": 10000.0, "factor": 2.0})
+    with pytest.raises(ValueError, match="rope_type 'proportional'"):
         from_pretrained(saved)
 
 
@@ -267,3 +268,158 @@ def test_error_index_names_missing_file(saved):
     (saved / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model-00002-of-00002"):
         from_pretrained(saved)
+
+
+# ----------------------------------------------------------------------------- atomic saves
+
+
+def _state(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["weights", "config"])
+def test_failed_save_leaves_the_old_sharded_checkpoint_intact(where, make_ours, tmp_path, monkeypatch):
+    import collider_models.checkpoint as ckpt
+
+    old = make_ours("llama", seed=1)
+    folder = tmp_path / "ckpt"
+    save_pretrained(old, folder)
+    _shard(folder, 3, index=True)
+    (folder / "tokenizer.json").write_text("{}")
+    before = _state(folder)
+
+    def fail(*args, **kwargs):
+        if where == "weights":
+            with open(args[1], "wb") as f:
+                f.write(b"half a file")  # the disk fills up mid-write
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file" if where == "weights" else "_write_json", fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_pretrained(make_ours("llama", seed=2), folder)
+    assert _state(folder) == before  # every old shard, the index and the config, unchanged
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary folder left behind
+    monkeypatch.undo()
+    _assert_same_model(old, from_pretrained(folder))
+
+
+def test_save_keeps_other_files_and_replaces_old_weights(make_ours, tmp_path):
+    folder = tmp_path / "ckpt"
+    save_pretrained(make_ours("phi", seed=1), folder)
+    _shard(folder, 2, index=True)
+    (folder / "tokenizer.json").write_text('{"a": 1}')
+    (folder / "pytorch_model.bin").write_bytes(b"stale")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "state.pt").write_bytes(b"optimizer")
+    new = make_ours("phi", seed=2)
+    save_pretrained(new, folder)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "sub", "tokenizer.json"]
+    assert (folder / "tokenizer.json").read_text() == '{"a": 1}'
+    assert (folder / "sub" / "state.pt").read_bytes() == b"optimizer"
+    _assert_same_model(new, from_pretrained(folder))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sharded_save(arch, make_ours, tmp_path):
+    model = make_ours(arch, seed=3)
+    model.save_pretrained(tmp_path, max_shard_size="60KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 2 and not (tmp_path / "model.safetensors").exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    for shard in shards:  # a shard over the limit holds one larger tensor alone
+        with safe_open(tmp_path / shard, framework="pt") as f:
+            sizes = [f.get_tensor(n).numel() * 4 for n in f.keys()]
+        assert sum(sizes) <= 60_000 or len(sizes) == 1
+    _assert_same_model(model, from_pretrained(tmp_path))
+    save_pretrained(model, tmp_path)  # and back to one file: the shards go
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_save_pretrained_arguments(make_ours, tmp_path):
+    model = make_ours("llama", seed=4)
+    model.save_pretrained(tmp_path / "no", is_main_process=False)
+    assert not (tmp_path / "no").exists()
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "sd", state_dict=state)  # what transformers' Trainer passes
+    loaded = from_pretrained(tmp_path / "sd")
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight + 1)
+    with pytest.raises(ValueError, match="missing"):
+        model.save_pretrained(tmp_path / "bad", state_dict={})
+    with pytest.raises(ValueError, match="safetensors"):
+        model.save_pretrained(tmp_path / "bad", safe_serialization=False)
+    with pytest.raises(ValueError, match="max_shard_size"):
+        model.save_pretrained(tmp_path / "bad", max_shard_size="lots")
+    assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- corrupt files
+
+
+def test_error_corrupt_config_names_the_file(saved):
+    (saved / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
+        from_pretrained(saved)
+    (saved / "config.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"config\.json must hold a JSON object"):
+        from_pretrained(saved)
+
+
+def test_error_unsupported_config_value_names_the_file(saved):
+    _edit_config(saved, hidden_act="gelu")
+    with pytest.raises(ValueError, match=r"config\.json: config hidden_act='gelu' is not supported"):
+        from_pretrained(saved)
+
+
+def test_error_corrupt_index_names_the_file(saved):
+    _shard(saved, 2, index=True)
+    (saved / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json is not valid JSON"):
+        from_pretrained(saved)
+    (saved / "model.safetensors.index.json").write_text('{"weight_map": [1]}')
+    with pytest.raises(CheckpointError, match="no 'weight_map' object"):
+        from_pretrained(saved)
+
+
+@pytest.mark.parametrize("how", ["garbage", "truncated"])
+def test_error_corrupt_safetensors_names_the_file(how, saved):
+    file = saved / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(b"\x00\x01garbage" * 3 if how == "garbage" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        from_pretrained(saved)
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/x.safetensors", ".."])
+def test_error_index_entry_outside_the_folder(entry, saved):
+    _shard(saved, 2, index=True)
+    index = json.loads((saved / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = entry
+    (saved / "model.safetensors.index.json").write_text(json.dumps(index))
+    (saved.parent / "outside.safetensors").write_bytes((saved / "model-00001-of-00002.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="entries must be file names in the checkpoint folder"):
+        from_pretrained(saved)
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_error_symlink_out_of_the_folder(indexed, saved, tmp_path_factory):
+    _shard(saved, 2, index=indexed)
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "w.safetensors"
+    (saved / "model-00002-of-00002.safetensors").rename(elsewhere)
+    (saved / "model-00002-of-00002.safetensors").symlink_to(elsewhere)
+    with pytest.raises(CheckpointError, match="points outside the checkpoint folder"):
+        from_pretrained(saved)
+
+
+def test_hub_cache_symlinks_load(make_ours, tmp_path):
+    # The Hugging Face hub cache: snapshots/<rev>/<file> are links into ../../blobs.
+    model = make_ours("llama", seed=5)
+    save_pretrained(model, tmp_path / "staging")
+    snap, blobs = tmp_path / "models--x--y" / "snapshots" / "abc", tmp_path / "models--x--y" / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted((tmp_path / "staging").iterdir())):
+        f.rename(blobs / f"blob{i}")
+        (snap / f.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
+    _assert_same_model(model, from_pretrained(snap))

@@ -1,4 +1,5 @@
-"""The Collider gradient contract (DESIGN.md §2), end to end through every architecture."""
+"""The Collider gradient contract (the Design page, docs/design.rst), end to end through every
+architecture."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import collider_models
 from collider_autograd import TokenSparseTensor, densify_counts, filtered_mean, reset_densify_counts
 from collider_models.reference import detach_filtered_kv, masked_mean
 
-ARCHS = ["tinyllama-tiny", "qwen2.5-tiny", "phi-tiny"]
+ARCHS = ["tinyllama-tiny", "llama3-tiny", "mistral-tiny", "qwen2.5-tiny", "phi-tiny"]
 B, T = 3, 12
 
 
@@ -107,7 +108,7 @@ def test_forward_unchanged_and_filtered_activations_get_zero_gradient(arch):
 
 @settings(deadline=None, max_examples=12)
 @given(
-    arch=st.sampled_from(["tinyllama-tiny", "qwen2.5-tiny", "phi-tiny"]),
+    arch=st.sampled_from(ARCHS),
     kv_heads=st.sampled_from([1, 2]),
     group=st.sampled_from([1, 2, 3]),
     head_dim=st.sampled_from([4, 8]),

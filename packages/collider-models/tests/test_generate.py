@@ -6,7 +6,7 @@ import torch
 from collider_models import KVCache, generate
 from collider_models.generate import _top_p_filter, cached_forward
 
-ARCHS = ["llama", "qwen2", "phi"]
+ARCHS = ["llama", "mistral", "qwen2", "phi"]
 
 
 def _prompt(model, B=2, T=5, seed=0):
@@ -27,6 +27,27 @@ def test_cached_forward_equals_full_forward(arch, make_ours):
     torch.testing.assert_close(parts[3], full[:, -1:], rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="exceed"):
         cached_forward(model, ids[:, :2], cache)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padded_cached_forward_equals_full_forward(arch, make_ours):
+    # Left-padded prompts, fed in chunks: the cache masks the padding (and mistral-tiny's 8-token
+    # window) exactly as the training forward does with the same positions.
+    model = make_ours(arch).double()
+    ids = _prompt(model, B=3, T=14)
+    mask = torch.ones(3, 14, dtype=torch.int64)
+    mask[1, :4] = 0
+    mask[2, :9] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    real = mask.bool()
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, position_ids=positions).logits  # (B, T, V)
+    cache = KVCache(model, batch=3, max_length=14)
+    parts = [cached_forward(model, ids[:, :10], cache, attention_mask=mask[:, :10]),
+             cached_forward(model, ids[:, 10:11], cache), cached_forward(model, ids[:, 11:], cache)]
+    got = torch.cat(parts, 1)
+    torch.testing.assert_close(got[real], full[real], rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(got).all()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

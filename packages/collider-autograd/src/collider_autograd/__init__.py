@@ -1,6 +1,7 @@
 """collider-autograd: the sparsity-carrying gradient, layer Functions/Modules, token selection,
 and :func:`filtered_mean` — the one line users change."""
 
+from collider_autograd.densify import SparseGradientError, allow_densify, densify_allowed
 from collider_autograd.filtered_mean import filtered_mean
 from collider_autograd.layers import (
     Embedding,
@@ -24,9 +25,8 @@ from collider_autograd.sparse_grad import TokenSparseTensor, densify_counts, res
 __version__ = "0.1.0"
 
 __all__ = [
-    "Embedding", "LayerNorm", "Linear", "RMSNorm", "TokenSparseTensor", "apply_rotary", "causal_attention",
-    "densify_counts", "embedding", "excess_loss", "gelu_new", "layer_norm", "filtered_mean", "linear",
-    "linear_cross_entropy",
-    "reset_densify_counts", "rms_norm", "rotary_tables", "select_random", "select_threshold",
-    "select_top_k", "swiglu",
+    "Embedding", "LayerNorm", "Linear", "RMSNorm", "SparseGradientError", "TokenSparseTensor", "allow_densify",
+    "apply_rotary", "causal_attention", "densify_allowed", "densify_counts", "embedding", "excess_loss",
+    "filtered_mean", "gelu_new", "layer_norm", "linear", "linear_cross_entropy", "reset_densify_counts",
+    "rms_norm", "rotary_tables", "select_random", "select_threshold", "select_top_k", "swiglu",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -10,16 +12,26 @@ def _check_scores(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Ten
         raise TypeError(f"scores must be a 2-D (B, T) floating tensor, got {getattr(scores, 'shape', type(scores))}")
     if valid is None:
         valid = torch.ones_like(scores, dtype=torch.bool)
-    elif valid.dtype != torch.bool or valid.shape != scores.shape:
+    elif not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or valid.shape != scores.shape:
         raise ValueError(f"valid must be a bool tensor of shape {tuple(scores.shape)}")
+    elif valid.device != scores.device:
+        raise ValueError(f"valid must be on {scores.device}, got {valid.device}")
     if bool(torch.isnan(scores[valid]).any()):
         raise ValueError("scores contain NaN at valid positions")
     return valid
 
 
 def _check_fraction(fraction: float) -> None:
-    if not 0.0 <= fraction <= 1.0:
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 <= fraction <= 1.0:
         raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+
+
+def _rank_order(scores: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Tensor:
+    """Positions along ``dim`` from best to worst: valid ones first by score (highest first, ties by
+    position), invalid ones after all of them, whatever their scores (-inf or NaN included)."""
+    order = scores.nan_to_num(nan=0.0).argsort(dim=dim, descending=True, stable=True)
+    valid_first = (~valid.gather(dim, order)).to(torch.uint8).argsort(dim=dim, stable=True)
+    return order.gather(dim, valid_first)
 
 
 def select_top_k(
@@ -28,27 +40,28 @@ def select_top_k(
     """Keep the highest-scoring ``fraction`` of valid positions.
 
     Args:
-        scores: (B, T) scores, e.g. :func:`excess_loss`.
-        fraction: share of valid positions to keep, in [0, 1].
+        scores: (B, T) scores, e.g. :func:`excess_loss`; ``-inf``/``inf`` are ordinary scores.
+        fraction: share of valid positions to keep, in [0, 1]; the count is rounded to the
+            nearest integer (half to even).
         per: ``"batch"`` ranks all positions together (Rho-1); ``"sequence"`` keeps the same
-            share in every sequence.
-        valid: (B, T) bool, positions that may be kept (e.g. ``labels != -100``).
+            share of each sequence's valid positions.
+        valid: (B, T) bool, positions that may be kept (e.g. ``labels != -100``). Invalid
+            positions are never kept, whatever their scores.
 
     Returns:
-        (B, T) bool keep mask; ties are broken by position.
+        (B, T) bool keep mask; ties are broken by position (earlier first).
     """
     _check_fraction(fraction)
     valid = _check_scores(scores, valid)
-    masked = scores.float().masked_fill(~valid, float("-inf"))
     if per == "batch":
         k = int(round(fraction * int(valid.sum())))
         keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-        if k:
-            keep[masked.reshape(-1).topk(k, sorted=False).indices] = True
+        order = _rank_order(scores.reshape(1, -1), valid.reshape(1, -1), 1)[0]  # (B*T,)
+        keep[order[:k]] = True
         return keep.view(scores.shape)
     if per == "sequence":
         counts = (fraction * valid.sum(1).float()).round().long()  # (B,)
-        order = masked.argsort(dim=1, descending=True, stable=True)  # (B, T)
+        order = _rank_order(scores, valid, 1)  # (B, T)
         ranks = torch.empty_like(order)
         ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
         return (ranks < counts[:, None]) & valid
@@ -67,8 +80,10 @@ def select_random(
 ) -> torch.Tensor:
     """Keep each valid position independently with probability ``fraction``; (B, T) bool."""
     _check_fraction(fraction)
+    if valid is not None and (valid.dtype != torch.bool or tuple(valid.shape) != tuple(shape)):
+        raise ValueError(f"valid must be a bool tensor of shape {tuple(shape)}, got {valid.dtype} {tuple(valid.shape)}")
     keep = torch.rand(shape, generator=generator, device=device) < fraction
-    return keep if valid is None else keep & valid
+    return keep if valid is None else keep & valid.to(keep.device)
 
 
 def excess_loss(token_loss: torch.Tensor, reference_loss: torch.Tensor) -> torch.Tensor:

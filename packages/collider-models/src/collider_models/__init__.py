@@ -1,6 +1,6 @@
-"""collider-models: TinyLlama, Qwen2.5 and Phi-1.5 built on collider-autograd."""
+"""collider-models: Llama, Mistral, Qwen2 and Phi decoder LMs built on collider-autograd."""
 
-from collider_models import llama, phi, qwen2  # noqa: F401  (register architectures)
+from collider_models import llama, mistral, phi, qwen2  # noqa: F401  (register architectures)
 from collider_models.blocks import CausalLM, CausalLMOutput, shift_labels
 from collider_models.checkpoint import from_pretrained, save_pretrained
 from collider_models.config import ModelConfig

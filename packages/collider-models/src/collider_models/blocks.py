@@ -16,14 +16,14 @@ from collider_autograd import (
     LayerNorm,
     Linear,
     RMSNorm,
-    apply_rotary,
     causal_attention,
     gelu_new,
     linear_cross_entropy,
-    rotary_tables,
     swiglu,
 )
 from collider_models.config import ModelConfig
+from collider_models.masks import Layout, layout
+from collider_models.rope import Rotary, rotate
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -35,27 +35,39 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention with rotary on the first ``rot_dim`` dims."""
+    """Grouped-query causal self-attention with rotary on the first ``rot_dim`` dims and an
+    optional sliding ``window`` (a query sees itself and the ``window - 1`` keys before it)."""
 
-    def __init__(self, cfg: ModelConfig, out_name: str = "o_proj"):
+    def __init__(self, cfg: ModelConfig, out_name: str = "o_proj", window: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.window = window
         self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.out_name = out_name
         setattr(self, out_name, Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.out_bias))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0):
-        """(B, T, hidden) → (B, T, hidden). With a ``cache`` (inference, see
-        :class:`collider_models.generate.KVCache`) the new keys/values are appended to layer
-        ``layer`` of it and the queries attend to everything cached."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0,
+                key_start: torch.Tensor | None = None):
+        """(B, T, hidden) → (B, T, hidden). ``cos``/``sin``: (T, rot_dim) or (B, T, rot_dim);
+        ``key_start``: (B, T) first key each query sees (padding, packed documents). With a
+        ``cache`` (inference, see :class:`collider_models.generate.KVCache`) the new keys/values
+        are appended to layer ``layer`` of it and the queries attend to what is cached."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = causal_attention(q, k, v) if cache is None else cache.attend(layer, q, k, v)  # (B, T, Hq, D)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        if cache is not None:
+            out = cache.attend(layer, q, k, v, self.window)  # (B, T, Hq, D)
+        else:
+            masks = {}
+            if self.window is not None and self.window < T:
+                masks["window"] = self.window
+            if key_start is not None:
+                masks.update(key_start=key_start, validate=False)  # valid by construction (masks.layout)
+            out = causal_attention(q, k, v, **masks)  # (B, T, Hq, D)
         return getattr(self, self.out_name)(out.reshape(B, T, -1))  # (B, T, hidden)
 
 
@@ -87,20 +99,21 @@ class GeluMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block: sequential (attn then MLP, two norms) or parallel (one shared norm)."""
 
-    def __init__(self, cfg: ModelConfig, attn_out_name: str = "o_proj"):
+    def __init__(self, cfg: ModelConfig, attn_out_name: str = "o_proj", window: int | None = None):
         super().__init__()
         self.parallel = cfg.parallel_block
         self.input_layernorm = make_norm(cfg)
-        self.self_attn = Attention(cfg, out_name=attn_out_name)
+        self.self_attn = Attention(cfg, out_name=attn_out_name, window=window)
         self.mlp = SwiGLUMLP(cfg) if cfg.mlp == "swiglu" else GeluMLP(cfg)
         if not self.parallel:
             self.post_attention_layernorm = make_norm(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0):
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0,
+                key_start: torch.Tensor | None = None):
         if self.parallel:
             h = self.input_layernorm(x)
-            return x + self.self_attn(h, cos, sin, cache, layer) + self.mlp(h)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer)
+            return x + self.self_attn(h, cos, sin, cache, layer, key_start) + self.mlp(h)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, key_start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -110,23 +123,28 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, final_norm_name: str = "norm", attn_out_name: str = "o_proj"):
         super().__init__()
         self.cfg = cfg
+        self.rotary = Rotary(cfg.rope)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, attn_out_name) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, attn_out_name, w) for w in cfg.layer_windows)
         self.final_norm_name = final_norm_name
         setattr(self, final_norm_name, make_norm(cfg))
 
-    def forward(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
-        """(B, T) ids → (B, T, hidden) final hidden states; with a ``cache`` the ids continue
-        the cached positions, which the cache then includes."""
+    def forward(self, input_ids: torch.Tensor, cache=None, lay: Layout | None = None) -> torch.Tensor:
+        """(B, T) ids → (B, T, hidden) final hidden states.
+
+        ``lay`` (a :class:`~collider_models.masks.Layout`) gives the rotary positions and the
+        keys each query sees; default: one document per row at positions ``0 .. T-1``. With a
+        ``cache`` the ids continue the cached ones (the cache masks the keys) and are appended.
+        """
         B, T = input_ids.shape
-        start = 0 if cache is None else cache.length
+        if lay is None:
+            lay = layout((B, T), input_ids.device, past=0 if cache is None else cache.length)
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
-        positions = torch.arange(start, start + T, device=input_ids.device)
-        cos, sin = rotary_tables(positions, self.cfg.rot_dim, self.cfg.rope_theta, x.dtype)  # (T, rot_dim)
+        cos, sin = self.rotary.tables(lay.positions, x.dtype)  # (T, rot_dim) or (B, T, rot_dim)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i)
+            x = layer(x, cos, sin, cache, i, lay.key_start)
         if cache is not None:
-            cache.length = start + T
+            cache.length += T
         return getattr(self, self.final_norm_name)(x)
 
 
@@ -159,7 +177,13 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 
 class CausalLM(nn.Module):
     """Decoder + LM head. ``forward`` follows ``transformers`` (logits, or losses with
-    ``labels``); ``token_loss`` gives the per-position CE against aligned labels."""
+    ``labels``); ``token_loss`` gives the per-position CE against aligned labels.
+
+    Both take ``attention_mask`` (padding), ``position_ids`` (as ``transformers``; restarting
+    positions mark packed documents) and ``document_ids`` (a document id per token), see
+    :func:`collider_models.masks.layout`. Padded positions get no loss (their labels are
+    ignored), so ``filtered_mean(..., labels=output.labels)`` refuses to keep them.
+    """
 
     def __init__(self, cfg: ModelConfig, final_norm_name: str = "norm", attn_out_name: str = "o_proj"):
         super().__init__()
@@ -185,46 +209,106 @@ class CausalLM(nn.Module):
                     module.bias.zero_()
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, ignore_index: int = -100
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        ignore_index: int = -100,
     ) -> CausalLMOutput:
         """The model's forward, in the ``transformers`` convention.
 
         Without ``labels``: ``(B, T, V)`` logits in ``output.logits``. With ``labels`` (B, T),
         as ``transformers`` takes them (normally the input ids, shifted inside: position t
         predicts ``labels[:, t + 1]``): the per-token losses in ``output.token_loss`` (B, T)
-        fp32, the shifted labels they were computed against in ``output.labels`` (the last
-        position and ``ignore_index`` entries are ``ignore_index``, loss 0), and the plain mean
-        over non-ignored positions in ``output.loss``. The LM head is fused into the loss, so
-        no logits are made then. Use ``filtered_mean(output.token_loss, keep)`` for Collider.
+        fp32, the shifted labels they were computed against in ``output.labels``, and the
+        plain mean over non-ignored positions in ``output.loss``. The LM head is fused into
+        the loss, so no logits are made then. Use ``filtered_mean(output.token_loss, keep)``
+        for Collider.
+
+        A shifted label is ``ignore_index`` (loss 0) at the last position, where ``labels``
+        holds ``ignore_index``, at padding, where the target token is padding and where the
+        target begins another document (the last token of a document predicts nothing). So
+        padded and cross-document targets never count, even if ``labels`` holds real ids
+        there (``transformers`` would count them).
+
+        Args:
+            input_ids: (B, T) token ids.
+            labels: (B, T) labels as ``transformers`` takes them, or ``None``.
+            attention_mask: (B, T) 1 for tokens, 0 for padding.
+            position_ids: (B, T) or (1, T) rotary positions; a position that does not follow
+                the previous one by 1 starts a new document.
+            document_ids: (B, T) document id per token; positions restart at each document
+                unless ``position_ids`` are given.
+            ignore_index: label value that contributes no loss.
 
         Calling the model (not :meth:`token_loss`) is what arms ``DistributedDataParallel``'s
         and FSDP's hooks.
         """
+        ids = _check_ids(input_ids, self.config.vocab_size)
+        lay = layout(ids.shape, ids.device, attention_mask=attention_mask, position_ids=position_ids,
+                     document_ids=document_ids)
         if labels is None:
-            logits = self.lm_head(self.model(_check_ids(input_ids, self.config.vocab_size)))  # (B, T, V)
-            return CausalLMOutput(logits=logits)
-        shifted = shift_labels(labels, ignore_index)  # (B, T)
-        token_loss = self.token_loss(input_ids, shifted, ignore_index)  # (B, T) fp32
-        valid = shifted != ignore_index
-        count = valid.sum()
+            if ids.numel() == 0:
+                empty = self._empty((*ids.shape, self.config.vocab_size), self.lm_head.weight.dtype)
+                return CausalLMOutput(logits=empty)
+            return CausalLMOutput(logits=self.lm_head(self._hidden(ids, lay)))  # (B, T, V)
+        _check_labels(labels, ids)
+        shifted = _ignore_outside(shift_labels(labels, ignore_index), lay, ignore_index, shifted=True)  # (B, T)
+        token_loss = self._token_loss(ids, shifted, lay, ignore_index)  # (B, T) fp32
+        count = (shifted != ignore_index).sum()
         total = token_loss.sum()  # ignored positions hold 0
         loss = torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
         return CausalLMOutput(loss=loss, token_loss=token_loss, labels=shifted)
 
-    def token_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    def token_loss(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        ignore_index: int = -100,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """(B, T) float32 cross-entropy of position t against ``labels[:, t]`` (labels already
-        aligned with positions, unlike :meth:`forward`); ignored → 0. Under data-parallel
-        wrappers call the wrapper (``ddp(ids, labels=...)``), not this method."""
-        hidden = self.model(_check_ids(input_ids, self.config.vocab_size))  # (B, T, hidden)
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        aligned with positions, unlike :meth:`forward`); ignored and padded positions → 0.
+        ``attention_mask``, ``position_ids`` and ``document_ids`` as in :meth:`forward`. Under
+        data-parallel wrappers call the wrapper (``ddp(ids, labels=...)``), not this method."""
+        ids = _check_ids(input_ids, self.config.vocab_size)
+        _check_labels(labels, ids)
+        lay = layout(ids.shape, ids.device, attention_mask=attention_mask, position_ids=position_ids,
+                     document_ids=document_ids)
+        return self._token_loss(ids, _ignore_outside(labels, lay, ignore_index, shifted=False), lay, ignore_index)
+
+    def _hidden(self, ids: torch.Tensor, lay: Layout) -> torch.Tensor:
+        if self.config.dropout and self.training and torch.is_grad_enabled():
+            fields = ", ".join(f"{k}={v}" for k, v in sorted(self.config.dropout.items()))
+            raise ValueError(
+                f"the config asks for dropout ({fields}), which Collider models do not apply; call "
+                "model.config.train_without_dropout() to train without it, or model.eval() for inference"
+            )
+        return self.model(ids, lay=lay)  # (B, T, hidden)
+
+    def _token_loss(self, ids, labels, lay, ignore_index) -> torch.Tensor:
+        if ids.numel() == 0:
+            return self._empty(tuple(ids.shape), torch.float32)
+        hidden = self._hidden(ids, lay)  # (B, T, hidden)
         return linear_cross_entropy(hidden, self.lm_head.weight, labels, self.lm_head.bias, ignore_index)
 
-    def save_pretrained(self, path) -> None:
+    def _empty(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """Zeros of an empty batch (B = 0 or T = 0), connected to every parameter so that a
+        backward gives each one a zero gradient, as a step that keeps nothing does."""
+        zero = sum(p.reshape(-1)[:1].sum() for p in self.parameters()) * 0  # 0-dim
+        return torch.zeros(shape, dtype=dtype, device=self.lm_head.weight.device) + zero.to(dtype)
+
+    def save_pretrained(self, path, **kwargs) -> None:
         """Write a Hugging Face checkpoint folder (see :func:`collider_models.checkpoint.save_pretrained`)."""
         from collider_models.checkpoint import save_pretrained
 
-        save_pretrained(self, path)
+        save_pretrained(self, path, **kwargs)
 
 
 def _check_ids(input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -235,3 +319,23 @@ def _check_ids(input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
     if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
         raise IndexError(f"input_ids must lie in [0, {vocab})")
     return input_ids
+
+
+def _check_labels(labels, ids: torch.Tensor) -> None:
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64/int32 tensor, got {getattr(labels, 'dtype', type(labels))}")
+    if labels.shape != ids.shape:
+        raise ValueError(f"labels must have input_ids' shape {tuple(ids.shape)}, got {tuple(labels.shape)}")
+
+
+def _ignore_outside(labels: torch.Tensor, lay: Layout, ignore_index: int, *, shifted: bool) -> torch.Tensor:
+    """``labels`` with padded positions (and, for shifted labels, padded or next-document
+    targets) set to ``ignore_index``."""
+    drop = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    if lay.real is not None:
+        drop |= ~lay.real
+        if shifted:
+            drop[:, :-1] |= ~lay.real[:, 1:]
+    if shifted and lay.new_doc is not None:
+        drop[:, :-1] |= lay.new_doc[:, 1:]
+    return labels.masked_fill(drop, ignore_index) if bool(drop.any()) else labels

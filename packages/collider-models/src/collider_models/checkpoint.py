@@ -5,7 +5,7 @@
 into the target dtype and device: the model is built on the meta device and its
 parameters are the tensors read from memory-mapped safetensors files, so no random
 initialisation is ever materialised. :func:`save_pretrained` writes a folder that
-``transformers`` loads.
+``transformers`` loads, atomically (the old checkpoint stays whole until the new one is).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from collider_models.atomic import atomic_dir
 from collider_models.config import _DTYPES, dtype_of
 from collider_models.registry import ARCHITECTURES, from_config
 
@@ -31,8 +33,8 @@ INDEX_NAME = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # safetensors dtype tags → torch dtypes (floating point only; others cannot be loaded).
 _SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_ARCH_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi": "PhiForCausalLM"}
-_SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+_ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "phi": "PhiForCausalLM"}
 
 
 class CheckpointError(ValueError):
@@ -61,12 +63,21 @@ def _resolve_device(device) -> torch.device:
     return device
 
 
+def _read_json(file: Path) -> object:
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """The Hugging Face config dict of checkpoint folder ``path``.
 
     Raises:
         FileNotFoundError: ``path`` is not a folder or holds no ``config.json``.
-        ValueError: the config names no registered ``model_type``.
+        ValueError: the config is not a JSON object (:class:`CheckpointError`) or names no
+            registered ``model_type``; the message names the file.
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -74,10 +85,9 @@ def read_config(path: str | os.PathLike) -> dict:
     cfg_file = folder / CONFIG_NAME
     if not cfg_file.is_file():
         raise FileNotFoundError(f"checkpoint folder {str(folder)!r} has no {CONFIG_NAME}")
-    with open(cfg_file, encoding="utf-8") as f:
-        cfg = json.load(f)
+    cfg = _read_json(cfg_file)
     if not isinstance(cfg, dict):
-        raise ValueError(f"{cfg_file} must hold a JSON object")
+        raise CheckpointError(f"{cfg_file} must hold a JSON object")
     if cfg.get("model_type") not in ARCHITECTURES:
         raise ValueError(
             f"unknown model_type {cfg.get('model_type')!r} in {cfg_file}; supported: {sorted(ARCHITECTURES)}"
@@ -85,30 +95,55 @@ def read_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
+def _inside(folder: Path, file: Path, what: str) -> Path:
+    """``file`` if it resolves inside ``folder`` (or, for the Hugging Face hub cache, into the
+    ``blobs`` folder its snapshots link to); else a :class:`CheckpointError` naming ``what``."""
+    root, target = folder.resolve(), file.resolve()
+    blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+    if target.is_relative_to(root) or (blobs is not None and target.is_relative_to(blobs)):
+        return file
+    raise CheckpointError(f"{what} points outside the checkpoint folder {str(folder)!r} (to {str(target)!r})")
+
+
 def _weight_files(folder: Path) -> dict[str, Path]:
     """tensor name → file holding it, from the index if there is one, else every shard."""
     index_file = folder / INDEX_NAME
     if index_file.is_file():
-        with open(index_file, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+        index = _read_json(index_file)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index_file} has no 'weight_map' object")
-        where = {name: folder / fname for name, fname in weight_map.items()}
+        where = {}
+        for name, fname in weight_map.items():
+            if not isinstance(fname, str) or not fname or Path(fname).name != fname or fname in (".", ".."):
+                raise CheckpointError(
+                    f"{index_file} maps {name!r} to {fname!r}; entries must be file names in the checkpoint folder"
+                )
+            where[name] = folder / fname
         for file in sorted(set(where.values())):
             if not file.is_file():
                 raise FileNotFoundError(f"{index_file} names {file.name}, which is not in the folder")
+            _inside(folder, file, f"{index_file} entry {file.name!r}")
         return where
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"checkpoint folder {str(folder)!r} has no *.safetensors weights")
     where: dict[str, Path] = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        _inside(folder, file, f"weight file {file.name!r}")
+        with _open_safetensors(file) as f:
             for name in f.keys():
                 if name in where:
                     raise CheckpointError(f"tensor {name!r} is stored twice: in {where[name].name} and {file.name}")
                 where[name] = file
     return where
+
+
+def _open_safetensors(file: Path, device: str = "cpu"):
+    try:
+        return safe_open(file, framework="pt", device=device)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{file} is not a readable safetensors file: {e}") from e
 
 
 def _stored_meta(where: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -118,7 +153,7 @@ def _stored_meta(where: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str
         by_file.setdefault(file, []).append(name)
     meta = {}
     for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:
@@ -154,7 +189,10 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
     target = _resolve_dtype(dtype)
     dev = _resolve_device(device)
     with torch.device("meta"):
-        model = from_config(cfg)
+        try:
+            model = from_config(cfg)
+        except ValueError as e:
+            raise type(e)(f"{folder / CONFIG_NAME}: {e}") from e
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     where = _weight_files(folder)
@@ -192,9 +230,13 @@ def from_pretrained(path: str | os.PathLike, dtype: torch.dtype | str | None = N
             by_file.setdefault(where[name], []).append(name)
     safe_device = str(dev) if dev.type != "cpu" else "cpu"
     for file, names in by_file.items():
-        with safe_open(file, framework="pt", device=safe_device) as f:
+        with _open_safetensors(file, safe_device) as f:
             for name in names:
-                state[name] = f.get_tensor(name).to(target)  # no copy when already in `target`
+                try:
+                    tensor = f.get_tensor(name)
+                except Exception as e:  # a truncated or corrupt file
+                    raise CheckpointError(f"cannot read tensor {name!r} from {file}: {e}") from e
+                state[name] = tensor.to(target)  # no copy when already in `target`
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -211,31 +253,113 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
+_STALE_RE = re.compile(r"^(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def _shard_bytes(max_shard_size) -> int | None:
+    """``max_shard_size`` (bytes, or a string such as "5GB" / "100KB") → bytes; None: one file."""
+    if max_shard_size is None:
+        return None
+    if isinstance(max_shard_size, int) and not isinstance(max_shard_size, bool):
+        size = max_shard_size
+    else:
+        m = _SIZE_RE.match(str(max_shard_size))
+        if not m:
+            raise ValueError(f"max_shard_size must be a number of bytes or a size like '5GB', got {max_shard_size!r}")
+        size = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    if size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size!r}")
+    return size
+
+
+def _shards(tensors: dict[str, torch.Tensor], limit: int | None) -> list[dict[str, torch.Tensor]]:
+    """Split tensors in order into groups of at most ``limit`` bytes (a larger tensor alone)."""
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if limit is not None and groups[-1] and size + n > limit:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += n
+    return groups
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Hard-link (else copy) every file of the old checkpoint folder that is not weights or
+    config into the new one: tokenizer files, generation config, training state stay."""
+    for entry in old.iterdir():
+        if entry.name == CONFIG_NAME or _STALE_RE.match(entry.name):
+            continue
+        target = new / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target)
+
+
+def _link_or_copy(src, dst) -> None:
+    if os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def save_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    max_shard_size: int | str | None = None,
+    safe_serialization: bool = True,
+    is_main_process: bool = True,
+) -> None:
     """Write ``model`` as a Hugging Face checkpoint folder that ``transformers`` loads.
 
-    Writes ``config.json`` (the model's Hugging Face config dict with ``dtype`` set to
-    the parameters' dtype) and one ``model.safetensors``. A tied LM head is stored once,
-    as ``model.embed_tokens.weight``, as ``transformers`` does. Earlier weight files of
-    the folder (``model.safetensors``, ``model-*-of-*.safetensors`` and the index) are
+    Writes ``config.json`` (the model's Hugging Face config dict with ``dtype`` set to the
+    parameters' dtype) and the weights: one ``model.safetensors``, or with ``max_shard_size``
+    shards ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json``. A tied
+    LM head is stored once, as ``model.embed_tokens.weight``, as ``transformers`` does.
+
+    The write is atomic: everything goes to a temporary folder next to ``path``, which takes
+    its name only once complete, so ``path`` always holds either the complete old checkpoint
+    (sharded or not) or the complete new one, config and weights together. Other files of an
+    existing ``path`` (tokenizer, generation config, ...) are kept; its old weight files are
     replaced.
 
     Args:
         model: a Collider causal LM (its ``config`` is a :class:`ModelConfig`).
         path: destination folder, created if needed.
+        state_dict: tensors to save instead of ``model.state_dict()`` (same names), as
+            ``transformers``' ``Trainer`` passes them.
+        max_shard_size: largest shard, in bytes or as a string like ``"5GB"``; default one file.
+        safe_serialization: must be True (only safetensors are written).
+        is_main_process: False writes nothing (the other ranks of a distributed run).
     """
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "to_hf_dict"):
         raise TypeError(f"model must be a Collider CausalLM with a ModelConfig, got {type(model).__name__}")
+    if not safe_serialization:
+        raise ValueError("only safetensors checkpoints are written (safe_serialization=True)")
+    limit = _shard_bytes(max_shard_size)
+    if not is_main_process:
+        return
     params = dict(model.named_parameters())  # tied parameters appear once
-    dtypes = {p.dtype for p in params.values()}
+    source = model.state_dict() if state_dict is None else state_dict
+    missing, extra = sorted(set(params) - set(source)), sorted(set(source) - set(model.state_dict()))
+    if missing or extra:
+        raise ValueError(f"state_dict does not match the model: missing {missing[:8]}, unexpected {extra[:8]}")
+    tensors = {name: source[name].detach().contiguous().cpu() for name in source if name in params}
+    dtypes = {t.dtype for t in tensors.values()}
     if len(dtypes) != 1:
         raise ValueError(f"all parameters must share one dtype to be saved, got {sorted(map(str, dtypes))}")
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if name not in params:  # the second name of a tied parameter
-            continue
-        tensors[name] = t.detach().contiguous().cpu()
     hf = cfg.to_hf_dict()
     hf.pop("torch_dtype", None)
     hf["dtype"] = _dtype_name(dtypes.pop())
@@ -244,13 +368,24 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike) -> None:
         hf["architectures"] = [_ARCH_CLASSES[cfg.model_type]]
 
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{str(folder)!r} exists and is not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.iterdir():
-        if old.name == INDEX_NAME or _SHARD_RE.match(old.name):
-            old.unlink()
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(folder / CONFIG_NAME, "w", encoding="utf-8") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
+    with atomic_dir(folder) as tmp:
+        if folder.is_dir():
+            _carry_over(folder, tmp)
+        groups = _shards(tensors, limit)
+        if len(groups) == 1:
+            save_file(groups[0], str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, group in enumerate(groups):
+                fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+                save_file(group, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({name: fname for name in group})
+                total += sum(t.numel() * t.element_size() for t in group.values())
+            _write_json(tmp / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(tmp / CONFIG_NAME, hf)
+
+
+def _write_json(file: Path, obj) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -1,4 +1,4 @@
-"""Dense reference of the Collider gradient contract (DESIGN.md §2).
+"""Dense reference of the Collider gradient contract (see the Design page, ``docs/design.rst``).
 
 Any causal LM whose attention layers expose ``k_proj``/``v_proj`` submodules works (ours or a
 ``transformers`` model): a forward hook detaches the filtered rows of every K and V

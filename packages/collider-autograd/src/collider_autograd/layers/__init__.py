@@ -5,7 +5,7 @@ from collider_autograd.layers.embedding import Embedding, EmbeddingFunction, emb
 from collider_autograd.layers.gelu import GeluNewFunction, gelu_new
 from collider_autograd.layers.layer_norm import LayerNorm, LayerNormFunction, layer_norm
 from collider_autograd.layers.linear import Linear, LinearFunction, linear
-from collider_autograd.layers.lm_head_loss import LinearCrossEntropyFunction, linear_cross_entropy
+from collider_autograd.layers.linear_cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
 from collider_autograd.layers.rms_norm import RMSNorm, RMSNormFunction, rms_norm
 from collider_autograd.layers.rotary import RotaryFunction, apply_rotary, rotary_tables
 from collider_autograd.layers.swiglu import SwiGLUFunction, swiglu

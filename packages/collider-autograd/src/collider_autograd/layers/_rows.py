@@ -1,4 +1,9 @@
-"""Row plumbing shared by the row-wise layers: an output gradient as rows, and back."""
+"""Row plumbing shared by the layers: an output gradient as rows, and back.
+
+A :class:`TokenSparseTensor` that keeps some rows gives those rows and their index; a dense
+gradient, or a sparse one that keeps every row (nothing is detached then), gives all rows in
+order and ``None``, and the layer runs its ordinary backward and returns dense gradients.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,31 @@ import torch
 from collider_autograd.sparse_grad import TokenSparseTensor
 
 
+def layer_grad(grad: torch.Tensor, feature_ndim: int) -> torch.Tensor:
+    """``grad`` split as the layer sees it: its last ``feature_ndim`` dims are features, the others
+    tokens (a loss-side op may have left it split otherwise, e.g. classes as tokens)."""
+    if not isinstance(grad, TokenSparseTensor) or len(grad.token_shape) == grad.dim() - feature_ndim:
+        return grad
+    return grad.regroup(grad.dim() - feature_ndim)
+
+
+def is_partial(grad: torch.Tensor) -> bool:
+    """A sparse gradient that keeps only some rows."""
+    return isinstance(grad, TokenSparseTensor) and not grad.is_full
+
+
 def grad_rows(grad: torch.Tensor, feature_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(rows, index)``: the kept rows ``(n, *feature_shape)`` and their sorted flat token index for
-    a :class:`TokenSparseTensor`; every row ``(M, *feature_shape)`` and ``None`` for a dense gradient."""
+    """``(rows, index)``: the kept rows ``(n, *feature_shape)`` and their sorted flat token index
+    for a partial :class:`TokenSparseTensor`; every row ``(M, *feature_shape)`` and ``None`` else."""
     if isinstance(grad, TokenSparseTensor):
-        return grad.values.reshape((grad.index.numel(), *feature_shape)), grad.index
+        return grad.values.reshape((grad.index.numel(), *feature_shape)), (grad.index if not grad.is_full else None)
     tokens = math.prod(grad.shape[: grad.dim() - len(feature_shape)])
     return grad.reshape((tokens, *feature_shape)), None
 
 
 def input_grad(grad: torch.Tensor, rows: torch.Tensor, shape, feature_ndim: int = 1) -> torch.Tensor:
     """``rows`` of an input's gradient shaped like the input (``shape``): kept rows of a
-    :class:`TokenSparseTensor` when ``grad`` is one, else a dense view."""
-    if isinstance(grad, TokenSparseTensor):
+    :class:`TokenSparseTensor` when ``grad`` is a partial one, else a dense tensor."""
+    if is_partial(grad):
         return grad.rows_like(rows, shape, feature_ndim)
-    return rows.view(shape)
+    return rows.reshape(shape)

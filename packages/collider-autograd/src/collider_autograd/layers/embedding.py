@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_autograd._autocast import autocast_off
+from collider_autograd.layers._rows import grad_rows, layer_grad
 from collider_kernels import scatter_add_rows
 
 
@@ -22,15 +23,12 @@ class EmbeddingFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (ids,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[1]:
+        if not ctx.needs_input_grad[1]:  # a frozen table costs no scatter-add
             return None, None
+        grad = layer_grad(grad, 1)
         flat_ids = ids.reshape(-1)
-        if isinstance(grad, TokenSparseTensor):
-            rows = grad.values.reshape(grad.index.numel(), grad.shape[-1])  # (n, dim)
-            dest = flat_ids.index_select(0, grad.index)  # (n,) token id of each kept row
-        else:
-            rows = grad.reshape(flat_ids.numel(), grad.shape[-1])  # (M, dim)
-            dest = flat_ids
+        rows, index = grad_rows(grad, (grad.shape[-1],))  # (n, dim) kept rows, or all M rows
+        dest = flat_ids if index is None else flat_ids.index_select(0, index)  # (n,) token id of each row
         # Accumulate repeated ids in fp32, then return in the weight's dtype.
         acc = rows.new_zeros((ctx.num_embeddings, rows.shape[1]), dtype=torch.promote_types(rows.dtype, torch.float32))
         scatter_add_rows(rows, dest, out=acc, validate=False)
@@ -38,10 +36,11 @@ class EmbeddingFunction(torch.autograd.Function):
 
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Functional form of :class:`Embedding`."""
+    """Functional form of :class:`Embedding` (rows in the weight's dtype, also under autocast)."""
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"ids must be an integer tensor (int64/int32), got {ids.dtype}")
-    return EmbeddingFunction.apply(ids, weight)
+    with autocast_off(weight.device.type):
+        return EmbeddingFunction.apply(ids, weight)
 
 
 class Embedding(nn.Embedding):

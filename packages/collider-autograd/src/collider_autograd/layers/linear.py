@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_autograd._autocast import autocast_off, cast_for_matmul
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
 from collider_kernels import gathered_weight_grad
 
 # (x2d, version, index, rows) of the last gather, or None. A plain global: concurrent backward
@@ -50,33 +51,30 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        grad = layer_grad(grad, 1)
         x2d = x.reshape(-1, x.shape[-1])  # (M, in)
         need_x, need_w, need_b = ctx.needs_input_grad
+        g, index = grad_rows(grad, (weight.shape[0],))  # (n, out) kept rows, or all M rows
         dx = dw = db = None
-        if isinstance(grad, TokenSparseTensor):
-            g = grad.values.reshape(-1, weight.shape[0])  # (n, out)
-            if need_x:
-                dx = grad.rows_like(g @ weight, x.shape)  # (n, in) rows
-            if need_w:
-                dw = gathered_weight_grad(g, _kept_rows(x2d, grad.index), None)  # (out, in)
-        else:
-            g = grad.reshape(-1, weight.shape[0])  # (M, out)
-            if need_x:
-                dx = (g @ weight).view(x.shape)
-            if need_w:
-                dw = gathered_weight_grad(g, x2d, None)
+        if need_x:
+            dx = input_grad(grad, g @ weight, x.shape)  # (n, in) rows
+        if need_w:  # a frozen weight (requires_grad=False) costs no GEMM
+            dw = gathered_weight_grad(g, x2d if index is None else _kept_rows(x2d, index), None)  # (out, in)
         if need_b and ctx.has_bias:
             db = g.sum(0)
         return dx, dw, db
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Functional form of :class:`Linear`."""
-    return LinearFunction.apply(x, weight, bias)
+    """Functional form of :class:`Linear`; under ``torch.autocast`` it computes in the autocast
+    dtype, like ``torch.nn.functional.linear``."""
+    x, weight, bias = cast_for_matmul(x, weight, bias)
+    with autocast_off(x.device.type):
+        return LinearFunction.apply(x, weight, bias)
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` with the same parameters and a kept-rows backward for sparse gradients."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return LinearFunction.apply(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from collider_autograd._autocast import autocast_off
 from collider_autograd._dtypes import upcast
-from collider_autograd.layers._rows import grad_rows, input_grad
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
 from collider_kernels import rms_norm_backward
 
 
@@ -28,17 +29,20 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        grad = layer_grad(grad, 1)
         dim = x.shape[-1]
         g, index = grad_rows(grad, (dim,))  # (n, dim) kept rows, or all rows
         dx, dw = rms_norm_backward(g, x.reshape(-1, dim), weight, ctx.eps, index, validate=False)
-        dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dw = dw.to(weight.dtype) if ctx.needs_input_grad[1] else None  # frozen weight: no gradient
         dx = input_grad(grad, dx, x.shape) if ctx.needs_input_grad[0] else None
         return dx, dw, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Functional form of :class:`RMSNorm`."""
-    return RMSNormFunction.apply(x, weight, eps)
+    """Functional form of :class:`RMSNorm`; the output dtype is that of ``weight * x`` (the
+    ``transformers`` convention), also under autocast."""
+    with autocast_off(x.device.type):
+        return RMSNormFunction.apply(x, weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -50,4 +54,4 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return RMSNormFunction.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)

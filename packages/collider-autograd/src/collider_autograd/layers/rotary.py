@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from collider_autograd.layers._rows import grad_rows, input_grad
+from collider_autograd._autocast import autocast_off
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
 from collider_kernels import rotary_backward
 
 
@@ -41,24 +42,28 @@ class RotaryFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
-        ctx.seqlen = x.shape[1]
+        ctx.seqlen, ctx.x_dtype = x.shape[1], x.dtype
         return _apply(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad):
         # The kernel op's backward of the rotation, on kept rows (sparse) or all B*T rows (dense).
         cos, sin = ctx.saved_tensors
+        grad = layer_grad(grad, 2)
         g, index = grad_rows(grad, tuple(grad.shape[2:]))  # (n, H, D)
         rows = torch.arange(g.shape[0], device=g.device) if index is None else index  # flat b * T + t
-        dx = rotary_backward(g, cos, sin, rows % ctx.seqlen, validate=False)
-        return input_grad(grad, dx, grad.shape, 2), None, None
+        dx = rotary_backward(g, cos, sin, rows % ctx.seqlen, validate=False)  # (n, H, D) in g's dtype
+        return input_grad(grad, dx.to(ctx.x_dtype), grad.shape, 2), None, None
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of each head of ``x`` (B, T, H, D)."""
+    """Rotate the first ``cos.shape[-1]`` dims of each head of ``x`` (B, T, H, D); the output
+    dtype is that of ``x * cos`` (as in ``transformers``), also under autocast."""
     if x.dim() != 4:
         raise ValueError(f"x must be (B, T, H, D), got shape {tuple(x.shape)}")
     if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] != x.shape[1]:
         raise ValueError(f"cos and sin must be ({x.shape[1]}, rot_dim), got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if cos.shape[1] > x.shape[-1] or cos.shape[1] % 2:
         raise ValueError(f"rot_dim must be even and <= head dim {x.shape[-1]}, got {cos.shape[1]}")
-    return RotaryFunction.apply(x, cos, sin)
+    with autocast_off(x.device.type):
+        return RotaryFunction.apply(x, cos, sin)

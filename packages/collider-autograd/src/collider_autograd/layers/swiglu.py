@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from collider_autograd.layers._rows import grad_rows, input_grad
+from collider_autograd._autocast import autocast_off
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
 from collider_kernels import swiglu_backward
 
 
@@ -20,6 +21,7 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up = ctx.saved_tensors
+        grad = layer_grad(grad, 1)
         width = gate.shape[-1]
         common = torch.promote_types(gate.dtype, up.dtype)
         gate2d = gate.reshape(-1, width).to(common)  # (M, I)
@@ -28,8 +30,10 @@ class SwiGLUFunction(torch.autograd.Function):
         dgate, dup = swiglu_backward(g, gate2d, up2d, index, validate=False)
         return input_grad(grad, dgate.to(gate.dtype), gate.shape), input_grad(grad, dup.to(up.dtype), up.shape)
 
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` with a sparse-aware backward."""
     if gate.shape != up.shape:
         raise ValueError(f"gate and up must have the same shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
-    return SwiGLUFunction.apply(gate, up)
+    with autocast_off(gate.device.type):  # in the inputs' (promoted) dtype, also under autocast
+        return SwiGLUFunction.apply(gate, up)

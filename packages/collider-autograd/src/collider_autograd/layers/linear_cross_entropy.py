@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from collider_autograd.sparse_grad import TokenSparseTensor
+from collider_autograd._autocast import autocast_off, cast_for_matmul
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
 from collider_kernels import gather_matmul, gathered_weight_grad
 
 # Rows per chunk are chosen so a chunk of fp32 logits stays near this many elements.
@@ -46,14 +47,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
+        grad = layer_grad(grad, 0)
         h2d = hidden.reshape(-1, hidden.shape[-1])  # (M, H)
         lab = labels.reshape(-1)
         V = weight.shape[0]
-        sparse = isinstance(grad, TokenSparseTensor)
-        if sparse:
-            rows, g = grad.index, grad.values.reshape(-1).to(lse.dtype)  # (n,), (n,)
-        else:
-            rows, g = None, grad.reshape(-1).to(lse.dtype)  # all M rows
+        g, rows = grad_rows(grad, ())  # (n,) kept rows and their index, or all M rows and None
+        g = g.to(lse.dtype)
+        sparse = rows is not None
         n = g.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dh = h2d.new_empty((n, h2d.shape[1])) if need_h else None
@@ -74,12 +74,12 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dlogits = (dlogits * scale[:, None]).to(weight.dtype)  # (c, V)
             if need_h:
                 dh[s : s + step] = dlogits @ weight  # (c, H)
-            if need_w:
+            if need_w:  # a frozen head (requires_grad=False) costs no weight-gradient GEMM
                 gathered_weight_grad(dlogits, h_c, None, out=dw)
             if db is not None:
                 db += dlogits.sum(0, dtype=acc)
         if need_h:
-            dh = grad.rows_like(dh, hidden.shape) if sparse else dh.view(hidden.shape)
+            dh = input_grad(grad, dh, hidden.shape)
         dw = dw.to(weight.dtype) if need_w else None
         db = db.to(bias.dtype) if db is not None else None
         return dh, dw, db, None, None
@@ -102,7 +102,8 @@ def linear_cross_entropy(
 
     Returns:
         ``(*tokens,)`` float32 losses (float64 for float64 inputs); the backward accepts a dense
-        or a token-sparse gradient.
+        or a token-sparse gradient. Under ``torch.autocast`` the logits are computed in the
+        autocast dtype (the losses stay fp32).
     """
     if labels.shape != hidden.shape[:-1]:
         want = tuple(hidden.shape[:-1])
@@ -113,4 +114,6 @@ def linear_cross_entropy(
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
     if bool(bad.any()):
         raise IndexError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
-    return LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, ignore_index)
+    hidden, weight, bias = cast_for_matmul(hidden, weight, bias)  # the LM head GEMM in the autocast dtype
+    with autocast_off(hidden.device.type):
+        return LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, ignore_index)
