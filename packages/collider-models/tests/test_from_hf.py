@@ -3,6 +3,7 @@ the gradient contract (see the Design page) computed on the very same ``transfor
 frozen parameters without weight-gradient GEMMs, and clear refusals."""
 
 import collections
+import dataclasses
 import subprocess
 import sys
 
@@ -115,7 +116,7 @@ def _count_calls(monkeypatch, op):
             calls.append(tuple(out.shape))
             return out
 
-        monkeypatch.setitem(backends._REGISTRY[op], backend, backends._Impl(counted, impl.devices))
+        monkeypatch.setitem(backends._REGISTRY[op], backend, dataclasses.replace(impl, fn=counted))
     return calls
 
 
@@ -169,7 +170,7 @@ REFUSALS = {
     "quantized": (_quantize, {}, ValueError, "int8"),
     "attention implementation": (_attn_impl, {}, ValueError, "my_custom_kernel"),
     "dropout": (None, {"attention_dropout": 0.1}, ValueError, "attention_dropout"),
-    "rope scaling": (None, {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, ValueError, "linear"),
+    "activation": (None, {"hidden_act": "gelu"}, ValueError, "hidden_act"),
 }
 
 

@@ -6,7 +6,7 @@ For each preset (default the three full-size models) at B×T tokens with a rando
 * ``masked``: ``(token_loss * keep).sum() / keep.sum()`` and a dense backward (Rho-1 style);
 * ``collider``: :func:`collider_autograd.filtered_mean` (backward over kept tokens only);
 * ``ideal``: the dense masked step on sequences of ``keep·T`` tokens, all kept: the bound
-  a kept-rows backward is compared with (DESIGN.md §5);
+  a kept-rows backward is compared with (the design page's performance model);
 * ``hf`` (with ``--hf``): the same-shaped ``transformers`` model (SDPA) with the masked loss;
 * ``liger`` (with ``--liger``): ``transformers`` + Liger-Kernel with filtered labels set to -100
   (Llama, Qwen2, Mistral; see :mod:`collider_models.cli.bench_baselines`).
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also profile one forward and one backward of every mode: GPU time by op kind (CUDA)")
     p.add_argument("--no-ideal", action="store_true", help="skip the dense keep·T bound")
     p.add_argument("--full-step", action="store_true",
-                   help="the whole training step of DESIGN.md §5: also top-k token selection by loss "
+                   help="the whole training step of the design page's performance model: also top-k selection by loss "
                         "(timed with the forward) and a fused AdamW step (timed apart)")
     p.add_argument("--kernels", default=os.environ.get(KERNELS_ENV, "auto"), choices=["auto", "torch"],
                    help=f"kernel backends (default from ${KERNELS_ENV}, else auto)")

@@ -22,8 +22,8 @@ def from_hf(model: nn.Module) -> nn.Module:
     """A Collider model sharing the parameters of a ``transformers`` causal LM.
 
     Args:
-        model: a loaded ``LlamaForCausalLM``, ``Qwen2ForCausalLM`` or ``PhiForCausalLM`` (any
-            registered architecture), in any dtype, on any one device.
+        model: a loaded ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` or
+            ``PhiForCausalLM`` (any registered architecture), in any dtype, on any one device.
 
     Returns:
         A :class:`~collider_models.CausalLM` whose parameters *are* ``model``'s (same
@@ -35,7 +35,8 @@ def from_hf(model: nn.Module) -> nn.Module:
         TypeError: ``model`` is not a ``transformers`` causal LM (a PEFT wrapper, a compiled
             or data-parallel wrapper, another class).
         ValueError: a feature Collider does not implement, named: an unsupported
-            ``model_type`` or config feature (rope scaling, sliding windows, dropout), quantized
+            ``model_type`` or config feature (e.g. an activation other than the architecture's,
+            an unsupported rope type, q/k norms, dropout), quantized
             or non-float weights, tensor subclasses, adapters, activation checkpointing, an
             attention implementation other than ``SAME_MATH_ATTENTION``, parameters on the meta
             device or on several devices, or parameter names and shapes that differ from the

@@ -160,8 +160,10 @@ class ColliderTrainer(Trainer):
                 break
         count = torch.zeros((), dtype=torch.int64, device=device)
         for batch in batches:
-            _, labels, _ = self._batch(batch)
+            _, labels, mask = self._batch(batch)
             valid = shift_labels(labels, IGNORE_INDEX) != IGNORE_INDEX
+            if mask is not None:
+                valid &= (mask != 0).to(valid.device)  # a padded position predicts nothing (left padding)
             # select_top_k keeps a number of positions that depends on `valid` only, not on the scores.
             zeros = torch.zeros(valid.shape, device=valid.device)
             count += select_top_k(zeros, self.keep, per=self.per, valid=valid).sum().to(device)
