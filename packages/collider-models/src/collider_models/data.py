@@ -1,5 +1,6 @@
-"""The main job's embedded default data: a seeded synthetic language with learnable structure
-and unlearnable noise, so token filtering has something to filter."""
+"""A seeded synthetic language with learnable structure and unlearnable noise, so token
+filtering has something to filter: quick training data for tests (``collider-train`` reads
+real text, see :mod:`collider_models.training`)."""
 
 from __future__ import annotations
 
