@@ -42,3 +42,19 @@ def test_destination_that_is_a_file_is_refused(tmp_path):
     with pytest.raises(FileExistsError, match="not a folder"):
         with atomic_dir(tmp_path / "f"):
             pass
+
+
+def test_folder_and_files_get_the_usual_modes(tmp_path):
+    import os
+    import stat
+
+    dest = tmp_path / "ckpt"
+    with atomic_dir(dest) as tmp:
+        (tmp / "sub").mkdir()
+        path = tmp / "sub" / "weights.bin"
+        path.write_bytes(b"x")
+        os.chmod(path, 0o600)  # as a writer that creates private files leaves it
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((dest / "sub" / "weights.bin").stat().st_mode) == 0o666 & ~mask | 0o600

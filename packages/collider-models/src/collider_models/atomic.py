@@ -24,6 +24,25 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _open_up(folder: Path) -> None:
+    """Give the folder and what is in it the modes a plain ``mkdir``/``open`` would (the temporary
+    folder is private, 0700, and some writers create private files)."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            path = os.path.join(root, name)
+            os.chmod(path, os.stat(path).st_mode & 0o777 | (0o666 & ~mask))
+    os.chmod(folder, 0o777 & ~mask)
+
+
 def _fsync_tree(folder: Path) -> None:
     for root, _dirs, files in os.walk(folder):
         for name in files:
@@ -75,6 +94,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{dest.name}-", dir=dest.parent))
     try:
         yield tmp
+        _open_up(tmp)
         _fsync_tree(tmp)
         if dest.exists():
             if _exchange(tmp, dest):
