@@ -17,13 +17,12 @@ Usage: ``python benchmarks/kernels/bench_rowwise.py [--out STEM] [--dtype bf16|f
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import time
 
 import torch
-from common import max_rel_diff
+from common import best_config, environment, max_rel_diff, save_results, time_configs
 
 import collider_kernels as ck
 from collider_kernels.timing import median_ms
@@ -130,10 +129,10 @@ def bench(dtype, sweep: bool, deadline: float, log) -> list[dict]:
 
 
 def default_config(op, width, model=None) -> dict:
-    from collider_kernels.triton import rotary_backward, row_norms, rows
+    from collider_kernels.triton import rotary, row_norms, rows
 
     if op == "rotary":
-        return rotary_backward.rotary_config(ROTARY[model][1])
+        return rotary.rotary_config(*ROTARY[model][:2])
     if op in ("rms_norm", "layer_norm"):
         return row_norms.norm_config(width)
     return rows.elementwise_config(width)
@@ -142,27 +141,17 @@ def default_config(op, width, model=None) -> dict:
 def sweep_configs(op, args, eps, idx, deadline, log) -> list[dict]:
     from collider_kernels.triton import gelu_new_backward, layer_norm_backward, rms_norm_backward, swiglu_backward
 
-    results = []
-    for cfg in RMS_SWEEP if op in ("rms_norm", "layer_norm") else SWIGLU_SWEEP:
-        if time.time() > deadline:
-            log("  sweep stopped at the time budget")
-            break
+    def make_fn(cfg):
         if op == "rms_norm":
-            fn = lambda cfg=cfg: rms_norm_backward.launch_rms_norm_backward(*args, eps, idx, cfg)
-        elif op == "layer_norm":
-            fn = lambda cfg=cfg: layer_norm_backward.launch_layer_norm_backward(*args, eps, idx, cfg)
-        elif op == "gelu_new":
-            fn = lambda cfg=cfg: gelu_new_backward.launch_gelu_new_backward(*args, idx, cfg)
-        else:
-            fn = lambda cfg=cfg: swiglu_backward.launch_swiglu_backward(*args, idx, cfg)
-        try:
-            results.append({"config": cfg, "ms": median_ms(fn, repeats=3, budget_ms=10.0)})
-        except Exception as e:  # a config that does not compile is reported, not fatal
-            results.append({"config": cfg, "error": f"{type(e).__name__}: {e}"[:200]})
-    best = min((r for r in results if "ms" in r), key=lambda r: r["ms"], default=None)
-    if best:
-        log(f"  best swept config {best['config']}: {best['ms']:.3f} ms")
-    return results
+            return lambda: rms_norm_backward.launch_rms_norm_backward(*args, eps, idx, cfg)
+        if op == "layer_norm":
+            return lambda: layer_norm_backward.launch_layer_norm_backward(*args, eps, idx, cfg)
+        if op == "gelu_new":
+            return lambda: gelu_new_backward.launch_gelu_new_backward(*args, idx, cfg)
+        return lambda: swiglu_backward.launch_swiglu_backward(*args, idx, cfg=cfg)
+
+    configs = RMS_SWEEP if op in ("rms_norm", "layer_norm") else SWIGLU_SWEEP
+    return time_configs(configs, make_fn, deadline, log, repeats=3, budget_ms=10.0)
 
 
 def write_md(path, meta, rows):
@@ -188,7 +177,7 @@ def write_md(path, meta, rows):
         lines += ["", "## Triton configurations at keep 0.6 (ms)", "", "| op | width | default | best | best config |",
                   "|---|---|---|---|---|"]
         for r in swept:
-            best = min((s for s in r["sweep"] if "ms" in s), key=lambda s: s["ms"], default=None)
+            best = best_config(r["sweep"])
             if best:
                 lines.append(f"| {r['op']} | {r['width']} | {r['triton']['ms']:.3f} | {best['ms']:.3f} "
                              f"| {best['config']} |")
@@ -207,20 +196,11 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_rowwise.py needs a CUDA GPU")
-    import triton
-
     t0 = time.time()
-    dtype = DTYPES[args.dtype]
-    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "dtype": args.dtype, "rows": ROWS,
-            "auto_backends": {op: ck.available_backends(op, "cuda")[0] for op in OPS.values()}}
+    meta = environment(args.dtype, ROWS, OPS.values())
     print(json.dumps(meta), flush=True)
-    rows = bench(dtype, args.sweep, t0 + args.budget_s, lambda m: print(m, flush=True))
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    write_md(args.out + ".md", meta, rows)
+    rows = bench(DTYPES[args.dtype], args.sweep, t0 + args.budget_s, lambda m: print(m, flush=True))
+    save_results(args.out, meta, rows, write_md)
     print(f"wrote {args.out}.json and {args.out}.md in {time.time() - t0:.0f}s", flush=True)
 
 

@@ -1,5 +1,10 @@
-"""Problem size and error measure shared by the kernel benchmarks (run them as scripts: this folder
-is on sys.path). Timing is :mod:`collider_kernels.timing`."""
+"""Problem size, error measures, configuration sweeps and result files shared by the kernel
+benchmarks (run them as scripts: this folder is on sys.path). Timing is :mod:`collider_kernels.timing`."""
+
+import datetime
+import json
+import os
+import time
 
 import torch
 
@@ -16,3 +21,48 @@ def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a − b| / max|b| in fp32."""
     a, b = a.float(), b.float()
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def time_configs(configs, make_fn, deadline: float, log, **timing) -> list[dict]:
+    """Time ``make_fn(cfg)()`` for each Triton block configuration with
+    :func:`collider_kernels.timing.median_ms` (``timing``: its keyword arguments) until the
+    ``deadline`` (``time.time()``); a configuration that fails is reported, not fatal."""
+    from collider_kernels.timing import median_ms
+
+    results = []
+    for cfg in configs:
+        if time.time() > deadline:
+            log("  sweep stopped at the time budget")
+            break
+        try:
+            results.append({"config": cfg, "ms": median_ms(make_fn(cfg), **timing)})
+        except Exception as e:  # a config that does not compile or fit
+            results.append({"config": cfg, "error": f"{type(e).__name__}: {e}"[:200]})
+    best = best_config(results)
+    if best:
+        log(f"  best swept config {best['config']}: {best['ms']:.3f} ms")
+    return results
+
+
+def best_config(results: list[dict]) -> dict | None:
+    """The fastest timed entry of :func:`time_configs`' results, or None."""
+    return min((r for r in results if "ms" in r), key=lambda r: r["ms"], default=None)
+
+
+def environment(dtype: str, rows: int, ops) -> dict:
+    """The run's GPU, versions, date, dtype, row count and ``auto`` backend of each op."""
+    import triton
+
+    import collider_kernels as ck
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": datetime.date.today().isoformat(), "dtype": dtype, "rows": rows,
+            "auto_backends": {op: ck.available_backends(op, "cuda")[0] for op in ops}}
+
+
+def save_results(stem: str, meta: dict, rows: list[dict], write_md) -> None:
+    """Write ``stem.json`` (meta and rows) and ``stem.md`` (``write_md(path, meta, rows)``)."""
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    write_md(stem + ".md", meta, rows)

@@ -184,6 +184,34 @@ def check_ln(backend, grad, x, w, idx, eps):
     return out
 
 
+def rotary_case(n, H, D, R, T, dtype, device, seed, head_pad=0, table_dtype=None):
+    """``(x, cos, sin, positions)`` of a rotary op: x (n, H, D) (with ``head_pad``, the middle
+    heads of a wider (n, H + 2 head_pad, D) buffer, as the q or k heads of a fused projection),
+    tables (T, R) with repeated halves, positions (n,) with repeats."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, H + 2 * head_pad, D, generator=gen).to(dtype).to(device)[:, head_pad: head_pad + H]
+    angles = torch.rand(T, R // 2, generator=gen) * 6.0
+    emb = torch.cat([angles, angles], dim=-1)  # (T, R)
+    cos, sin = (t.to(table_dtype or dtype).to(device) for t in (emb.cos(), emb.sin()))
+    positions = torch.randint(0, T, (n,), generator=gen).to(device)
+    return x, cos, sin, positions
+
+
+def ce_case(n, V, dtype, device, seed, *, row_pad=0, ignore_share=0.2, ignore_index=-100, scale=3.0):
+    """``(logits, labels)``: logits (n, V) (rows strided with ``row_pad``), labels (n,) int64 with
+    about ``ignore_share`` of them ``ignore_index``."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, V + row_pad, generator=gen) * scale).to(dtype).to(device)[:, :V]
+    labels = torch.randint(0, V, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < ignore_share] = ignore_index
+    return logits, labels.to(device)
+
+
+def mismatch_share(out, base) -> float:
+    """Share of elements of ``out`` that differ from ``base`` (0 for empty tensors)."""
+    return (out != base).float().mean().item() if out.numel() else 0.0
+
+
 def assert_rule(out, ref32, torch_out, *, atol: float, what: str, same_dtype: bool = False) -> None:
     """``max|out - ref32| <= 2 max|torch_out - ref32| + atol``; NaN (unwritten poison) always fails."""
     assert out.shape == ref32.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref32.shape)}"

@@ -7,8 +7,10 @@ import torch
 import collider_kernels as ck
 from collider_kernels import backends
 
-OPS = ("gather_matmul", "gathered_weight_grad", "gelu_new_backward", "layer_norm_backward",
-       "masked_attention_backward", "rms_norm_backward", "rotary_backward", "scatter_add_rows", "swiglu_backward")
+OPS = ("cross_entropy_backward", "cross_entropy_forward", "gather_matmul", "gathered_weight_grad",
+       "gelu_new_backward", "layer_norm_backward", "masked_attention_backward", "rms_norm_backward",
+       "rms_norm_forward", "rotary_backward", "rotary_forward", "scatter_add_rows", "swiglu_backward",
+       "swiglu_forward")
 
 
 def test_registered_ops():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import assert_rule, nan_outputs, small_atol
+from kernel_testing import assert_rule, nan_outputs, rotary_case, small_atol
 
 import collider_kernels as ck
 from collider_kernels import reference
@@ -21,17 +21,6 @@ triton_only = pytest.mark.skipif("triton" not in ck.available_backends("rotary_b
                                  reason="the Triton backend is not available here")
 
 
-def case(n, H, D, R, T, dtype, device, seed, head_pad=0):
-    """grad (n, H, D) (a strided view when ``head_pad``), tables (T, R), positions (n,) with repeats."""
-    gen = torch.Generator().manual_seed(seed)
-    grad = torch.randn(n, H + head_pad, D, generator=gen).to(dtype).to(device)[:, head_pad:]
-    angles = torch.rand(T, R // 2, generator=gen) * 6.0
-    emb = torch.cat([angles, angles], dim=-1)
-    cos, sin = emb.cos().to(dtype).to(device), emb.sin().to(dtype).to(device)
-    positions = torch.randint(0, T, (n,), generator=gen).to(device)
-    return grad, cos, sin, positions
-
-
 def ref32(grad, cos, sin, positions, truth=torch.float64):
     return reference.rotary_backward_reference(grad.to(truth), cos.to(truth), sin.to(truth), positions)
 
@@ -41,7 +30,7 @@ def ref32(grad, cos, sin, positions, truth=torch.float64):
        T=st.integers(1, 50), seed=st.integers(0, 2**31 - 1))
 def test_torch_backend_fp64(n, H, half, extra, T, seed):
     R = 2 * half
-    grad, cos, sin, pos = case(n, H, R + extra or 2, R, T, torch.float64, "cpu", seed)
+    grad, cos, sin, pos = rotary_case(n, H, R + extra or 2, R, T, torch.float64, "cpu", seed)
     out = ck.rotary_backward(grad, cos, sin, pos, backend="torch")
     torch.testing.assert_close(out, ref32(grad, cos, sin, pos), rtol=1e-12, atol=1e-12)
 
@@ -68,7 +57,7 @@ def test_triton_matches_reference(n, H, D, rot_share, head_pad, dtype, seed):
     if CUDA:
         pytest.skip("the GPU variant runs in test_gpu_rule")
     R = int(D * rot_share) // 2 * 2
-    grad, cos, sin, pos = case(n, H, D, R, 33, dtype, DEVICE, seed, head_pad=head_pad)
+    grad, cos, sin, pos = rotary_case(n, H, D, R, 33, dtype, DEVICE, seed, head_pad=head_pad)
     with nan_outputs():  # NaN-filled outputs (a fixture cannot wrap hypothesis examples)
         out = ck.rotary_backward(grad, cos, sin, pos, backend="triton")
     truth = ref32(grad, cos, sin, pos, torch.float32)
@@ -81,7 +70,7 @@ def test_triton_matches_reference(n, H, D, rot_share, head_pad, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("H,D,R", [(32, 64, 64), (12, 128, 128), (32, 64, 32), (2, 128, 128)])
 def test_gpu_rule(dtype, H, D, R, poison):
-    grad, cos, sin, pos = case(3000, H, D, R, 2048, dtype, "cuda", seed=H + D + R, head_pad=1)
+    grad, cos, sin, pos = rotary_case(3000, H, D, R, 2048, dtype, "cuda", seed=H + D + R, head_pad=1)
     out = ck.rotary_backward(grad, cos, sin, pos, backend="triton")
     truth = ref32(grad, cos, sin, pos, torch.float32)
     torch_out = ck.rotary_backward(grad, cos, sin, pos, backend="torch")
@@ -89,7 +78,7 @@ def test_gpu_rule(dtype, H, D, R, poison):
 
 
 def test_bad_input_names_the_argument():
-    grad, cos, sin, pos = case(5, 2, 8, 8, 10, torch.float32, "cpu", seed=1)
+    grad, cos, sin, pos = rotary_case(5, 2, 8, 8, 10, torch.float32, "cpu", seed=1)
     with pytest.raises(ValueError, match="grad must be 3-D"):
         ck.rotary_backward(grad[0], cos, sin, pos)
     with pytest.raises(ValueError, match="same shape"):

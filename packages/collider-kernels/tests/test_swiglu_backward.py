@@ -68,6 +68,32 @@ def test_triton_fp64_takes_torch_under_auto_and_is_refused_explicitly():
         ck.swiglu_backward(grad, gate, up, idx, backend="triton")
 
 
+def check_with_output(backend, grad, gate, up, idx):
+    """``with_output=True`` adds y of the rows ``idx``, rounded as ``swiglu_forward`` on that backend
+    rounds it (bit for bit), and leaves the gradients as they are without it."""
+    dgate, dup, y = ck.swiglu_backward(grad, gate, up, idx, with_output=True, backend=backend)
+    plain = ck.swiglu_backward(grad, gate, up, idx, backend=backend)
+    assert len(plain) == 2 and torch.equal(dgate, plain[0]) and torch.equal(dup, plain[1])
+    rows = (gate, up) if idx is None else (gate[idx], up[idx])
+    assert y.dtype == gate.dtype and torch.equal(y, ck.swiglu_forward(*rows, backend=backend))
+
+
+@settings(deadline=None, max_examples=10)
+@given(M=row_counts, I=widths, n=row_counts, kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16))
+def test_torch_with_output(M, I, n, kind, seed):
+    check_with_output("torch", *swiglu_case(M, I, n, kind, torch.float16, "cpu", seed))
+
+
+@needs_triton
+@settings(deadline=None, max_examples=10)
+@given(M=row_counts, I=widths, n=row_counts, kind=st.sampled_from(KINDS),
+       dtype=st.sampled_from((torch.float32, torch.float16)), row_pad=st.sampled_from((0, 3)),
+       seed=st.integers(0, 2**16))
+def test_triton_with_output(M, I, n, kind, dtype, row_pad, seed):
+    with nan_outputs():
+        check_with_output("triton", *swiglu_case(M, I, n, kind, dtype, DEVICE, seed, row_pad))
+
+
 def test_bad_inputs_name_the_argument():
     a, b = torch.randn(5, 8), torch.randn(5, 8)
     idx = torch.tensor([0, 4])
@@ -102,6 +128,14 @@ def test_gpu_auto_picks_triton():
 def test_gpu(poison, dtype, I, kind):
     poison_cuda_allocator()
     check_swiglu("triton", *swiglu_case(3000, I, 1800, kind, dtype, "cuda", seed=I, row_pad=8))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("kind", ("none", "sorted_subset"))
+def test_gpu_with_output(poison, dtype, kind):
+    poison_cuda_allocator()
+    check_with_output("triton", *swiglu_case(3000, 5632, 1800, kind, dtype, "cuda", seed=11, row_pad=8))
 
 
 @pytest.mark.gpu

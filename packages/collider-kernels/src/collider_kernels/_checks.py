@@ -41,17 +41,53 @@ def check_row_grad(grad, x, index, *, validate: bool, x_name: str = "x") -> None
         raise ValueError(f"grad must be ({rows}, {x.shape[1]}) ({what}), got {tuple(grad.shape)}")
 
 
-def check_norm_args(grad, x, weight, eps, index, *, validate: bool) -> tuple:
-    """grad (n, H) of the rows ``index`` of x (M, H), weight (H,), eps >= 0 of a normalisation
-    backward; returns the arguments of its implementations, ``(grad, x, weight, float(eps), index)``."""
+def check_norm_params(x, weight, eps) -> float:
+    """x (M, H), weight (H,) and eps >= 0 of a normalisation; returns ``float(eps)``."""
     check_tensor("x", x, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
     if weight.shape[0] != x.shape[1]:
         raise ValueError(f"weight must be ({x.shape[1]},) to match x, got {tuple(weight.shape)}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    return float(eps)
+
+
+def check_norm_args(grad, x, weight, eps, index, *, validate: bool) -> tuple:
+    """grad (n, H) of the rows ``index`` of x (M, H), weight (H,), eps >= 0 of a normalisation
+    backward; returns the arguments of its implementations, ``(grad, x, weight, float(eps), index)``."""
+    eps = check_norm_params(x, weight, eps)
     check_row_grad(grad, x, index, validate=validate)
-    return grad, x, weight, float(eps), index
+    return grad, x, weight, eps, index
+
+
+def check_same_shape(name: str, t, like_name: str, like) -> None:
+    """``t`` has the shape of ``like``."""
+    if t.shape != like.shape:
+        raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(t.shape)}")
+
+
+def check_labels(labels, logits, ignore_index, *, validate: bool) -> None:
+    """labels (n,) int64/int32 of the rows of logits (n, V), each in ``[0, V)`` or equal to
+    ``ignore_index`` (values checked when ``validate``: a device sync on CUDA)."""
+    check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32), device=logits.device)
+    n, V = logits.shape
+    if labels.shape[0] != n:
+        raise ValueError(f"labels must have one entry per row of logits ({n}), got {labels.shape[0]}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if validate and n:
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bool(bad.any()):
+            value = int(labels[bad][0])
+            raise IndexError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}, got {value}")
+
+
+def check_logits(logits) -> None:
+    """logits (n, V) floating, with at least one class."""
+    check_tensor("logits", logits, ndim=2, dtypes=FLOAT_DTYPES)
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have at least one column (class), got shape "
+                         f"{tuple(logits.shape)}")
 
 
 def check_attention_masks(batch: int, seqlen: int, device, *, window=None, key_start=None,
@@ -71,3 +107,18 @@ def check_attention_masks(batch: int, seqlen: int, device, *, window=None, key_s
             raise ValueError("key_start must satisfy 0 <= key_start[b, t] <= t (a query sees itself)")
         if seqlen > 1 and not bool((key_start[:, 1:] >= key_start[:, :-1]).all()):
             raise ValueError("key_start must be non-decreasing along each sequence (contiguous documents)")
+
+
+def check_rotary_args(name: str, x, cos, sin, positions, *, validate: bool) -> None:
+    """``x`` (n, H, D) rows (``name``: "x" or "grad"), cos/sin (P, R) tables with R even and
+    <= D, positions (n,) int64/int32 in ``[0, P)`` (checked when ``validate``)."""
+    check_tensor(name, x, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("cos", cos, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    check_tensor("sin", sin, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    if cos.shape != sin.shape:
+        raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.shape[1] % 2 or cos.shape[1] > x.shape[2]:
+        raise ValueError(f"cos/sin width must be even and <= head dim {x.shape[2]}, got {cos.shape[1]}")
+    check_index("positions", positions, cos.shape[0], x.device, validate=validate)
+    if positions.shape[0] != x.shape[0]:
+        raise ValueError(f"positions must have one entry per row of {name} ({x.shape[0]}), got {positions.shape[0]}")

@@ -42,6 +42,15 @@ AUTO_ORDER_CUDA_BY_OP = {
     "gelu_new_backward": ("triton", "torch", "cupy"),
     # Rotary backward at the three models' query shapes (same file): Triton 2.9-5.5x faster.
     "rotary_backward": ("triton", "torch", "cupy"),
+    # Fused forwards and per-row cross-entropy: not yet measured on a GPU. Triton first because
+    # each kernel reads its inputs once and writes its outputs once where the torch backend runs
+    # several elementwise ops with fp32 intermediates (benchmarks/kernels/bench_forward.py times
+    # both; revisit this order with its results).
+    "rms_norm_forward": ("triton", "torch", "cupy"),
+    "swiglu_forward": ("triton", "torch", "cupy"),
+    "rotary_forward": ("triton", "torch", "cupy"),
+    "cross_entropy_forward": ("triton", "torch", "cupy"),
+    "cross_entropy_backward": ("triton", "torch", "cupy"),
 }
 
 

@@ -100,23 +100,34 @@ def masked_attention_backward_reference(q, k, v, grad_out, keep, scale=None, *, 
     return dq, dk, dv
 
 
+def swiglu_forward_reference(gate, up):
+    """``gate * sigmoid(gate) * up``; (M, I), (M, I) → (M, I)."""
+    return gate * torch.sigmoid(gate) * up
+
+
 def swiglu_backward_reference(grad, gate, up, index=None):
     """Autograd of ``silu(gate) * up`` on the rows ``index``; (n, I), (M, I), (M, I) → dgate, dup (n, I)."""
     rows_g = (gate if index is None else gate[index]).detach().requires_grad_()
     rows_u = (up if index is None else up[index]).detach().requires_grad_()
-    y = rows_g * torch.sigmoid(rows_g) * rows_u
+    y = swiglu_forward_reference(rows_g, rows_u)
     dgate, dup = torch.autograd.grad(y, (rows_g, rows_u), grad)
     return dgate, dup
 
 
+def rms_norm_forward_reference(x, weight, eps):
+    """``weight * x / sqrt(mean(x²) + eps)`` over the last dim; (M, H), (H,) → (M, H), no
+    intermediate cast to a narrower dtype."""
+    return weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
 def rms_norm_backward_reference(grad, x, weight, eps, index=None):
-    """Autograd of ``weight * x / sqrt(mean(x²) + eps)`` on the rows ``index``.
+    """Autograd of :func:`rms_norm_forward_reference` on the rows ``index``.
 
     (n, H), (M, H), (H,) → dx (n, H), dweight (H,); no intermediate cast to a narrower dtype.
     """
     rows = (x if index is None else x[index]).detach().requires_grad_()
     w = weight.detach().requires_grad_()
-    y = w * (rows / torch.sqrt(rows.pow(2).mean(-1, keepdim=True) + eps))
+    y = rms_norm_forward_reference(rows, w, eps)
     dx, dweight = torch.autograd.grad(y, (rows, w), grad)
     return dx, dweight
 
@@ -145,16 +156,42 @@ def gelu_new_backward_reference(grad, x, index=None):
     return dx
 
 
-def rotary_backward_reference(grad, cos, sin, positions):
-    """Autograd of ``x[..., :R] * cos[p] + rotate_half(x[..., :R]) * sin[p]`` (rest passes through).
+def rotary_forward_reference(x, cos, sin, positions):
+    """Rotate each pair ``(x[d], x[d + R/2])``, ``d < R/2``, of the first ``R`` dims of every head
+    by the angle of its row's position; the rest passes through.
 
-    (n, H, D), (T, R), (T, R), (n,) → dx (n, H, D).
+    ``y[d] = x[d] cos[p, d] - x[d+h] sin[p, d]`` and ``y[d+h] = x[d+h] cos[p, d+h] + x[d] sin[p, d+h]``
+    with ``h = R/2``, ``p = positions[row]`` (``x * cos + rotate_half(x) * sin``).
+    (n, H, D), (T, R), (T, R), (n,) → y (n, H, D).
     """
-    R = cos.shape[1]
-    x = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+    h = cos.shape[1] // 2
     c, s = cos[positions][:, None, :], sin[positions][:, None, :]  # (n, 1, R)
-    xr = x[..., :R]
-    rot = torch.cat([-xr[..., R // 2:], xr[..., : R // 2]], dim=-1)
-    y = torch.cat([xr * c + rot * s, x[..., R:]], dim=-1)
-    (dx,) = torch.autograd.grad(y, (x,), grad)
+    x1, x2 = x[..., :h], x[..., h : 2 * h]  # (n, H, h) each
+    y1 = x1 * c[..., :h] - x2 * s[..., :h]
+    y2 = x2 * c[..., h:] + x1 * s[..., h:]
+    return torch.cat([y1, y2, x[..., 2 * h :]], dim=-1)
+
+
+def rotary_backward_reference(grad, cos, sin, positions):
+    """Autograd of :func:`rotary_forward_reference`; (n, H, D), (T, R), (T, R), (n,) → dx (n, H, D)."""
+    x = torch.zeros(grad.shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+    (dx,) = torch.autograd.grad(rotary_forward_reference(x, cos, sin, positions), (x,), grad)
     return dx
+
+
+def cross_entropy_forward_reference(logits, labels, ignore_index=-100):
+    """Per-row ``F.cross_entropy(..., reduction="none")`` and ``logsumexp`` of ``logits``.
+
+    (n, V), (n,) → loss (n,) (0 where ``labels == ignore_index``), lse (n,).
+    """
+    loss = torch.nn.functional.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="none")
+    return loss, torch.logsumexp(logits, dim=-1)
+
+
+def cross_entropy_backward_reference(logits, labels, scale, ignore_index=-100):
+    """Autograd of ``sum(scale * cross_entropy(logits, labels))`` (per-row losses as
+    :func:`cross_entropy_forward_reference`); (n, V), (n,), (n,) → dlogits (n, V)."""
+    z = logits.detach().requires_grad_()
+    loss, _ = cross_entropy_forward_reference(z, labels, ignore_index)
+    (dlogits,) = torch.autograd.grad(loss, (z,), scale.to(loss.dtype))
+    return dlogits

@@ -7,6 +7,7 @@ import torch
 from collider_kernels._checks import check_norm_args
 from collider_kernels.backends import register, resolve_backend
 from collider_kernels.dtypes import compute_dtype
+from collider_kernels.ops.rms_norm_forward import rms_normalize
 
 
 def rms_norm_backward(
@@ -47,9 +48,7 @@ def rms_norm_backward(
 def _rms_norm_backward_torch(grad, x, weight, eps, index):
     ct = compute_dtype(grad, x, weight)
     rows = x if index is None else x.index_select(0, index)  # (n, H)
-    x32 = rows.to(ct)
-    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (n, 1)
-    xhat = x32 * rstd  # (n, H)
+    xhat, rstd = rms_normalize(rows.to(ct), eps)  # (n, H), (n, 1)
     g = grad.to(ct)
     dweight = (g * xhat.to(x.dtype).to(ct)).sum(0)  # (H,)
     dxhat = g * weight.to(ct)

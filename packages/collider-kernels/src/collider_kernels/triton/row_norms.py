@@ -24,11 +24,17 @@ from collider_kernels.tuning import INTERPRET
 MAX_NORM_WIDTH = 16384
 
 
-def too_wide(grad, x, weight, eps, index) -> str | None:
-    """Why the kernel cannot take these arguments (rows wider than :data:`MAX_NORM_WIDTH`), or None."""
-    if x.shape[1] > MAX_NORM_WIDTH:
-        return f"does not take rows wider than {MAX_NORM_WIDTH} (got {x.shape[1]})"
+def width_refusal(width: int) -> str | None:
+    """Why a kernel holding whole rows cannot take rows of ``width`` (wider than
+    :data:`MAX_NORM_WIDTH`), or None."""
+    if width > MAX_NORM_WIDTH:
+        return f"does not take rows wider than {MAX_NORM_WIDTH} (got {width})"
     return None
+
+
+def too_wide(grad, x, weight, eps, index) -> str | None:
+    """Why the backward kernel cannot take these arguments (:func:`width_refusal`), or None."""
+    return width_refusal(x.shape[1])
 
 
 @Launcher

@@ -1,4 +1,5 @@
-"""Shared pieces of the Triton row-wise backwards: column layout, tile shapes, gathered row tiles."""
+"""Shared pieces of the Triton row-wise kernels: column layout, tile shapes, gathered row tiles, and
+the SwiGLU product the forward and the backward (``with_output``) both compute."""
 
 from __future__ import annotations
 
@@ -43,3 +44,11 @@ def row_tile(index_ptr, n, width, GATHER: tl.constexpr, BLOCK_R: tl.constexpr, B
     else:
         src = rows
     return rows, src, offs_c[None, :], mask
+
+
+@triton.jit
+def silu_times(a, b, gate_ptr):
+    """``silu(a)`` rounded to the dtype of ``gate_ptr``'s elements, times ``b``, in fp32: what
+    ``F.silu(gate) * up`` computes before its result is rounded (``a``, ``b``: fp32 tiles)."""
+    silu = (a / (1.0 + tl.exp(-a))).to(gate_ptr.dtype.element_ty).to(tl.float32)
+    return silu * b
