@@ -1,6 +1,6 @@
 """The Triton kernel the rotary forward and backward share: rotate the first ``R`` dims of each
-head by the angle of the row's position (forward) or by its negative (backward), pass the rest
-through.
+head by the angle of the row's position (forward) or apply the transpose of that map (backward:
+the rotation by minus the angle), pass the rest through.
 
 A program takes a (rows, heads) block of ``(n, H, D)`` rows, loads the rows' cos/sin once
 (gathered by position) and each head's two rotated halves and its pass-through dims as separate
