@@ -18,6 +18,7 @@ from collider_autograd.layers import (
     rms_norm,
     rotary_tables,
     swiglu,
+    swiglu_mlp,
 )
 from collider_autograd.selection import excess_loss, select_random, select_threshold, select_top_k
 from collider_autograd.sparse_grad import TokenSparseTensor, densify_counts, reset_densify_counts
@@ -29,4 +30,5 @@ __all__ = [
     "apply_rotary", "causal_attention", "densify_allowed", "densify_counts", "embedding", "excess_loss",
     "filtered_mean", "gelu_new", "layer_norm", "linear", "linear_cross_entropy", "reset_densify_counts",
     "rms_norm", "rotary_tables", "select_random", "select_threshold", "select_top_k", "swiglu",
+    "swiglu_mlp",
 ]

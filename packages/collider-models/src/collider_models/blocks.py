@@ -19,7 +19,7 @@ from collider_autograd import (
     causal_attention,
     gelu_new,
     linear_cross_entropy,
-    swiglu,
+    swiglu_mlp,
 )
 from collider_models.config import ModelConfig
 from collider_models.masks import Layout, layout
@@ -81,7 +81,10 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        # One fused layer (one gate/up GEMM, no saved activation); the three Linear modules hold
+        # the parameters under their checkpoint names, and their forwards are not called.
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        return swiglu_mlp(x, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
 
 
 class GeluMLP(nn.Module):

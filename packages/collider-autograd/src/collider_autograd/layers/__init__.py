@@ -9,10 +9,13 @@ from collider_autograd.layers.linear_cross_entropy import LinearCrossEntropyFunc
 from collider_autograd.layers.rms_norm import RMSNorm, RMSNormFunction, rms_norm
 from collider_autograd.layers.rotary import RotaryFunction, apply_rotary, rotary_tables
 from collider_autograd.layers.swiglu import SwiGLUFunction, swiglu
+from collider_autograd.layers.swiglu_mlp import SwiGLUMLPFunction, swiglu_mlp
 
 __all__ = [
     "CausalAttentionFunction", "Embedding", "EmbeddingFunction", "GeluNewFunction", "LayerNorm",
     "LayerNormFunction", "gelu_new", "layer_norm", "Linear", "LinearCrossEntropyFunction",
-    "LinearFunction", "RMSNorm", "RMSNormFunction", "RotaryFunction", "SwiGLUFunction", "apply_rotary",
+    "LinearFunction", "RMSNorm", "RMSNormFunction", "RotaryFunction", "SwiGLUFunction", "SwiGLUMLPFunction",
+    "apply_rotary",
     "causal_attention", "embedding", "linear", "linear_cross_entropy", "rms_norm", "rotary_tables", "swiglu",
+    "swiglu_mlp",
 ]

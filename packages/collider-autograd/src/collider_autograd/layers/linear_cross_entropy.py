@@ -3,6 +3,9 @@
 The (B, T, V) logits are never stored: the forward computes them in row chunks and keeps
 only each row's logsumexp; the backward recomputes logits for the rows it needs — the kept
 rows of a sparse gradient (gathered once per chunk for both GEMMs), or all rows of a dense one.
+Each chunk's logits stay in the model's dtype: one fused pass turns them into the row losses
+(:func:`collider_kernels.cross_entropy_forward`), and in the backward one fused pass turns them,
+in place, into the logit gradient (:func:`collider_kernels.cross_entropy_backward`).
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
 from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
-from collider_kernels import gather_matmul, gathered_weight_grad
+from collider_kernels import cross_entropy_backward, cross_entropy_forward, gather_matmul, gathered_weight_grad
 
-# Rows per chunk are chosen so a chunk of fp32 logits stays near this many elements.
+# Rows per chunk are chosen so a chunk of logits stays near this many elements.
 _CHUNK_ELEMENTS = 1 << 28
 
 
@@ -34,12 +37,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         lse = torch.zeros(M, dtype=acc, device=hidden.device)
         step = _chunk_rows(V)
         for s in range(0, M, step):
-            logits = torch.nn.functional.linear(h2d[s : s + step], weight, bias).to(acc)  # (c, V)
-            lse[s : s + step] = torch.logsumexp(logits, -1)
-            lab_c = lab[s : s + step]
-            valid = lab_c != ignore_index
-            picked = logits.gather(1, lab_c.clamp(0, V - 1)[:, None]).squeeze(1)
-            loss[s : s + step] = torch.where(valid, lse[s : s + step] - picked, 0.0)
+            logits = torch.nn.functional.linear(h2d[s : s + step], weight, bias)  # (c, V)
+            loss_c, lse_c = cross_entropy_forward(logits, lab[s : s + step], ignore_index, validate=False)
+            loss[s : s + step], lse[s : s + step] = loss_c, lse_c
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.ignore_index = ignore_index
         return loss.view(labels.shape)
@@ -67,11 +67,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 h_c, lab_c, lse_c = h2d.index_select(0, idx), lab.index_select(0, idx), lse.index_select(0, idx)
             else:
                 h_c, lab_c, lse_c = h2d[s : s + step], lab[s : s + step], lse[s : s + step]
-            logits = gather_matmul(h_c, None, weight, bias).to(lse.dtype)  # (c, V)
-            scale = torch.where(lab_c != ctx.ignore_index, g[s : s + step], 0.0)  # (c,)
-            dlogits = torch.exp(logits - lse_c[:, None])  # softmax (c, V)
-            dlogits[torch.arange(h_c.shape[0], device=h_c.device), lab_c.clamp(0, V - 1)] -= 1.0
-            dlogits = (dlogits * scale[:, None]).to(weight.dtype)  # (c, V)
+            logits = gather_matmul(h_c, None, weight, bias)  # (c, V) in the weight's dtype
+            dlogits = cross_entropy_backward(  # (softmax - onehot) * g, written over the logits
+                logits, lse_c, lab_c, g[s : s + step], ctx.ignore_index, out=logits, validate=False
+            )
             if need_h:
                 dh[s : s + step] = dlogits @ weight  # (c, H)
             if need_w:  # a frozen head (requires_grad=False) costs no weight-gradient GEMM

@@ -6,14 +6,8 @@ import torch
 from torch import nn
 
 from collider_autograd._autocast import autocast_off
-from collider_autograd._dtypes import upcast
 from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
-from collider_kernels import rms_norm_backward
-
-
-def _rms_normalize(x32: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-    return x32 * rstd, rstd
+from collider_kernels import rms_norm_backward, rms_norm_forward
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -23,8 +17,8 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
-        xhat, _ = _rms_normalize(upcast(x), eps)
-        return weight * xhat.to(x.dtype)
+        dim = x.shape[-1]
+        return rms_norm_forward(x.reshape(-1, dim), weight, eps).view(*x.shape[:-1], dim)  # one fused pass
 
     @staticmethod
     def backward(ctx, grad):

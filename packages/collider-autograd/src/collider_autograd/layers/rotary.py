@@ -6,7 +6,7 @@ import torch
 
 from collider_autograd._autocast import autocast_off
 from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
-from collider_kernels import rotary_backward
+from collider_kernels import rotary_backward, rotary_forward
 
 
 def rotary_tables(
@@ -20,22 +20,6 @@ def rotary_tables(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def _apply(x, cos, sin):
-    # x: (B, T, H, D); cos/sin: (T, rot_dim) broadcast over batch and heads.
-    rot_dim = cos.shape[-1]
-    c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, rot_dim)
-    xr = x[..., :rot_dim]
-    out = xr * c + _rotate_half(xr) * s
-    if rot_dim == x.shape[-1]:
-        return out
-    return torch.cat([out, x[..., rot_dim:]], dim=-1)
-
-
 class RotaryFunction(torch.autograd.Function):
     """(B, T, H, D) with tables (T, rot_dim) → (B, T, H, D)."""
 
@@ -43,7 +27,9 @@ class RotaryFunction(torch.autograd.Function):
     def forward(ctx, x, cos, sin):
         ctx.save_for_backward(cos, sin)
         ctx.seqlen, ctx.x_dtype = x.shape[1], x.dtype
-        return _apply(x, cos, sin)
+        B, T, H, D = x.shape
+        rows = torch.arange(B * T, device=x.device) % T  # table row of each flat token b * T + t
+        return rotary_forward(x.reshape(B * T, H, D), cos, sin, rows, validate=False).view(B, T, H, D)
 
     @staticmethod
     def backward(ctx, grad):

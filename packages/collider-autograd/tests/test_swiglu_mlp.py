@@ -1,0 +1,106 @@
+"""The fused SwiGLU MLP equals the three-layer composition (Linear, swiglu, Linear): outputs and
+every gradient, dense and sparse, with and without biases; frozen weights cost no GEMM."""
+
+import pytest
+import torch
+
+from collider_autograd import TokenSparseTensor, linear, swiglu, swiglu_mlp
+
+B, T, H, I = 3, 7, 12, 20
+
+
+def _params(gen, bias, dtype=torch.float64):
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+
+    ws = [r(I, H), r(I, H), r(H, I)]
+    bs = [r(I), r(I), r(H)] if bias else [None, None, None]
+    return ws, bs
+
+
+def _reference(x, ws, bs):
+    return linear(swiglu(linear(x, ws[0], bs[0]), linear(x, ws[1], bs[1])), ws[2], bs[2])
+
+
+def _grads(fn, x, ws, bs, grad):
+    leaves = [t for t in [x, *ws, *bs] if t is not None]
+    for t in leaves:
+        t.grad = None
+    y = fn(x, ws, bs)
+    y.backward(grad)
+    return y.detach(), [t.grad.clone() for t in leaves]
+
+
+def _sparse_grad(gen, keep_share):
+    keep = torch.rand(B * T, generator=gen) < keep_share
+    index = keep.nonzero().squeeze(1)
+    values = torch.randn(index.numel(), H, generator=gen, dtype=torch.float64)
+    return TokenSparseTensor(values, index, (B, T))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kind", ["dense", "sparse", "none kept"])
+def test_equals_the_three_layer_form(bias, kind):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws, bs = _params(gen, bias)
+    if kind == "dense":
+        grad = torch.randn(B, T, H, generator=gen, dtype=torch.float64)
+    else:
+        grad = _sparse_grad(gen, 0.5 if kind == "sparse" else 0.0)
+    y_ref, g_ref = _grads(_reference, x, ws, bs, grad)
+    y, g = _grads(lambda x, ws, bs: swiglu_mlp(x, *ws, *bs), x, ws, bs, grad)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(g, g_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_sparse_input_gradient_stays_sparse():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(B, T, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws, bs = _params(gen, False)
+    grad = _sparse_grad(gen, 0.4)
+    seen = {}
+    x.register_hook(lambda g: seen.setdefault("grad", g))
+    swiglu_mlp(x, *ws).backward(grad)
+    assert isinstance(seen["grad"], TokenSparseTensor) and torch.equal(seen["grad"].index, grad.index)
+
+
+def test_frozen_weights_cost_no_gemm(monkeypatch):
+    import importlib
+
+    mod = importlib.import_module("collider_autograd.layers.swiglu_mlp")  # the module, not the function
+
+    calls = []
+    real = mod.gathered_weight_grad
+    monkeypatch.setattr(mod, "gathered_weight_grad", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(B, T, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws, _ = _params(gen, False)
+    ws[0].requires_grad_(False)
+    ws[2].requires_grad_(False)
+    swiglu_mlp(x, *ws).backward(_sparse_grad(gen, 0.5))
+    assert len(calls) == 1  # the up projection only
+    assert ws[0].grad is None and ws[2].grad is None and ws[1].grad is not None and x.grad is not None
+
+
+def test_autocast_runs_in_bf16_with_fp32_master_weights():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(B, T, H, generator=gen, requires_grad=True)
+    ws, bs = _params(gen, True, dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = swiglu_mlp(x, *ws, *bs)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(w.grad.dtype == torch.float32 for w in ws)
+    y32 = swiglu_mlp(x.detach(), *[w.detach() for w in ws], *[b.detach() for b in bs])
+    assert float((y.float() - y32).norm() / y32.norm()) < 2e-2
+
+
+def test_bad_shapes_are_named():
+    x = torch.randn(2, 3, H)
+    w = torch.randn(I, H)
+    with pytest.raises(ValueError, match="down"):
+        swiglu_mlp(x, w, w, torch.randn(I, H))
+    with pytest.raises(ValueError, match="b_gate and b_up"):
+        swiglu_mlp(x, w, w, torch.randn(H, I), torch.randn(I), None)
