@@ -160,6 +160,32 @@ BAD = {
 }
 
 
+def test_preset_from_scratch_takes_the_reference_folders_tokenizer(hf, tmp_path):
+    # The reference scores token ids: a model trained from scratch must read the same ids.
+    out = tmp_path / "run"
+    rc = main(["--model", "tinyllama-tiny", "--data", str(hf["train"]), "--reference", str(hf["reference"]),
+               "--out", str(out), "--steps", "1", "--eval-every", "0", "--save-every", "0", *SMALL])
+    assert rc == 0
+    want = transformers.AutoTokenizer.from_pretrained(hf["reference"]).get_vocab()
+    assert transformers.AutoTokenizer.from_pretrained(out / "final").get_vocab() == want
+
+
+def test_reference_with_another_tokenizer_is_refused(hf, tmp_path, capsys):
+    other = tmp_path / "other-reference"
+    shutil.copytree(hf["reference"], other)
+    size = len(transformers.AutoTokenizer.from_pretrained(other))
+    raw = train_bpe([_text(7, 400).upper()], size).raw  # same size, other merges
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (other / name).unlink(missing_ok=True)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=EOS_TOKEN).save_pretrained(other)
+    assert transformers.AutoTokenizer.from_pretrained(other).get_vocab() != transformers.AutoTokenizer.from_pretrained(
+        hf["model"]).get_vocab()
+    args = _hf_args(hf, tmp_path / "run", "--steps", "1")
+    args[args.index("--reference") + 1] = str(other)
+    assert main(args) == 2
+    assert "has a tokenizer other than the training one" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_options_fail_before_training(hf, tmp_path, capsys, case):
     if case == "cuda-missing" and torch.cuda.is_available():

@@ -16,7 +16,7 @@ from collider_models.training.corpus import default_corpus
 from collider_models.training.documents import check_paths, read_all
 from collider_models.training.loop import INTERRUPTED, check_data, check_vocab, train_stage
 from collider_models.training.packing import Packed, pack, pack_marks, split, token_marks
-from collider_models.training.tokenizer import TextTokenizer, load_tokenizer, train_bpe
+from collider_models.training.tokenizer import TextTokenizer, has_tokenizer, load_tokenizer, train_bpe
 
 
 def resolve(cfg: TrainConfig, log=print) -> TrainConfig:
@@ -53,7 +53,14 @@ def _tokenizer(cfg: TrainConfig, d: distributed.Dist, log) -> TextTokenizer:
     if not cfg.from_scratch:
         return load_tokenizer(cfg.model)
     saved = Path(cfg.out) / "tokenizer"
-    if d.main and not saved.is_dir():
+    given = cfg.reference if cfg.selection == "excess" and not cfg.reference_data else None
+    if given and not is_preset(given) and has_tokenizer(given):
+        # A trained reference folder: the new model must read its ids, so it gets its tokenizer.
+        if d.main and not saved.is_dir():
+            log(f"using the tokenizer of the reference folder {given}")
+            with atomic_dir(saved) as tmp:
+                load_tokenizer(given).save(tmp)
+    elif d.main and not saved.is_dir():
         vocab = cfg.vocab_size or collider_models.preset_config(cfg.model)["vocab_size"]
         log(f"training a {vocab}-token byte-level BPE tokenizer on the data ...")
         paths = check_paths(cfg.data, "--data")
@@ -110,6 +117,9 @@ def _reference(cfg: TrainConfig, tok: TextTokenizer, d: distributed.Dist, log) -
         source = str(final)
     reference = collider_models.from_pretrained(source, dtype=torch.float32, device=d.device)
     check_vocab(reference, tok, source)
+    if has_tokenizer(source) and load_tokenizer(source).vocab() != tok.vocab():
+        raise ValueError(f"the reference {source!r} has a tokenizer other than the training one ({tok.source}): its "
+                         "losses would score other tokens; train both with the same tokenizer")
     return reference.requires_grad_(False).eval(), 0
 
 

@@ -59,6 +59,12 @@ class TextTokenizer:
         encs = self.raw.encode_batch(list(texts), add_special_tokens=False)
         return [e.ids for e in encs], [e.offsets for e in encs]
 
+    def vocab(self) -> dict[str, int]:
+        """Token string → id, special tokens included."""
+        if self.hf is not None:
+            return dict(self.hf.get_vocab())
+        return dict(self.raw.get_vocab(with_added_tokens=True))
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``."""
         if self.hf is not None:
