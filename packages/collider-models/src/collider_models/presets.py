@@ -42,6 +42,9 @@ PRESETS: dict[str, dict] = {
                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128},
     "phi-1.5": {**_PHI, "vocab_size": 51200, "hidden_size": 2048, "intermediate_size": 8192,
                 "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 32},
+    # A ~95M-parameter Llama (with an 8192-token vocabulary) for the learning study on one GPU.
+    "llama-100m": {**_LLAMA, "vocab_size": 8192, "hidden_size": 768, "intermediate_size": 2048,
+                   "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4},
     # Small sizes of the same architectures, for tests and the CPU demo.
     "tinyllama-tiny": {**_LLAMA, "vocab_size": 512, "hidden_size": 128, "intermediate_size": 344,
                        "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2},
