@@ -245,3 +245,31 @@ def test_projections_sharing_an_input_gather_its_kept_rows_once():
     dense_grads = torch.autograd.grad(sum(x @ w.t() for w in ws), [x, *ws], sparse.to_dense())
     for g, r in zip(grads, dense_grads, strict=True):
         torch.testing.assert_close(g.to_dense() if isinstance(g, TokenSparseTensor) else g, r)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_lm_head_keep_logits_gives_the_same_gradients_twice(sparse):
+    # Reading the forward's logits instead of recomputing them changes no gradient, and leaves
+    # them intact for a second backward (retain_graph).
+    from collider_autograd import TokenSparseTensor, linear_cross_entropy
+
+    gen = torch.Generator().manual_seed(21)
+    hidden = torch.randn(2, 9, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 9), generator=gen)
+    labels[1, 3] = -100
+    if sparse:
+        index = torch.tensor([0, 2, 3, 7, 12, 17])
+        grad = TokenSparseTensor(torch.randn(6, generator=gen, dtype=torch.float64), index, (2, 9))
+    else:
+        grad = torch.randn(2, 9, generator=gen, dtype=torch.float64)
+    results = []
+    for keep in (False, True):
+        loss = linear_cross_entropy(hidden, weight, labels, bias, keep_logits=keep)
+        for _ in range(2):
+            grads = torch.autograd.grad(loss, (hidden, weight, bias), grad, retain_graph=True)
+            results.append([g.to_dense() if isinstance(g, TokenSparseTensor) else g for g in grads])
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)

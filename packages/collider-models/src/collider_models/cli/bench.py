@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liger", action="store_true",
                    help="also time transformers + Liger-Kernel with loss-only filtering (Llama/Qwen2/Mistral, CUDA; "
                         f"needs liger-kernel: {baselines.LIGER_INSTALL_HINT})")
+    p.add_argument("--keep-logits", action="store_true",
+                   help="our models keep the LM head's logits for the backward instead of recomputing them "
+                        "(CausalLM.keep_logits: one LM-head GEMM less, tokens x vocab elements more memory)")
     p.add_argument("--profile", action="store_true",
                    help="also profile one forward and one backward of every mode: GPU time by op kind (CUDA)")
     p.add_argument("--no-ideal", action="store_true", help="skip the dense keep·T bound")
@@ -121,7 +124,8 @@ def _step(model, ids, labels, keep, mode: str, timer: Timer, optimizer=None, sel
     return timer.elapsed_ms(t0, t1), timer.elapsed_ms(t1, t2), timer.elapsed_ms(t2, t3), peak
 
 
-def _build(preset: str, dtype: torch.dtype, device: torch.device, baseline_modes: list[str]):
+def _build(preset: str, dtype: torch.dtype, device: torch.device, baseline_modes: list[str],
+           keep_logits: bool = False):
     """Random-init models of ``preset`` built directly in ``dtype`` on ``device``: ours, and one
     ``transformers`` model per requested baseline mode ("hf", "liger")."""
     import collider_models
@@ -132,6 +136,7 @@ def _build(preset: str, dtype: torch.dtype, device: torch.device, baseline_modes
     try:
         with device:
             ours = collider_models.from_config(cfg)
+            ours.keep_logits = keep_logits
             theirs = {}
             if "hf" in baseline_modes:
                 theirs["hf"] = baselines.build_transformers(cfg)
@@ -174,7 +179,7 @@ def bench_preset(preset: str, args, device: torch.device, progress) -> list[dict
     modes, skipped = _baseline_modes(preset, args, device)
     for mode, reason in skipped.items():
         progress.write(f"{preset}: no {mode} column: {reason}")
-    ours, theirs = _build(preset, _DTYPES[args.dtype], device, modes)
+    ours, theirs = _build(preset, _DTYPES[args.dtype], device, modes, args.keep_logits)
     results = [bench_keep(preset, ours, theirs, share, args, device, progress) for share in args.keep]
     for r in results:
         r["skipped"] = skipped
@@ -335,7 +340,8 @@ def markdown(report: dict) -> str:
         "modes interleaved; peak memory " + ("per step (torch.cuda.max_memory_allocated)" if cuda
                                              else "not measured on CPU"),
         "- masked: ours, `(token_loss * keep).sum() / keep.sum()`, dense backward; collider: ours, `filtered_mean`; "
-        "ideal: ours, dense step on keep·T-token sequences; hf: transformers (SDPA), masked loss; "
+        + ("ours keep the LM head's logits for the backward (`--keep-logits`); " if report.get("keep_logits") else "")
+        + "ideal: ours, dense step on keep·T-token sequences; hf: transformers (SDPA), masked loss; "
         "liger: transformers + Liger-Kernel, filtered labels set to -100",
         "",
         "| model | keep | B | masked fwd | masked bwd | collider fwd | collider bwd | bwd ratio | step ratio "
@@ -453,6 +459,7 @@ def _run(args) -> int:
     report = {
         "environment": environment(device, args.kernels),
         "batch": args.batch, "seq": args.seq, "keep": args.keep, "dtype": args.dtype, "full_step": args.full_step,
+        "keep_logits": args.keep_logits,
         "warmup": args.warmup, "repeats": args.repeats, "results": [],
     }
     steps = len(args.presets) * len(args.keep) * (args.warmup + args.repeats)

@@ -16,7 +16,7 @@ import torch
 # (kind, pattern over the lower-cased kernel name); the first matching kind takes the kernel.
 KINDS: tuple[tuple[str, str], ...] = (
     ("optimizer", r"adam|multi_tensor|foreach"),
-    ("attention", r"flash|fmha|attn|attention|_bwd_kernel|_fwd_kernel"),
+    ("attention", r"flash|fmha|attn|attention|sdpa|dot_do_o"),
     ("lm head + loss", r"cross_entropy|logsumexp|log_softmax|softmax|nll_loss|fused_linear"),
     ("norm", r"norm|rms"),
     ("rotary", r"rotary|rope"),
@@ -55,7 +55,8 @@ def profile_phases(forward: Callable[[], torch.Tensor], top: int = 8) -> dict:
     """Profile ``loss = forward()`` and then ``loss.backward()`` (CUDA only).
 
     Returns ``{"forward": {...}, "backward": {...}}``, each with ``kinds`` (kind -> ms),
-    ``total_ms`` and ``top`` (the ``top`` most expensive kernels, name -> ms).
+    ``total_ms``, ``top`` (the ``top`` most expensive kernels, name -> ms) and ``kernels``
+    (every kernel, name -> ms, so the split can be redone).
     """
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     result = {}
@@ -76,7 +77,7 @@ def _summary(kernels: dict[str, float], top: int) -> dict:
     for name, ms in kernels.items():
         kinds[kind_of(name)] += ms
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
-    return {"kinds": kinds, "total_ms": sum(kernels.values()), "top": dict(ranked)}
+    return {"kinds": kinds, "total_ms": sum(kernels.values()), "top": dict(ranked), "kernels": kernels}
 
 
 def markdown(rows: list[dict]) -> str:
