@@ -56,6 +56,7 @@ def test_hf_baseline_column_on_cpu(tmp_path):
     ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128>>", "attention"),
     ("_rms_norm_backward_kernel", "norm"),
     ("_norm_bwd_kernel", "norm"),
+    ("_ce_fwd_kernel", "lm head + loss"),
     ("_swiglu_bwd_kernel", "activation"),
     ("_attn_bwd_dkdv", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26", "attention"),

@@ -17,7 +17,7 @@ import torch
 KINDS: tuple[tuple[str, str], ...] = (
     ("optimizer", r"adam|multi_tensor|foreach"),
     ("attention", r"flash|fmha|attn|attention|sdpa|dot_do_o"),
-    ("lm head + loss", r"cross_entropy|logsumexp|log_softmax|softmax|nll_loss|fused_linear"),
+    ("lm head + loss", r"cross_entropy|_ce_|logsumexp|log_softmax|softmax|nll_loss|fused_linear"),
     ("norm", r"norm|rms"),
     ("rotary", r"rotary|rope"),
     ("activation", r"silu|gelu|swiglu|glu|tanh|sigmoid|act_and_mul"),
