@@ -40,6 +40,31 @@ def plot_cpu_crossover() -> None:
     _save(fig, "cpu_crossover.png")
 
 
+def plot_versus_liger() -> None:
+    """Forward + backward time of the baseline users run today, our dense path and Collider."""
+    data = json.loads((RESULTS / "e2e_liger_keep_logits_h200.json").read_text())
+    results = [r for r in data["results"] if "error" not in r and "baseline" in r["ratios"]]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    width = 0.26
+    for k, (label, get) in enumerate((
+        ("transformers + Liger (Phi-1.5: plain transformers), loss-only", lambda r: r[r["ratios"]["baseline"]]),
+        ("ours, masked loss (dense backward)", lambda r: r["masked"]),
+        ("ours, Collider", lambda r: r["collider"]),
+    )):
+        xs = [i + (k - 1) * width for i in range(len(results))]
+        fwd = [get(r)["forward_ms"] for r in results]
+        bwd = [get(r)["backward_ms"] for r in results]
+        bars = ax.bar(xs, fwd, width, label=label)
+        ax.bar(xs, bwd, width, bottom=fwd, color=bars[0].get_facecolor(), alpha=0.55)
+    ax.set_xticks(range(len(results)), [r["preset"] for r in results])
+    ax.set_ylabel("forward (solid) + backward ms")
+    env = data["environment"]
+    ax.set_title(f"{env['device']}, B={data['batch']} T={data['seq']} {data['dtype']}, 40% filtered, "
+                 f"liger-kernel {env.get('liger_kernel')}", fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, "e2e_versus_liger_h200.png")
+
+
 def plot_e2e() -> None:
     data = json.loads((RESULTS / "e2e_h200.json").read_text())
     shown = 0.6 if 0.6 in data["keep"] else data["keep"][0]  # one kept share per bar group
@@ -100,6 +125,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     plot_cpu_crossover()
     plot_e2e()
+    plot_versus_liger()
     plot_attention()
     plot_gemm()
     print(f"wrote plots to {OUT.relative_to(ROOT)}")
