@@ -365,3 +365,26 @@ def _check_trainer_on_device(make_hf, tmp_path, device):
 @pytest.mark.gpu
 def test_on_gpu_trainer_steps_equal_our_own_loop(make_hf, tmp_path):
     _check_trainer_on_device(make_hf, tmp_path, "cuda")
+
+
+def test_plain_trainer_checkpoints_of_a_collider_model_load_with_the_callback(tmp_path):
+    # A plain transformers.Trainer trains a Collider model (its output reads like transformers'),
+    # and with SaveCheckpointCallback every checkpoint is a Hugging Face folder with config.json.
+    from collider_models import from_pretrained
+    from collider_models.hf import SaveCheckpointCallback
+
+    model = from_preset("tinyllama-tiny")
+    data = [{k: v for k, v in row.items() if k != "attention_mask"} for row in _data(4, model.config.vocab_size)]
+    args = _args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[SaveCheckpointCallback()])
+    trainer.train()
+    for step in (1, 2):
+        folder = tmp_path / f"checkpoint-{step}"
+        assert (folder / "config.json").is_file() and (folder / "optimizer.pt").is_file()
+    loaded = from_pretrained(tmp_path / "checkpoint-2")
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(dict(loaded.named_parameters())[name], p.detach(), rtol=0, atol=0)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-2")
+    ids = data[0]["input_ids"][None]
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

@@ -167,6 +167,18 @@ class CausalLMOutput:
     token_loss: torch.Tensor | None = None
     labels: torch.Tensor | None = None
 
+    def to_tuple(self) -> tuple:
+        """The fields that are set, in order (``loss`` first when it is set), as ``transformers``'
+        outputs index them."""
+        order = ("loss", "logits", "token_loss", "labels")
+        return tuple(getattr(self, k) for k in order if getattr(self, k) is not None)
+
+    def __getitem__(self, key):
+        """``output["loss"]`` or ``output[0]``, as code written for ``transformers`` reads outputs."""
+        if isinstance(key, str):
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """(B, T) labels as ``transformers`` takes them → aligned with positions: ``out[:, t] =
