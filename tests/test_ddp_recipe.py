@@ -41,9 +41,9 @@ def _step(model, opt, parts):
     opt.step()
 
 
-def _worker(rank: int, world: int, port: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    # A file store rendezvous: no port to collide with other runs.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = _model()
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -55,13 +55,16 @@ def _worker(rank: int, world: int, port: str, out: str) -> None:
     dist.all_gather(gathered, flat)
     if rank == 0:
         torch.save(gathered, out)
+    dist.barrier()  # nobody leaves while another still talks to it
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown: gloo's background threads can abort it ("terminate
+    # called without an active exception") after all the work is done and checked.
+    os._exit(0)
 
 
 def test_ddp_ranks_stay_in_sync_and_equal_one_process(tmp_path):
     out = str(tmp_path / "params.pt")
-    port = str(29500 + os.getpid() % 1000)
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     rank0, rank1 = torch.load(out)
     assert torch.equal(rank0, rank1)  # in sync
     model = _model()
