@@ -73,6 +73,7 @@ html_theme_options = {
     # Wider than the default 940 px, still under a 1280-px window; code lines wrap (code_blocks.css).
     "page_width": "1200px",
     "sidebar_width": "220px",
+    "body_max_width": "none",  # the basic theme's default 800 px would leave the wider page unused
 }
 html_static_path = ["_static"]
 html_css_files = ["code_blocks.css"]
