@@ -318,3 +318,23 @@ def test_padded_positions_cannot_be_kept(make_ours):
     keep = torch.ones(1, 6, dtype=torch.bool)
     with pytest.raises(ValueError, match="ignore_index"):
         filtered_mean(out.token_loss, keep, labels=out.labels)
+
+
+@pytest.mark.parametrize("case", ["left padding", "right padding", "packed documents"])
+def test_loss_labels_are_the_forwards_labels(case):
+    # The normaliser a trainer counts before the forward must see the positions the forward keeps.
+    model = collider_models.from_preset("tinyllama-tiny")
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 512, (2, 12), generator=gen)
+    extra = {}
+    if case == "left padding":
+        extra["attention_mask"] = (torch.arange(12) >= torch.tensor([[3], [0]])).long()
+    elif case == "right padding":
+        extra["attention_mask"] = (torch.arange(12) < torch.tensor([[9], [12]])).long()
+    else:
+        extra["document_ids"] = (torch.arange(12) >= torch.tensor([[5], [8]])).long()
+    with torch.no_grad():
+        out = model(ids, labels=ids, **extra)
+    got = collider_models.loss_labels(ids, **extra)
+    assert torch.equal(got, out.labels)
+    assert int((got == -100).sum()) > 2  # the case really ignores positions beyond the last one

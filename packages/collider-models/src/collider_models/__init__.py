@@ -1,7 +1,7 @@
 """collider-models: Llama, Mistral, Qwen2 and Phi decoder LMs built on collider-autograd."""
 
 from collider_models import llama, mistral, phi, qwen2  # noqa: F401  (register architectures)
-from collider_models.blocks import CausalLM, CausalLMOutput, shift_labels
+from collider_models.blocks import CausalLM, CausalLMOutput, loss_labels, shift_labels
 from collider_models.checkpoint import from_pretrained, save_pretrained
 from collider_models.config import ModelConfig
 from collider_models.generate import KVCache, generate
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS", "CausalLM", "CausalLMOutput", "KVCache", "ModelConfig", "from_config", "from_hf", "from_preset",
-    "from_pretrained", "generate", "preset_config", "save_pretrained", "shift_labels",
+    "from_pretrained", "generate", "loss_labels", "preset_config", "save_pretrained", "shift_labels",
 ]

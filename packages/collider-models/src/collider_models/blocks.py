@@ -349,6 +349,23 @@ def _check_labels(labels, ids: torch.Tensor) -> None:
         raise ValueError(f"labels must have input_ids' shape {tuple(ids.shape)}, got {tuple(labels.shape)}")
 
 
+def loss_labels(
+    labels: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The (B, T) shifted labels :meth:`CausalLM.forward` computes its losses against (its
+    ``output.labels``), from the labels and masks alone: padded positions, padded targets and
+    targets in the next document are ``ignore_index``. Counting ``!= ignore_index`` gives the
+    positions that can be kept, e.g. for a normaliser known before the forward."""
+    lay = layout(labels.shape, labels.device, attention_mask=attention_mask, position_ids=position_ids,
+                 document_ids=document_ids)
+    return _ignore_outside(shift_labels(labels, ignore_index), lay, ignore_index, shifted=True)
+
+
 def _ignore_outside(labels: torch.Tensor, lay: Layout, ignore_index: int, *, shifted: bool) -> torch.Tensor:
     """``labels`` with padded positions (and, for shifted labels, padded or next-document
     targets) set to ``ignore_index``."""

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from collider_autograd import excess_loss, filtered_mean, select_top_k
-from collider_models.blocks import CausalLM, shift_labels
+from collider_models.blocks import CausalLM, loss_labels
 from collider_models.checkpoint import save_pretrained
 from collider_models.hf.convert import from_hf
 
@@ -161,9 +161,7 @@ class ColliderTrainer(Trainer):
         count = torch.zeros((), dtype=torch.int64, device=device)
         for batch in batches:
             _, labels, mask = self._batch(batch)
-            valid = shift_labels(labels, IGNORE_INDEX) != IGNORE_INDEX
-            if mask is not None:
-                valid &= (mask != 0).to(valid.device)  # a padded position predicts nothing (left padding)
+            valid = loss_labels(labels, attention_mask=mask, ignore_index=IGNORE_INDEX) != IGNORE_INDEX  # as the model
             # select_top_k keeps a number of positions that depends on `valid` only, not on the scores.
             zeros = torch.zeros(valid.shape, device=valid.device)
             count += select_top_k(zeros, self.keep, per=self.per, valid=valid).sum().to(device)
