@@ -16,7 +16,6 @@ import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
 from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
-from collider_autograd.layers.linear import _kept_rows
 from collider_kernels import gathered_weight_grad, swiglu_backward, swiglu_forward
 
 
@@ -48,7 +47,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         dgate, dup, act = swiglu_backward(grad_act, gu[:, :I], gu[:, I:], index, with_output=True, validate=False)
         x_rows = None
         if need_wg or need_wu:
-            x_rows = x2d if index is None else _kept_rows(x2d, index)  # (n, H)
+            x_rows = x2d if index is None else x2d.index_select(0, index)  # (n, H), shared by gate and up
         dx = input_grad(grad, torch.addmm(dgate @ w_gate, dup, w_up), x.shape) if need_x else None
         dwg = gathered_weight_grad(dgate, x_rows, None) if need_wg else None  # (I, H)
         dwu = gathered_weight_grad(dup, x_rows, None) if need_wu else None
