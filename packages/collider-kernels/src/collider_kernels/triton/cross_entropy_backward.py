@@ -45,7 +45,7 @@ def launch_cross_entropy_backward(logits, lse, labels, scale, ignore_index, out=
     if n == 0:
         return out
     cfg = {**ce_config(V), **(cfg or {})}
-    blocks = triton.cdiv(V, cfg["block_v"])
+    blocks = settings.cdiv(V, cfg["block_v"])
     _ce_bwd_kernel[(n * blocks,)](
         logits, lse.contiguous(), labels.contiguous(), scale.contiguous(), out,
         V, blocks, logits.stride(0), logits.stride(1), out.stride(0), out.stride(1), ignore_index,

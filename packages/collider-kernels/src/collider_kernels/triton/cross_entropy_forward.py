@@ -61,7 +61,7 @@ def _ce_fwd_kernel(
 def ce_config(V: int) -> dict:
     """Vocabulary block and warps of the cross-entropy kernels for ``V`` classes (blocks of at
     most 4096 logits on the GPU, 128 under the interpreter)."""
-    block_v = min(128 if INTERPRET else 4096, triton.next_power_of_2(V))
+    block_v = min(128 if INTERPRET else 4096, settings.next_power_of_2(V))
     return {"block_v": block_v, "num_warps": max(1, min(8, block_v // 512))}
 
 

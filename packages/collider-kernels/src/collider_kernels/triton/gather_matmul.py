@@ -78,7 +78,7 @@ def gather_mm_desc_kernel(
 def _desc_candidates(N: int) -> list[dict]:
     if INTERPRET:
         return [INTERPRET_CONFIG]
-    tiles = [t for t in DESC_TILES if t[1] <= max(128, triton.next_power_of_2(N))]
+    tiles = [t for t in DESC_TILES if t[1] <= max(128, settings.next_power_of_2(N))]
     out = [tile_config(*t, PERSIST=p) for t in tiles for p in (True, False)]
     if N <= 256:  # few column tiles: favour more row tiles
         out.sort(key=lambda c: (c["BLOCK_M"] != 64, not c["PERSIST"]))
@@ -102,7 +102,7 @@ def launch_desc(x, index, weight, bias, y, cfg):
     n, N = y.shape
     K = x.shape[1]
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    units = triton.cdiv(n, bm) * triton.cdiv(N, bn)
+    units = settings.cdiv(n, bm) * settings.cdiv(N, bn)
     gather_mm_desc_kernel[(gemm.grid_size(units, cfg, x.device),)](
         x, y if index is None else index, gemm.tensor_desc(weight, [bn, bk]), y, y if bias is None else bias,
         n, N, K, x.stride(0), x.stride(1), y.stride(0), y.stride(1),

@@ -165,19 +165,19 @@ def _desc_candidates(N: int, K: int, n: int, sms: int, deterministic: bool) -> l
     fp32 atomics unless ``deterministic``); stream-K for a partial last wave (partial tiles added in
     order)."""
     if INTERPRET:
-        split = split_for(triton.cdiv(N, 32) * triton.cdiv(K, 32), n, 16, sms)
+        split = split_for(settings.cdiv(N, 32) * settings.cdiv(K, 32), n, 16, sms)
         return [{**INTERPRET_CONFIG, "SPLIT_K": split, "SPLIT_MODE": "partial"}]
     modes = ("partial",) if deterministic else ("partial", "atomic")
     out = []
     for t in DESC_TILES:
-        tiles = triton.cdiv(N, t[0]) * triton.cdiv(K, t[1])
+        tiles = settings.cdiv(N, t[0]) * settings.cdiv(K, t[1])
         for s in sorted({1, split_for(tiles, n, t[2], sms)}):
             for mode in modes if s > 1 else ("partial",):
                 out.append(tile_config(*t, PERSIST=True, SPLIT_K=s, SPLIT_MODE=mode))
         if tiles % sms:  # a partial last wave: share its tiles' reduction blocks over all programs
             out.append(tile_config(*t, PERSIST=True, SPLIT_K=1, STREAM_K=True))
     # Untuned default: the first candidate whose tiles (with their split) fill the GPU best.
-    out.sort(key=lambda c: -fill(triton.cdiv(N, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_N"]) * c["SPLIT_K"], sms))
+    out.sort(key=lambda c: -fill(settings.cdiv(N, c["BLOCK_M"]) * settings.cdiv(K, c["BLOCK_N"]) * c["SPLIT_K"], sms))
     return out
 
 
@@ -201,7 +201,7 @@ def launch_desc(g, x, index, c, cfg, *, accumulate, atomic, ws=None, locks=None,
     n, N = g.shape
     K = x.shape[1]
     bm, bn, bk, split = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["SPLIT_K"]
-    units = triton.cdiv(N, bm) * triton.cdiv(K, bn) * split
+    units = settings.cdiv(N, bm) * settings.cdiv(K, bn) * split
     grid = sk[2] if cfg.get("STREAM_K") else gemm.grid_size(units, cfg, g.device)
     wgrad_desc_kernel[(grid,)](
         gemm.tensor_desc(g, [bk, bm]), x, c if index is None else index, c, c if ws is None else ws,
@@ -235,7 +235,7 @@ def _run(g, x, index, result, accumulate, cfg):
     elif split > 1 and not atomic:
         ws = settings.alloc_output((split, N, K), torch.float32, x.device)  # every split writes all of its slice
     if ws is not None:  # one arrival counter per output tile
-        locks = torch.zeros(triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"]), dtype=torch.int32,
+        locks = torch.zeros(settings.cdiv(N, cfg["BLOCK_M"]) * settings.cdiv(K, cfg["BLOCK_N"]), dtype=torch.int32,
                             device=x.device)
     if not atomic:
         target = result

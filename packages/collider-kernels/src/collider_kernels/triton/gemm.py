@@ -186,7 +186,7 @@ POINTER_TILES = [(128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8
 
 def fill(units: int, sms: int) -> float:
     """Share of ``sms`` busy over the waves that ``units`` programs take."""
-    return units / (triton.cdiv(units, sms) * sms)
+    return units / (settings.cdiv(units, sms) * sms)
 
 
 def split_for(tiles: int, R: int, block_k: int, sms: int) -> int:
@@ -202,17 +202,17 @@ def split_for(tiles: int, R: int, block_k: int, sms: int) -> int:
 
 def pointer_split(N: int, K: int, R: int, sms: int) -> int:
     """Reduction split of the pointer kernel's (N, K) weight gradient over R rows (128x128 tiles)."""
-    return split_for(triton.cdiv(N, 128) * triton.cdiv(K, 128), R, 64, sms)
+    return split_for(settings.cdiv(N, 128) * settings.cdiv(K, 128), R, 64, sms)
 
 
 def stream_k_plan(N: int, K: int, n: int, cfg: dict, sms: int) -> tuple[int, int, int]:
     """(tiles shared stream-K, workspace slots per program, programs) of ``cfg`` on ``sms`` SMs."""
-    tiles = triton.cdiv(N, cfg["BLOCK_M"]) * triton.cdiv(K, cfg["BLOCK_N"])
+    tiles = settings.cdiv(N, cfg["BLOCK_M"]) * settings.cdiv(K, cfg["BLOCK_N"])
     sk_tiles = tiles % sms
-    k_blocks = triton.cdiv(n, cfg["BLOCK_K"])
+    k_blocks = settings.cdiv(n, cfg["BLOCK_K"])
     programs = max(1, min(sms, sk_tiles * k_blocks))  # every stream-K run holds at least one block
     # A program's run of ceil(total / programs) blocks touches at most this many tiles.
-    slots = triton.cdiv(triton.cdiv(sk_tiles * k_blocks, programs), k_blocks) + 1
+    slots = settings.cdiv(settings.cdiv(sk_tiles * k_blocks, programs), k_blocks) + 1
     return sk_tiles, slots, programs
 
 
@@ -258,7 +258,7 @@ def launch_pointer(a, b, c, bias, a_index, b_index, M, N, K, strides, cfg, *, ac
     """Pointer kernel: C (M, N) (+)= A[a_index] (M, K) @ B[b_index] (K, N); ``strides`` in the
     kernel's order (A m, k; B k, n; C m, n); a split without atomics needs ``ws`` and ``locks``."""
     dummy = c  # stands in for absent optional pointers (never dereferenced)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), split_k)
+    grid = (settings.cdiv(M, cfg["BLOCK_M"]) * settings.cdiv(N, cfg["BLOCK_N"]), split_k)
     gemm_kernel[grid](
         a, b, c,
         dummy if bias is None else bias,

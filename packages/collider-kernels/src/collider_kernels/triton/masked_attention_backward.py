@@ -454,7 +454,7 @@ def _meta(which: str, blocks: tuple) -> dict:
 def _candidates(which: str, table: dict, head_dim: int) -> list[dict]:
     if INTERPRET:
         return [_meta(which, INTERPRET_BLOCKS[which])]
-    return [_meta(which, t) for t in table[64 if max(16, triton.next_power_of_2(head_dim)) <= 64 else 128]]
+    return [_meta(which, t) for t in table[64 if max(16, settings.next_power_of_2(head_dim)) <= 64 else 128]]
 
 
 @register_candidates("masked_attention_backward.dkdv")
@@ -571,7 +571,7 @@ def masked_attention_backward_triton(
     if lse.dtype != torch.float32:
         lse = lse.float()
     atomic = strategy == "atomic"
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, settings.next_power_of_2(D))
     upcast = INTERPRET and q.dtype != torch.float32
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     qk_scale = float(scale) * 1.4426950408889634
@@ -590,7 +590,7 @@ def masked_attention_backward_triton(
     lo, kend = _mask_rows(index, B, T, window, key_start) if has_lo else (delta, delta)
 
     pre_m = 32 if INTERPRET else 64
-    _attn_bwd_preprocess[(triton.cdiv(n, pre_m), Hq)](
+    _attn_bwd_preprocess[(settings.cdiv(n, pre_m), Hq)](
         out, grad_out, delta, dq_acc, index, q, lse, q_c, lse_c,
         n, T, Hq,
         *out.stride(), *grad_out.stride(), *q.stride(), *lse.stride(),
@@ -603,7 +603,7 @@ def masked_attention_backward_triton(
     fp32 = q.dtype == torch.float32
 
     def dkdv(meta, acc):  # acc: the dQ accumulator the atomic strategy adds into
-        _attn_bwd_dkdv[(B * Hkv * split, triton.cdiv(T, meta["BLOCK_N"]))](
+        _attn_bwd_dkdv[(B * Hkv * split, settings.cdiv(T, meta["BLOCK_N"]))](
             q, k, v, grad_out, lse, delta, dk, dv, acc, index, offsets, q_c, lse_c, dk_part, dv_part, lo, kend,
             qk_scale, float(scale), n, T, group, Hkv,
             *common,
@@ -624,14 +624,14 @@ def masked_attention_backward_triton(
     dkdv(_pass_meta("masked_attention_backward.dkdv", "dkdv", key, D, fp32, trial), dq_acc)
     if split > 1:
         red_r = 16 if INTERPRET else 32
-        _attn_bwd_dkdv_reduce[(triton.cdiv(n * Hkv, red_r),)](
+        _attn_bwd_dkdv_reduce[(settings.cdiv(n * Hkv, red_r),)](
             dk_part, dv_part, dk, dv, n * Hkv, Hkv,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             HEAD_DIM=D, BLOCK_D=block_d, SPLIT=split, BLOCK_R=red_r,
         )
 
     def dq_pass(meta):
-        _attn_bwd_dq[(B * Hq, triton.cdiv(T, meta["BLOCK_M"]))](
+        _attn_bwd_dq[(B * Hq, settings.cdiv(T, meta["BLOCK_M"]))](
             q, k, v, grad_out, lse, delta, dq, dq_acc, index, offsets, fpos, lo,
             qk_scale, float(scale), n, T, group, Hq,
             *common,

@@ -58,9 +58,9 @@ def launch_rms_norm_forward(x, weight, eps, cfg: dict | None = None):
         return y
     x, weight = unit_cols(x), weight.contiguous()
     cfg = {**norm_config(H), **(cfg or {})}
-    _rms_norm_fwd_kernel[(triton.cdiv(n, cfg["block_r"]),)](
+    _rms_norm_fwd_kernel[(settings.cdiv(n, cfg["block_r"]),)](
         x, weight, y, n, H, eps, 1.0 / H, x.stride(0), y.stride(0),
-        BLOCK_R=cfg["block_r"], BLOCK_H=triton.next_power_of_2(H), num_warps=cfg["num_warps"],
+        BLOCK_R=cfg["block_r"], BLOCK_H=settings.next_power_of_2(H), num_warps=cfg["num_warps"],
     )
     return y
 

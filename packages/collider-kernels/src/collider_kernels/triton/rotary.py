@@ -85,7 +85,7 @@ def rotary_config(H: int, D: int) -> dict:
     the interpreter)."""
     block_hd = min(16, H & -H) if H > 0 else 1
     elements = 512 if INTERPRET else 4096
-    return {"block_r": max(1, elements // (block_hd * triton.next_power_of_2(D))), "block_hd": block_hd,
+    return {"block_r": max(1, elements // (block_hd * settings.next_power_of_2(D))), "block_hd": block_hd,
             "num_warps": 4}
 
 
@@ -103,12 +103,12 @@ def launch_rotary(x, cos, sin, positions, out_dtype, *, transpose: bool, cfg: di
     cos = cos if cos.stride(1) == 1 else cos.contiguous()
     sin = sin if sin.stride(1) == 1 else sin.contiguous()
     cfg = {**rotary_config(H, D), **(cfg or {})}
-    grid = (triton.cdiv(n, cfg["block_r"]), triton.cdiv(H, cfg["block_hd"]))
+    grid = (settings.cdiv(n, cfg["block_r"]), settings.cdiv(H, cfg["block_hd"]))
     _rotary_kernel[grid](
         x, cos, sin, positions.contiguous(), y,
         n, H, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0), y.stride(0), y.stride(1),
         R=R, D=D, TRANSPOSE=transpose, ROUND=not transpose,
-        BLOCK_R=cfg["block_r"], BLOCK_HD=cfg["block_hd"], BLOCK_HALF=triton.next_power_of_2(max(1, R // 2)),
-        BLOCK_PASS=triton.next_power_of_2(max(1, D - R)), num_warps=cfg["num_warps"], enable_fp_fusion=False,
+        BLOCK_R=cfg["block_r"], BLOCK_HD=cfg["block_hd"], BLOCK_HALF=settings.next_power_of_2(max(1, R // 2)),
+        BLOCK_PASS=settings.next_power_of_2(max(1, D - R)), num_warps=cfg["num_warps"], enable_fp_fusion=False,
     )
     return y

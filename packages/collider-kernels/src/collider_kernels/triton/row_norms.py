@@ -92,7 +92,7 @@ def _norm_bwd_kernel(
 
 def norm_config(H: int) -> dict:
     """Rows per step, warps and programs per SM of the RMSNorm/LayerNorm kernel for width ``H``."""
-    block_h = triton.next_power_of_2(H)
+    block_h = settings.next_power_of_2(H)
     if INTERPRET:
         return {"block_r": max(1, min(8, 1024 // block_h)), "num_warps": 4, "programs_per_sm": 2}
     block_r = max(1, min(16, 4096 // block_h))
@@ -113,15 +113,15 @@ def launch_norm_backward(grad, x, weight, eps, index, cfg, center: bool):
     index = None if index is None else index.contiguous()
     cfg = {**norm_config(H), **(cfg or {})}
     block_r = cfg["block_r"]
-    programs = max(1, min(triton.cdiv(n, block_r), cfg["programs_per_sm"] * settings.num_sms(x.device)))
-    rows_per_prog = triton.cdiv(n, programs)
-    programs = triton.cdiv(n, rows_per_prog)  # every program owns at least one row
+    programs = max(1, min(settings.cdiv(n, block_r), cfg["programs_per_sm"] * settings.num_sms(x.device)))
+    rows_per_prog = settings.cdiv(n, programs)
+    programs = settings.cdiv(n, rows_per_prog)  # every program owns at least one row
     part = settings.alloc_output((sums, programs, H), torch.float32, x.device)  # partial sums, rows written once
     _norm_bwd_kernel[(programs,)](
         grad, x, weight, dx if index is None else index, dx, part,
         n, H, rows_per_prog, eps, 1.0 / H,
         grad.stride(0), x.stride(0), dx.stride(0), part.stride(0),
-        GATHER=index is not None, CENTER=center, BLOCK_R=block_r, BLOCK_H=triton.next_power_of_2(H),
+        GATHER=index is not None, CENTER=center, BLOCK_R=block_r, BLOCK_H=settings.next_power_of_2(H),
         num_warps=cfg["num_warps"],
     )
     return dx, *part.sum(1)  # (H,) each, summed in a fixed order

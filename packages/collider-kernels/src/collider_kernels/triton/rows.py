@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from collider_kernels.triton import settings
 from collider_kernels.tuning import INTERPRET
 
 
@@ -19,15 +20,15 @@ def elementwise_config(width: int) -> dict:
     """Tile of an elementwise row kernel (SwiGLU, GELU) for rows of ``width``: about 4096
     elements per program (512 under the interpreter)."""
     if INTERPRET:
-        block_i = min(128, triton.next_power_of_2(width))
+        block_i = min(128, settings.next_power_of_2(width))
         return {"block_r": max(1, 512 // block_i), "block_i": block_i, "num_warps": 4}
-    block_i = min(1024, triton.next_power_of_2(width))
+    block_i = min(1024, settings.next_power_of_2(width))
     return {"block_r": max(1, 4096 // block_i), "block_i": block_i, "num_warps": 4}
 
 
 def elementwise_grid(n: int, width: int, cfg: dict) -> tuple[int, int]:
     """Launch grid of an elementwise row kernel: (row blocks, column blocks)."""
-    return (triton.cdiv(n, cfg["block_r"]), triton.cdiv(width, cfg["block_i"]))
+    return (settings.cdiv(n, cfg["block_r"]), settings.cdiv(width, cfg["block_i"]))
 
 
 @triton.jit

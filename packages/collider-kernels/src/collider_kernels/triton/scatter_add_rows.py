@@ -66,16 +66,16 @@ def scatter_add_rows_triton(src, index, out, deterministic):
 
     def launch(src, index, target):
         n, F = src.shape
-        block_f = 64 if INTERPRET else min(1024, triton.next_power_of_2(F))
+        block_f = 64 if INTERPRET else min(1024, settings.next_power_of_2(F))
         if not deterministic and target.dtype == torch.float32:
             block_r = 16
-            grid = (triton.cdiv(n, block_r), triton.cdiv(F, block_f))
+            grid = (settings.cdiv(n, block_r), settings.cdiv(F, block_f))
             _atomic_scatter_kernel[grid](
                 src, index, target, n, F, src.stride(0), target.stride(0), BLOCK_R=block_r, BLOCK_F=block_f
             )
         else:
             order, seg_start, seg_row = segment_plan(index)
-            grid = (seg_row.shape[0], triton.cdiv(F, block_f))
+            grid = (seg_row.shape[0], settings.cdiv(F, block_f))
             _segment_sum_kernel[grid](
                 src, order, seg_start, seg_row, target, F, src.stride(0), target.stride(0), BLOCK_F=block_f
             )

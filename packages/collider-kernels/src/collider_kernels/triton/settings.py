@@ -15,6 +15,16 @@ from collider_kernels.tuning import INTERPRET
 DEVICES = ("cpu", "cuda") if INTERPRET else ("cuda",)
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids (Triton's own ``triton.cdiv`` costs microseconds per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for 0), as ``triton.next_power_of_2``."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def alloc_output(shape, dtype, device) -> torch.Tensor:
     """Uninitialised storage for a kernel output whose every element the kernel writes (tests
     replace it with a NaN-filled allocation to catch unwritten elements)."""

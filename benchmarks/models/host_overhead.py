@@ -1,0 +1,100 @@
+"""Host (Python + launch) time of one training step's forward and backward, Collider against the
+masked-loss baseline, with bf16 parameters or fp32 parameters under bf16 autocast.
+
+A batch so small that the GPU finishes each kernel before the host launches the next makes
+wall time the host's time. Compare it with the device time of a full-size step (ddp_step_time.py,
+collider-bench): where the host takes longer, the step is host-bound. ``--cprofile`` writes the
+hottest Python functions of Collider's backward.
+
+    python benchmarks/models/host_overhead.py --json out.json [--cprofile out.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+import collider_models
+from collider_autograd import filtered_mean, select_top_k
+from collider_models.presets import preset_config
+from collider_models.reference import masked_mean
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tinyllama-1.1b")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--cprofile", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def phases(model, ids, mode: str, autocast: bool) -> tuple[float, float]:
+    """(forward ms, backward ms) of wall time, each phase synchronised."""
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with ctx:
+        token_loss = model(ids, labels=ids).token_loss
+    keep = select_top_k(token_loss.detach(), 0.6)
+    loss = filtered_mean(token_loss, keep, validate=False) if mode == "collider" else masked_mean(token_loss, keep)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    loss.backward()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    model.zero_grad(set_to_none=True)
+    return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = torch.device("cuda")
+    hf = preset_config(args.model)
+    ids = torch.randint(0, hf["vocab_size"], (args.batch_size, args.seq_len), device=dev)
+    report = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
+              "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "results": {}}
+    for params in ("bf16", "fp32+autocast"):
+        torch.manual_seed(0)
+        model = collider_models.from_config(hf).to(dev, torch.bfloat16 if params == "bf16" else torch.float32)
+        autocast = params != "bf16"
+        for mode in ("collider", "masked"):
+            for _ in range(3):
+                phases(model, ids, mode, autocast)
+            runs = [phases(model, ids, mode, autocast) for _ in range(args.repeats)]
+            fwd, bwd = (statistics.median(r[i] for r in runs) for i in range(2))
+            report["results"][f"{params} {mode}"] = {"forward_ms": fwd, "backward_ms": bwd}
+            print(f"{params:14s} {mode:9s} host forward {fwd:6.1f} ms, backward {bwd:6.1f} ms", flush=True)
+        if args.cprofile is not None and params == "bf16":
+            prof = cProfile.Profile()
+            for _ in range(5):
+                token_loss = model(ids, labels=ids).token_loss
+                loss = filtered_mean(token_loss, select_top_k(token_loss.detach(), 0.6), validate=False)
+                torch.cuda.synchronize()
+                prof.enable()
+                loss.backward()
+                torch.cuda.synchronize()
+                prof.disable()
+                model.zero_grad(set_to_none=True)
+            text = io.StringIO()
+            stats = pstats.Stats(prof, stream=text)
+            stats.sort_stats("tottime").print_stats(45)
+            stats.sort_stats("cumulative").print_stats(60)
+            args.cprofile.write_text(text.getvalue())
+        del model
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
