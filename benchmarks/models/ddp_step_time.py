@@ -19,6 +19,8 @@ import datetime
 import json
 import os
 import statistics
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps of each mode")
     p.add_argument("--steps", type=int, default=15, help="timed steps of each mode")
     p.add_argument("--profile", type=Path, default=None, help="write rank 0's kernel table here")
+    p.add_argument("--check-syncs", action="store_true",
+                   help="list where one step of each mode makes the host wait for the GPU (rank 0)")
     p.add_argument("--json", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -65,6 +69,30 @@ def one_step(model, opt, ids, sel, d, step: int, mode: str) -> tuple[float, floa
     return tuple(times.tolist())
 
 
+def host_syncs(model, opt, ids, sel, d, step: int, mode: str) -> dict[str, int]:
+    """Where one step synchronises the host with the GPU: {"file:line <- file:line ...": count},
+    from PyTorch's sync debug mode (the innermost frames of this project's code)."""
+    found: dict[str, int] = {}
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "collider" in f.filename or "benchmarks" in f.filename]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[::-1][:4])
+        found[where] = found.get(where, 0) + 1
+
+    shown = warnings.showwarning
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            one_step(model, opt, ids, sel, d, step, mode)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = shown
+    return found
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.engine != "single" and not distributed.launched():
@@ -74,12 +102,19 @@ def main(argv=None) -> None:
     hf.update(vocab_size=args.vocab_size)
     torch.manual_seed(0)
     model = collider_models.from_config(hf).to(d.device)
-    model = distributed.wrap(model, d, args.engine == "fsdp")
+    model = distributed.wrap(model, d, args.engine == "fsdp", "bf16")
     opt = make_optimizer(model, lr=1e-5, device=d.device)
     sel = Selection("loss", args.keep)
     gen = torch.Generator(device=d.device).manual_seed(1 + d.rank)
     times = {m: {"fwd_bwd_ms": [], "step_ms": []} for m in MODES}
     step = 0
+    syncs = {}
+    if args.check_syncs:
+        for mode in MODES:
+            for _ in range(2):  # the second step: tuning and compilation are done
+                ids = torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len), device=d.device, generator=gen)
+                syncs[mode] = host_syncs(model, opt, ids, sel, d, step, mode)
+                step += 1
     for r in range(args.warmup + args.steps):
         order = MODES if r % 2 == 0 else MODES[::-1]  # alternate which mode goes first
         for mode in order:
@@ -118,6 +153,7 @@ def main(argv=None) -> None:
             "median": med,
             "ratio_collider_over_masked": {k: med["collider"][k] / med["masked"][k] for k in ("fwd_bwd_ms", "step_ms")},
             "tokens_per_s": {m: d.world * args.batch_size * args.seq_len / (med[m]["step_ms"] / 1e3) for m in MODES},
+            "host_syncs": syncs,
             "samples": times,
         }
         args.json.write_text(json.dumps(report, indent=1) + "\n")

@@ -134,3 +134,26 @@ def test_normalizer_errors_and_its_gradient():
 def test_zero_dim_loss_is_an_error():
     with pytest.raises(ValueError, match="token"):
         filtered_mean(torch.tensor(1.0), torch.tensor(True))
+
+
+def test_kept_count_gives_the_same_loss_and_gradient_and_is_checked():
+    loss, keep = _inputs(7)
+    n = int(keep.sum())
+    ref = filtered_mean(loss, keep)
+    (grad_ref,) = torch.autograd.grad(ref, loss)
+    for validate in (True, False):
+        out = filtered_mean(loss, keep, kept_count=n, validate=validate)
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
+        (grad,) = torch.autograd.grad(out, loss)
+        assert torch.equal(grad.index, grad_ref.index)
+        torch.testing.assert_close(grad.to_dense(), grad_ref.to_dense(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="kept_count is 3 but keep has"):
+        filtered_mean(loss, keep, kept_count=3)
+    for bad in (-1, keep.numel() + 1, True, 2.0):
+        with pytest.raises(ValueError, match="kept_count must be an integer"):
+            filtered_mean(loss, keep, kept_count=bad)
+    nothing = torch.zeros_like(keep)
+    out = filtered_mean(loss, nothing, normalizer=5.0, kept_count=0, validate=False)
+    assert out.item() == 0
+    (grad,) = torch.autograd.grad(out, loss)
+    assert grad.to_dense().abs().sum() == 0

@@ -89,3 +89,24 @@ def test_more_bad_inputs():
         select_random((2, 3), 0.5, valid=torch.ones(3, 2, dtype=torch.bool))
     with pytest.raises(ValueError, match="NaN"):
         select_top_k(torch.tensor([[float("nan"), 1.0]]), 0.5, per="sequence")
+
+
+@pytest.mark.parametrize("per", ["batch", "sequence"])
+def test_top_k_counts_round_half_to_even_like_python(per):
+    # 0.5 * 5 = 2.5 rounds to 2 and 0.5 * 7 = 3.5 to 4, as Python's round() does
+    scores = torch.randn(2, 7, dtype=torch.float64)
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[0, 5:] = False  # row 0: 5 valid positions, row 1: 7
+    keep = select_top_k(scores, 0.5, per=per, valid=valid)
+    if per == "batch":
+        assert int(keep.sum()) == round(0.5 * 12)
+    else:
+        assert keep.sum(1).tolist() == [round(0.5 * 5), round(0.5 * 7)] == [2, 4]
+
+
+def test_top_k_without_validation_skips_the_nan_check_and_ranks_nan_as_zero():
+    scores = torch.tensor([[3.0, float("nan"), -1.0, 2.0]])
+    with pytest.raises(ValueError, match="NaN"):
+        select_top_k(scores, 0.5)
+    keep = select_top_k(scores, 0.75, validate=False)
+    assert keep.tolist() == [[True, True, False, True]]  # NaN (as 0) ranks above -1

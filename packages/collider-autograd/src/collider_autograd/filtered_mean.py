@@ -80,6 +80,20 @@ def _check_normalizer(value: float, kept: int) -> None:
         )
 
 
+def _kept_index(keep: torch.Tensor, kept_count: int | None, validate: bool) -> torch.Tensor:
+    """(n,) sorted positions of the True entries of the flat ``keep``; no device sync when the
+    count is given and not validated."""
+    if kept_count is None:
+        return keep.nonzero().squeeze(1)
+    if isinstance(kept_count, bool) or not isinstance(kept_count, numbers.Integral) or not (
+        0 <= kept_count <= keep.numel()
+    ):
+        raise ValueError(f"kept_count must be an integer in [0, {keep.numel()}] (keep's size), got {kept_count!r}")
+    if validate and int(keep.sum()) != kept_count:
+        raise ValueError(f"kept_count is {kept_count} but keep has {int(keep.sum())} True positions")
+    return torch.nonzero_static(keep, size=int(kept_count)).squeeze(1)
+
+
 def filtered_mean(
     token_loss: torch.Tensor,
     keep: torch.Tensor,
@@ -88,6 +102,7 @@ def filtered_mean(
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
     validate: bool = True,
+    kept_count: int | None = None,
 ) -> torch.Tensor:
     """Mean of the kept per-token losses, with a backward that only touches kept tokens.
 
@@ -114,8 +129,13 @@ def filtered_mean(
             positions kept is an error.
         labels: optional labels of ``keep``'s shape; a kept position whose label is
             ``ignore_index`` is an error.
-        validate: check that kept losses are finite and a tensor normalizer is valid (a device
-            sync on CUDA). Numbers are always checked.
+        validate: check that kept losses are finite, a tensor normalizer is valid and
+            ``kept_count`` is right (a device sync on CUDA). Numbers are always checked.
+        kept_count: the number of kept positions, when the caller knows it (e.g. a top-k
+            selection): the kept index is then built without a device sync, so the host can
+            queue the backward while the GPU still runs the forward. With ``validate=False`` a
+            wrong count is not detected here: the caller must check it (e.g. against
+            ``keep.sum()`` after the backward).
 
     Returns:
         A 0-dim tensor in ``token_loss.dtype``.
@@ -136,7 +156,7 @@ def filtered_mean(
             raise ValueError(f"labels must have keep's shape {tuple(keep.shape)}, got {tuple(labels.shape)}")
         if bool((keep & (labels == ignore_index)).any()):
             raise ValueError(f"keep selects positions whose label is ignore_index={ignore_index}")
-    index = keep.reshape(-1).nonzero().squeeze(1)  # (n,) sorted flat token index
+    index = _kept_index(keep.reshape(-1), kept_count, validate)  # (n,) sorted flat token index
     if validate and not bool(torch.isfinite(token_loss.detach().reshape(-1).index_select(0, index)).all()):
         raise ValueError("token_loss has NaN or infinite values at kept positions")
     normalizer = _normalizer(normalizer, index.numel(), token_loss, validate)

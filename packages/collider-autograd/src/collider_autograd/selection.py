@@ -7,7 +7,7 @@ import numbers
 import torch
 
 
-def _check_scores(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def _check_scores(scores: torch.Tensor, valid: torch.Tensor | None, validate: bool = True) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or not scores.is_floating_point() or scores.dim() != 2:
         raise TypeError(f"scores must be a 2-D (B, T) floating tensor, got {getattr(scores, 'shape', type(scores))}")
     if valid is None:
@@ -16,7 +16,7 @@ def _check_scores(scores: torch.Tensor, valid: torch.Tensor | None) -> torch.Ten
         raise ValueError(f"valid must be a bool tensor of shape {tuple(scores.shape)}")
     elif valid.device != scores.device:
         raise ValueError(f"valid must be on {scores.device}, got {valid.device}")
-    if bool(torch.isnan(scores[valid]).any()):
+    if validate and bool((torch.isnan(scores) & valid).any()):
         raise ValueError("scores contain NaN at valid positions")
     return valid
 
@@ -35,7 +35,8 @@ def _rank_order(scores: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Te
 
 
 def select_top_k(
-    scores: torch.Tensor, fraction: float, *, per: str = "batch", valid: torch.Tensor | None = None
+    scores: torch.Tensor, fraction: float, *, per: str = "batch", valid: torch.Tensor | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Keep the highest-scoring ``fraction`` of valid positions.
 
@@ -47,25 +48,26 @@ def select_top_k(
             share of each sequence's valid positions.
         valid: (B, T) bool, positions that may be kept (e.g. ``labels != -100``). Invalid
             positions are never kept, whatever their scores.
+        validate: check that no valid score is NaN (a device sync on CUDA). Without the check
+            a NaN ranks as a score of 0. The selection itself never syncs.
 
     Returns:
         (B, T) bool keep mask; ties are broken by position (earlier first).
     """
     _check_fraction(fraction)
-    valid = _check_scores(scores, valid)
-    if per == "batch":
-        k = int(round(fraction * int(valid.sum())))
-        keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-        order = _rank_order(scores.reshape(1, -1), valid.reshape(1, -1), 1)[0]  # (B*T,)
-        keep[order[:k]] = True
-        return keep.view(scores.shape)
-    if per == "sequence":
-        counts = (fraction * valid.sum(1).float()).round().long()  # (B,)
-        order = _rank_order(scores, valid, 1)  # (B, T)
-        ranks = torch.empty_like(order)
-        ranks.scatter_(1, order, torch.arange(scores.shape[1], device=scores.device).expand_as(order))
-        return (ranks < counts[:, None]) & valid
-    raise ValueError(f"per must be 'batch' or 'sequence', got {per!r}")
+    valid = _check_scores(scores, valid, validate)
+    if per == "batch":  # one row of B*T positions
+        flat_scores, flat_valid = scores.reshape(1, -1), valid.reshape(1, -1)
+        counts = (valid.sum().double() * fraction).round().reshape(1)  # (1,) as Python's round()
+    elif per == "sequence":
+        flat_scores, flat_valid = scores, valid
+        counts = (valid.sum(1).double() * fraction).round()  # (B,)
+    else:
+        raise ValueError(f"per must be 'batch' or 'sequence', got {per!r}")
+    order = _rank_order(flat_scores, flat_valid, 1)  # (rows, cols) best first
+    ranks = torch.empty_like(order)  # each position's place in the order
+    ranks.scatter_(1, order, torch.arange(order.shape[1], device=scores.device).expand_as(order))
+    return ((ranks < counts[:, None]) & flat_valid).view(scores.shape)
 
 
 def select_threshold(scores: torch.Tensor, threshold: float, *, valid: torch.Tensor | None = None) -> torch.Tensor:

@@ -86,19 +86,26 @@ def broadcast_object(d: Dist, obj):
     return box[0]
 
 
-def wrap(model: nn.Module, d: Dist, fsdp: bool) -> nn.Module:
+def wrap(model: nn.Module, d: Dist, fsdp: bool, precision: str = "fp32") -> nn.Module:
     """The model to train: itself on one process, else ``DistributedDataParallel``, or with
     ``fsdp`` FSDP2 (``fully_shard`` on every decoder layer, then on the whole model, whose
     own group holds the embedding, final norm and LM head: the fused loss reads the LM head's
-    weight directly, so it must not be a group of its own)."""
+    weight directly, so it must not be a group of its own).
+
+    With FSDP2 and ``precision == "bf16"`` the sharded fp32 parameters are gathered as bf16 and
+    gradients reduced in fp32 (FSDP2's ``MixedPrecisionPolicy``): the layers compute in bf16
+    without a cast of each weight, and the optimizer still steps fp32 master weights."""
     if fsdp:
         if not d.active:
             raise ValueError(FSDP_NEEDS_TORCHRUN)
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy()
+        if precision == "bf16":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     if not d.active:
         return model

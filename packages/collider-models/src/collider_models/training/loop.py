@@ -118,7 +118,7 @@ def train_stage(
     started = time.perf_counter()
     model = build_model(cfg, tokenizer, d.device)
     n_params = sum(p.numel() for p in model.parameters())
-    model = distributed.wrap(model, d, cfg.fsdp)
+    model = distributed.wrap(model, d, cfg.fsdp, cfg.precision)
     opt = make_optimizer(model, cfg.learning_rate(), d.device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps))
     step, position = 0, 0

@@ -61,7 +61,7 @@ class Selection:
         if self.rule == "excess":
             with torch.no_grad():
                 scores = excess_loss(token_loss, self.reference(ids, labels=ids).token_loss)
-        return select_top_k(scores, self.keep, valid=valid)
+        return select_top_k(scores, self.keep, valid=valid, validate=False)  # NaN: caught after the step
 
 
 @dataclass
@@ -113,7 +113,8 @@ def accumulate_gradients(
         valid = torch.ones(ids.shape, dtype=torch.bool, device=dev)
         valid[:, -1] = False  # the last position has no next token (as ``labels`` say after the shift)
         valids.append(valid)
-    local = sum(sel.plan(valids, step, d.rank))
+    planned = sel.plan(valids, step, d.rank)  # kept count of each micro-batch
+    local = sum(planned)
     count = distributed.all_sum(d, torch.tensor([float(local)], dtype=torch.float64, device=dev))
     normalizer = float(count.item()) / d.world  # DDP/FSDP average over processes
 
@@ -128,13 +129,14 @@ def accumulate_gradients(
             if masked_loss:
                 loss = (token_loss * keep).sum() / max(normalizer, 1e-30)
             else:
-                loss = filtered_mean(token_loss, keep, normalizer=normalizer, validate=False)
+                # the planned count spares filtered_mean a device sync (checked against keep below)
+                loss = filtered_mean(token_loss, keep, normalizer=normalizer, validate=False, kept_count=planned[k])
             loss.backward()
         detached = token_loss.detach().double()
         label_marked = torch.zeros_like(valid)  # position t predicts token t + 1
         if marked is not None:
             label_marked[:, :-1] = marked[k][:, 1:].to(dev)
-        sums += torch.stack([(detached * keep).sum(), detached[valid].sum(), keep.sum().double(),
+        sums += torch.stack([(detached * keep).sum(), torch.where(valid, detached, 0.0).sum(), keep.sum().double(),
                              valid.sum().double(), (keep & label_marked).sum().double(),
                              (valid & label_marked).sum().double()])
     flags = torch.tensor([1.0 if stop else 0.0], dtype=torch.float64, device=dev)
