@@ -161,6 +161,8 @@ def main(argv=None) -> None:
               f"{med['masked']['step_ms']:.1f} ms (ratio {report['ratio_collider_over_masked']['step_ms']:.3f}); "
               f"fwd+bwd {med['collider']['fwd_bwd_ms']:.1f} vs {med['masked']['fwd_bwd_ms']:.1f} ms "
               f"(ratio {report['ratio_collider_over_masked']['fwd_bwd_ms']:.3f})", flush=True)
+        for mode, places in syncs.items():
+            print(f"host syncs of one {mode} step:", *(f"  {n} x {w}" for w, n in places.items()), sep="\n")
     distributed.shutdown(d)
 
 

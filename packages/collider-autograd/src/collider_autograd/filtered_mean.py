@@ -51,7 +51,7 @@ def _normalizer(normalizer, kept: int, like: torch.Tensor, validate: bool) -> to
     passed by the caller is kept as it is, so that a normalizer that requires grad gets one)."""
     acc = torch.promote_types(like.dtype, torch.float32)
     if normalizer is None:
-        return torch.tensor(float(kept), dtype=acc, device=like.device)
+        return torch.full((), float(kept), dtype=acc, device=like.device)
     if isinstance(normalizer, torch.Tensor):
         bad_dtype = normalizer.dtype == torch.bool or normalizer.is_complex()
         if isinstance(normalizer, TokenSparseTensor) or bad_dtype or normalizer.dim() != 0:
@@ -67,7 +67,7 @@ def _normalizer(normalizer, kept: int, like: torch.Tensor, validate: bool) -> to
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(f"normalizer must be a number, a 0-dim tensor or None, got {type(normalizer).__name__}")
     _check_normalizer(float(normalizer), kept)  # free for a number: always checked
-    return torch.tensor(float(normalizer), dtype=acc, device=like.device)
+    return torch.full((), float(normalizer), dtype=acc, device=like.device)  # a fill: no host-to-device copy
 
 
 def _check_normalizer(value: float, kept: int) -> None:

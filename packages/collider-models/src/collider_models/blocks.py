@@ -275,7 +275,7 @@ class CausalLM(nn.Module):
                 empty = self._empty((*ids.shape, self.config.vocab_size), self.lm_head.weight.dtype)
                 return CausalLMOutput(logits=empty)
             return CausalLMOutput(logits=self.lm_head(self._hidden(ids, lay)))  # (B, T, V)
-        _check_labels(labels, ids)
+        _check_labels(labels, ids, self.config.vocab_size, ignore_index)
         shifted = _ignore_outside(shift_labels(labels, ignore_index), lay, ignore_index, shifted=True)  # (B, T)
         token_loss = self._token_loss(ids, shifted, lay, ignore_index)  # (B, T) fp32
         count = (shifted != ignore_index).sum()
@@ -298,7 +298,7 @@ class CausalLM(nn.Module):
         ``attention_mask``, ``position_ids`` and ``document_ids`` as in :meth:`forward`. Under
         data-parallel wrappers call the wrapper (``ddp(ids, labels=...)``), not this method."""
         ids = _check_ids(input_ids, self.config.vocab_size)
-        _check_labels(labels, ids)
+        _check_labels(labels, ids, self.config.vocab_size, ignore_index)
         lay = layout(ids.shape, ids.device, attention_mask=attention_mask, position_ids=position_ids,
                      document_ids=document_ids)
         return self._token_loss(ids, _ignore_outside(labels, lay, ignore_index, shifted=False), lay, ignore_index)
@@ -316,8 +316,9 @@ class CausalLM(nn.Module):
         if ids.numel() == 0:
             return self._empty(tuple(ids.shape), torch.float32)
         hidden = self._hidden(ids, lay)  # (B, T, hidden)
+        # labels were checked on entry, before the forward was queued (no sync at its end)
         return linear_cross_entropy(hidden, self.lm_head.weight, labels, self.lm_head.bias, ignore_index,
-                                    keep_logits=self.keep_logits)
+                                    keep_logits=self.keep_logits, validate=False)
 
     def _empty(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         """Zeros of an empty batch (B = 0 or T = 0), connected to every parameter so that a
@@ -342,11 +343,15 @@ def _check_ids(input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
     return input_ids
 
 
-def _check_labels(labels, ids: torch.Tensor) -> None:
+def _check_labels(labels, ids: torch.Tensor, vocab: int, ignore_index: int) -> None:
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64/int32 tensor, got {getattr(labels, 'dtype', type(labels))}")
     if labels.shape != ids.shape:
         raise ValueError(f"labels must have input_ids' shape {tuple(ids.shape)}, got {tuple(labels.shape)}")
+    if labels.device != ids.device:
+        raise ValueError(f"labels must be on input_ids' device {ids.device}, got {labels.device}")
+    if bool(((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).any()):
+        raise IndexError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
 
 
 def loss_labels(

@@ -104,6 +104,7 @@ def linear_cross_entropy(
     ignore_index: int = -100,
     *,
     keep_logits: bool = False,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Per-token cross-entropy of ``hidden @ weightᵀ (+ bias)`` against ``labels``.
 
@@ -114,6 +115,8 @@ def linear_cross_entropy(
         bias: optional (V,) LM head bias.
         keep_logits: keep the logits from the forward for the backward instead of recomputing
             them (faster by one LM-head GEMM over the kept rows; holds ``tokens * V`` elements).
+        validate: check that every label lies in ``[0, V)`` or equals ``ignore_index`` (a
+            device sync on CUDA; a caller that checked its labels already passes False).
 
     Returns:
         ``(*tokens,)`` float32 losses (float64 for float64 inputs); the backward accepts a dense
@@ -126,8 +129,7 @@ def linear_cross_entropy(
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     V = weight.shape[0]
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-    if bool(bad.any()):
+    if validate and bool(((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()):
         raise IndexError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
     hidden, weight, bias = cast_for_matmul(hidden, weight, bias)  # the LM head GEMM in the autocast dtype
     with autocast_off(hidden.device.type):
