@@ -36,7 +36,7 @@ MODES = ("collider", "masked")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--engine", choices=("ddp", "fsdp", "single"), required=True)
+    p.add_argument("--engine", choices=("ddp", "fsdp", "single"))
     p.add_argument("--model", default="tinyllama-1.1b")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--batch-size", type=int, default=4, help="sequences per process")
@@ -47,8 +47,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", type=Path, default=None, help="write rank 0's kernel table here")
     p.add_argument("--check-syncs", action="store_true",
                    help="list where one step of each mode makes the host wait for the GPU (rank 0)")
-    p.add_argument("--json", type=Path, required=True)
-    return p.parse_args(argv)
+    p.add_argument("--json", type=Path)
+    p.add_argument("--tabulate", type=Path, nargs="+", metavar="JSON",
+                   help="print a markdown table of earlier results instead of running")
+    args = p.parse_args(argv)
+    if not args.tabulate and (args.engine is None or args.json is None):
+        p.error("--engine and --json are required (or --tabulate)")
+    return args
+
+
+def markdown(reports: list[dict]) -> str:
+    """A markdown table of ``reports`` (one row each): medians and the Collider / masked ratios."""
+    rows = ["| engine | GPUs | sequences per GPU | Collider step ms | masked step ms | step ratio | "
+            "fwd+bwd ratio | commit |", "|---|---|---|---|---|---|---|---|"]
+    for r in reports:
+        m, q = r["median"], r["ratio_collider_over_masked"]
+        rows.append(f"| {r['engine']} | {r['processes']} | {r['batch_size_per_process']} | "
+                    f"{m['collider']['step_ms']:.1f} | {m['masked']['step_ms']:.1f} | {q['step_ms']:.3f} | "
+                    f"{q['fwd_bwd_ms']:.3f} | {str(r.get('commit'))[:7]} |")
+    return "\n".join(rows) + "\n"
 
 
 def one_step(model, opt, ids, sel, d, step: int, mode: str) -> tuple[float, float]:
@@ -95,6 +112,9 @@ def host_syncs(model, opt, ids, sel, d, step: int, mode: str) -> dict[str, int]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.tabulate:
+        print(markdown([json.loads(Path(f).read_text()) for f in args.tabulate]), end="")
+        return
     if args.engine != "single" and not distributed.launched():
         raise SystemExit(f"--engine {args.engine} runs under torchrun --nproc-per-node N")
     d = distributed.init("cuda")
