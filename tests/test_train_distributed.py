@@ -93,6 +93,18 @@ def worker(out: str) -> None:
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
                 grads[name] = g.full_tensor() if hasattr(g, "full_tensor") else g
             results[(mode, case)] = {"grads": grads, "kept": stats.kept, "loss": stats.loss}
+    # FSDP2 under --precision bf16: fp32 parameters gathered as bf16 (MixedPrecisionPolicy)
+    case, (K, _) = "keep-everywhere", CASES["keep-everywhere"]
+    ids, keep = _masks(case)
+    rows = [slice((d.rank * K + k) * B, (d.rank * K + k + 1) * B) for k in range(K)]
+    model = distributed.wrap(_model().float(), d, fsdp=True, precision="bf16")
+    seen = []
+    distributed.unwrap(model).model.layers[0].mlp.register_forward_pre_hook(
+        lambda m, a: seen.append(next(m.parameters()).dtype))
+    stats = accumulate_gradients(model, [ids[s] for s in rows], Fixed([keep[s] for s in rows]), d, precision="bf16")
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters()}
+    results[("fsdp-bf16", case)] = {"grads": grads, "kept": stats.kept, "param_dtype": seen[0],
+                                    "master_dtype": next(model.parameters()).dtype}
     if d.main:
         torch.save(results, out)
     distributed.shutdown(d)
@@ -125,6 +137,17 @@ def test_one_step_gradients_equal_single_process(distributed_results, mode, case
         assert got["loss"] == 0.0
     else:
         assert max(float(g.abs().max()) for g in got["grads"].values()) > 0
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_gathers_bf16_parameters_and_keeps_fp32_master_gradients(distributed_results):
+    got = distributed_results[("fsdp-bf16", "keep-everywhere")]
+    assert got["param_dtype"] == torch.bfloat16 and got["master_dtype"] == torch.float32
+    ref = reference_grads("keep-everywhere")
+    assert all(g.dtype == torch.float32 for g in got["grads"].values())
+    flat = torch.cat([got["grads"][n].double().reshape(-1) for n in sorted(ref)])
+    want = torch.cat([ref[n].reshape(-1) for n in sorted(ref)])
+    assert float((flat - want).norm() / want.norm()) < 3e-2  # bf16 compute against the fp64 step
 
 
 if __name__ == "__main__":
