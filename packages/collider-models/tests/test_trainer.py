@@ -235,6 +235,30 @@ def test_reference_model_is_frozen_in_eval_mode_without_graph(make_hf, tmp_path)
     assert trainer.reference_model.model.embed_tokens.weight is ref.model.embed_tokens.weight  # no copy
 
 
+def test_nan_scores_stop_training_with_a_clear_error(make_hf, tmp_path):
+    ref = make_hf("llama", seed=13)
+    with torch.no_grad():
+        ref.lm_head.weight[0, 0] = float("nan")  # every reference loss is NaN
+    trainer = ColliderTrainer(model=make_hf("llama", seed=14).train(), args=_args(tmp_path, max_steps=2),
+                              train_dataset=_data(8, 512), selection="excess", reference_model=ref)
+    with pytest.raises(ValueError, match="'excess' selection scores contain NaN"):
+        trainer.train()
+    assert trainer.state.global_step == 0  # raised after the first backward, before any update
+
+
+def test_kept_count_is_known_before_the_forward(make_hf, tmp_path, monkeypatch):
+    counts = []
+
+    def spy(token_loss, keep, *args, **kwargs):
+        counts.append((kwargs.get("kept_count"), int(keep.sum())))
+        return filtered_mean(token_loss, keep, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "filtered_mean", spy)
+    ColliderTrainer(model=make_hf("llama", seed=15).train(), args=_args(tmp_path, max_steps=2),
+                    train_dataset=_data(8, 512), keep=0.6, selection="loss", per="sequence").train()
+    assert len(counts) == 2 and all(given == kept > 0 for given, kept in counts)
+
+
 def test_logs_kept_share_and_filtered_loss(make_hf, tmp_path):
     trainer = ColliderTrainer(model=make_hf("llama", seed=12).train(), args=_args(tmp_path, max_steps=2),
                               train_dataset=_data(8, 512), selection="loss", per="sequence")

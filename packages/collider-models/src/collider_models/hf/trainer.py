@@ -122,6 +122,7 @@ class ColliderTrainer(Trainer):
             self.reference_model = _frozen_reference(reference_model, model, args)
         self._takes_mask = all(_takes_attention_mask(m) for m in (model, self.reference_model) if m is not None)
         self._sums = None  # kept, valid, kept loss, valid loss: summed until the next log
+        self._pending = []  # (NaN scores, ignored position kept) flags of micro-batches, on the device
         super().__init__(model=model, args=args, **kwargs)
         # Older Trainer releases decide from this flag (instead of loss_is_scaled_for_ga) that the
         # loss is normalised by num_items_in_batch and must not be divided again.
@@ -138,16 +139,34 @@ class ColliderTrainer(Trainer):
         """
         ids, labels, mask = self._batch(inputs)
         extra = {"attention_mask": mask} if (self._takes_mask and mask is not None) else {}
+        if model.training:  # the kept count before the forward, so nothing after it waits for the GPU
+            valid = self._valid(labels, mask)
+            kept = int(self._kept_count(valid))
         out = model(ids, labels=labels, **extra)  # token_loss (B, T) fp32, shifted labels (B, T)
         if not model.training:
             return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
-        valid = out.labels != IGNORE_INDEX
-        keep = select_top_k(self._scores(ids, labels, out.token_loss, extra), self.keep, per=self.per, valid=valid)
-        loss = filtered_mean(out.token_loss, keep, num_items_in_batch, labels=out.labels)
+        scores = self._scores(ids, labels, out.token_loss, extra)
+        keep = select_top_k(scores, self.keep, per=self.per, valid=valid, validate=False)
+        # Checked after the backward is queued (training_step): NaN scores, and a kept position
+        # whose label the model ignores (never, while `valid` matches the model's labels).
+        self._pending.append(((torch.isnan(scores) & valid).any(), (keep & (out.labels == IGNORE_INDEX)).any()))
+        loss = filtered_mean(out.token_loss, keep, num_items_in_batch, validate=False, kept_count=kept)
         if num_items_in_batch is not None and self._global_count():
             loss = loss * self.accelerator.num_processes  # undo DDP's average of the rank gradients
         self._record(out.token_loss.detach(), keep, valid)
         return (loss, out) if return_outputs else loss
+
+    def training_step(self, *args, **kwargs):
+        """The ``Trainer``'s step; then the checks of :meth:`compute_loss` that need the GPU's answer."""
+        loss = super().training_step(*args, **kwargs)
+        pending, self._pending = self._pending, []
+        for nan_scores, ignored_kept in pending:
+            if bool(nan_scores):
+                raise ValueError(f"the {self.selection!r} selection scores contain NaN at valid positions "
+                                 "(the model's or the reference model's losses diverged)")
+            if bool(ignored_kept):
+                raise RuntimeError("the selection kept a position whose label the model ignores")
+        return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The next ``num_batches`` micro-batches of one optimizer step, and their total kept
@@ -161,13 +180,21 @@ class ColliderTrainer(Trainer):
         count = torch.zeros((), dtype=torch.int64, device=device)
         for batch in batches:
             _, labels, mask = self._batch(batch)
-            valid = loss_labels(labels, attention_mask=mask, ignore_index=IGNORE_INDEX) != IGNORE_INDEX  # as the model
-            # select_top_k keeps a number of positions that depends on `valid` only, not on the scores.
-            zeros = torch.zeros(valid.shape, device=valid.device)
-            count += select_top_k(zeros, self.keep, per=self.per, valid=valid).sum().to(device)
+            count += self._kept_count(self._valid(labels, mask)).to(device)
         if self._global_count():
             count = self.accelerator.gather(count[None]).sum()
         return batches, count
+
+    @staticmethod
+    def _valid(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) bool: the positions the model computes a loss for (as its ``output.labels``)."""
+        return loss_labels(labels, attention_mask=mask, ignore_index=IGNORE_INDEX) != IGNORE_INDEX
+
+    def _kept_count(self, valid: torch.Tensor) -> torch.Tensor:
+        """0-dim count of the positions the selection keeps of ``valid``: it depends on ``valid``
+        only, not on the scores, so select_top_k of zeros gives it."""
+        zeros = torch.zeros(valid.shape, device=valid.device)
+        return select_top_k(zeros, self.keep, per=self.per, valid=valid).sum()
 
     def _global_count(self) -> bool:
         return bool(self.args.average_tokens_across_devices) and self.accelerator.num_processes > 1
