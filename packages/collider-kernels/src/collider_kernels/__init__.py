@@ -10,7 +10,7 @@ cross-entropy (forward and backward) for the dense path. Every op takes ``backen
 kernels and benchmarks share.
 """
 
-from collider_kernels._checks import check_attention_masks
+from collider_kernels._checks import check_attention_masks, check_label_values
 from collider_kernels.backends import (
     auto_backend,
     available_backends,
@@ -39,6 +39,7 @@ __all__ = [
     "auto_backend",
     "available_backends",
     "check_attention_masks",
+    "check_label_values",
     "cross_entropy_backward",
     "cross_entropy_forward",
     "gather_matmul",

@@ -76,10 +76,16 @@ def check_labels(labels, logits, ignore_index, *, validate: bool) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if validate and n:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
-        if bool(bad.any()):
-            value = int(labels[bad][0])
-            raise IndexError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}, got {value}")
+        check_label_values(labels, V, ignore_index)
+
+
+def check_label_values(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every entry of ``labels`` (any shape) lies in ``[0, num_classes)`` or equals
+    ``ignore_index``; an ``IndexError`` naming the first bad value otherwise (a device sync on CUDA)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise IndexError(f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}, got {value}")
 
 
 def check_logits(logits) -> None:

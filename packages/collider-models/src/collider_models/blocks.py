@@ -21,6 +21,7 @@ from collider_autograd import (
     linear_cross_entropy,
     swiglu_mlp,
 )
+from collider_kernels import check_label_values
 from collider_models.config import ModelConfig
 from collider_models.masks import Layout, layout
 from collider_models.rope import Rotary, rotate
@@ -350,8 +351,7 @@ def _check_labels(labels, ids: torch.Tensor, vocab: int, ignore_index: int) -> N
         raise ValueError(f"labels must have input_ids' shape {tuple(ids.shape)}, got {tuple(labels.shape)}")
     if labels.device != ids.device:
         raise ValueError(f"labels must be on input_ids' device {ids.device}, got {labels.device}")
-    if bool(((labels != ignore_index) & ((labels < 0) | (labels >= vocab))).any()):
-        raise IndexError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}")
+    check_label_values(labels, vocab, ignore_index)
 
 
 def loss_labels(

@@ -18,7 +18,13 @@ import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
 from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
-from collider_kernels import cross_entropy_backward, cross_entropy_forward, gather_matmul, gathered_weight_grad
+from collider_kernels import (
+    check_label_values,
+    cross_entropy_backward,
+    cross_entropy_forward,
+    gather_matmul,
+    gathered_weight_grad,
+)
 
 # Rows per chunk are chosen so a chunk of logits stays near this many elements.
 _CHUNK_ELEMENTS = 1 << 28
@@ -129,8 +135,8 @@ def linear_cross_entropy(
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     V = weight.shape[0]
-    if validate and bool(((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()):
-        raise IndexError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    if validate:
+        check_label_values(labels, V, ignore_index)
     hidden, weight, bias = cast_for_matmul(hidden, weight, bias)  # the LM head GEMM in the autocast dtype
     with autocast_off(hidden.device.type):
         return LinearCrossEntropyFunction.apply(hidden, weight, bias, labels, ignore_index, keep_logits)
