@@ -110,3 +110,19 @@ def test_top_k_without_validation_skips_the_nan_check_and_ranks_nan_as_zero():
         select_top_k(scores, 0.5)
     keep = select_top_k(scores, 0.75, validate=False)
     assert keep.tolist() == [[True, True, False, True]]  # NaN (as 0) ranks above -1
+
+
+@pytest.mark.parametrize("per", ["batch", "sequence"])
+def test_top_k_counts_are_what_select_top_k_keeps(per):
+    from collider_autograd import top_k_counts
+
+    g = torch.Generator().manual_seed(3)
+    for fraction in (0.0, 0.35, 0.5, 0.6, 1.0):
+        valid = torch.rand(5, 13, generator=g) < 0.7
+        keep = select_top_k(torch.randn(5, 13, generator=g), fraction, per=per, valid=valid)
+        want = keep.sum().reshape(1) if per == "batch" else keep.sum(1)
+        assert top_k_counts(valid, fraction, per=per).long().tolist() == want.tolist()
+    with pytest.raises(ValueError, match="per must be"):
+        top_k_counts(valid, 0.5, per="token")
+    with pytest.raises(ValueError, match="fraction"):
+        top_k_counts(valid, 1.5)

@@ -20,7 +20,7 @@ from collider_autograd.layers import (
     swiglu,
     swiglu_mlp,
 )
-from collider_autograd.selection import excess_loss, select_random, select_threshold, select_top_k
+from collider_autograd.selection import excess_loss, select_random, select_threshold, select_top_k, top_k_counts
 from collider_autograd.sparse_grad import TokenSparseTensor, densify_counts, reset_densify_counts
 
 __version__ = "0.1.0"
@@ -29,6 +29,6 @@ __all__ = [
     "Embedding", "LayerNorm", "Linear", "RMSNorm", "SparseGradientError", "TokenSparseTensor", "allow_densify",
     "apply_rotary", "causal_attention", "densify_allowed", "densify_counts", "embedding", "excess_loss",
     "filtered_mean", "gelu_new", "layer_norm", "linear", "linear_cross_entropy", "reset_densify_counts",
-    "rms_norm", "rotary_tables", "select_random", "select_threshold", "select_top_k", "swiglu",
+    "rms_norm", "rotary_tables", "select_random", "select_threshold", "select_top_k", "swiglu", "top_k_counts",
     "swiglu_mlp",
 ]

@@ -34,6 +34,19 @@ def _rank_order(scores: torch.Tensor, valid: torch.Tensor, dim: int) -> torch.Te
     return order.gather(dim, valid_first)
 
 
+def top_k_counts(valid: torch.Tensor, fraction: float, *, per: str = "batch") -> torch.Tensor:
+    """How many positions :func:`select_top_k` keeps, from the (B, T) bool ``valid`` alone (the
+    scores never change it): ``round(fraction * valid positions)``, rounded half to even as
+    Python's ``round``, over the batch (a (1,) tensor) or per sequence (``per="sequence"``: (B,)).
+    A float64 tensor on ``valid``'s device; no device sync."""
+    _check_fraction(fraction)
+    if per == "batch":
+        return (valid.sum().double() * fraction).round().reshape(1)
+    if per == "sequence":
+        return (valid.sum(1).double() * fraction).round()
+    raise ValueError(f"per must be 'batch' or 'sequence', got {per!r}")
+
+
 def select_top_k(
     scores: torch.Tensor, fraction: float, *, per: str = "batch", valid: torch.Tensor | None = None,
     validate: bool = True,
@@ -54,16 +67,10 @@ def select_top_k(
     Returns:
         (B, T) bool keep mask; ties are broken by position (earlier first).
     """
-    _check_fraction(fraction)
     valid = _check_scores(scores, valid, validate)
-    if per == "batch":  # one row of B*T positions
-        flat_scores, flat_valid = scores.reshape(1, -1), valid.reshape(1, -1)
-        counts = (valid.sum().double() * fraction).round().reshape(1)  # (1,) as Python's round()
-    elif per == "sequence":
-        flat_scores, flat_valid = scores, valid
-        counts = (valid.sum(1).double() * fraction).round()  # (B,)
-    else:
-        raise ValueError(f"per must be 'batch' or 'sequence', got {per!r}")
+    counts = top_k_counts(valid, fraction, per=per)  # (1,) or (B,)
+    # per="batch" ranks one row of B*T positions
+    flat_scores, flat_valid = (scores.reshape(1, -1), valid.reshape(1, -1)) if per == "batch" else (scores, valid)
     order = _rank_order(flat_scores, flat_valid, 1)  # (rows, cols) best first
     ranks = torch.empty_like(order)  # each position's place in the order
     ranks.scatter_(1, order, torch.arange(order.shape[1], device=scores.device).expand_as(order))

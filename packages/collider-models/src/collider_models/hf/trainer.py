@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from collider_autograd import excess_loss, filtered_mean, select_top_k
+from collider_autograd import excess_loss, filtered_mean, select_top_k, top_k_counts
 from collider_models.blocks import CausalLM, loss_labels
 from collider_models.checkpoint import save_pretrained
 from collider_models.hf.convert import from_hf
@@ -191,10 +191,8 @@ class ColliderTrainer(Trainer):
         return loss_labels(labels, attention_mask=mask, ignore_index=IGNORE_INDEX) != IGNORE_INDEX
 
     def _kept_count(self, valid: torch.Tensor) -> torch.Tensor:
-        """0-dim count of the positions the selection keeps of ``valid``: it depends on ``valid``
-        only, not on the scores, so select_top_k of zeros gives it."""
-        zeros = torch.zeros(valid.shape, device=valid.device)
-        return select_top_k(zeros, self.keep, per=self.per, valid=valid).sum()
+        """0-dim int64 count of the positions the selection keeps of ``valid``."""
+        return top_k_counts(valid, self.keep, per=self.per).sum().long()
 
     def _global_count(self) -> bool:
         return bool(self.args.average_tokens_across_devices) and self.accelerator.num_processes > 1

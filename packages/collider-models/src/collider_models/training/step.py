@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from collider_autograd import excess_loss, filtered_mean, select_random, select_top_k
+from collider_autograd import excess_loss, filtered_mean, select_random, select_top_k, top_k_counts
 from collider_models.training import distributed
 
 
@@ -51,7 +51,7 @@ class Selection:
                 mask = select_random(valid.shape, self.keep, valid=valid.cpu(), generator=gen)
                 self._masks.append(mask.to(valid.device))
             return [int(m.sum()) for m in self._masks]
-        return [round(self.keep * int(v.sum())) for v in valids]  # what select_top_k keeps
+        return [int(top_k_counts(v, self.keep)) for v in valids]  # what select_top_k keeps
 
     def mask(self, k: int, ids: torch.Tensor, token_loss: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, T) bool keep mask of micro-batch ``k`` from its ids and (B, T) token losses."""
