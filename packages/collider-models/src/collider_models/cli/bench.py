@@ -12,7 +12,8 @@ For each preset (default the three full-size models) at B×T tokens with a rando
   (Llama, Qwen2, Mistral; see :mod:`collider_models.cli.bench_baselines`).
 
 With ``--full-step`` each step is the whole training step of the design page's performance
-model: the kept tokens are chosen by top-k of the token loss (timed with the forward; the Liger
+model: the kept tokens are chosen by top-k of the token loss (timed with the forward, without a
+device sync, as the training step does it; the Liger
 baseline is handed the mask instead, since its fused loss needs it before the forward) and a
 fused AdamW step follows the backward (timed apart). ``--profile`` adds a per-op-kind breakdown
 of one forward and one backward of every mode (``torch.profiler``, CUDA). On CUDA times are
@@ -100,10 +101,15 @@ def _forward_loss(model, ids, labels, keep, mode: str, select: float | None = No
 
     if mode == "liger":  # the fused loss needs the kept set before the forward (module docstring)
         return baselines.liger_loss(model, ids, labels, keep)
+    # The kept count is known before the forward (top-k fixes it), so, as in the training step,
+    # neither the selection nor filtered_mean waits on the device between forward and backward.
+    kept = round(select * keep.numel()) if select is not None else None
     token_loss = baselines.hf_token_loss(model, ids, labels) if mode == "hf" else model.token_loss(ids, labels)
     if select is not None:
-        keep = select_top_k(token_loss.detach(), select)
-    return filtered_mean(token_loss, keep, validate=False) if mode == "collider" else masked_mean(token_loss, keep)
+        keep = select_top_k(token_loss.detach(), select, validate=False)
+    if mode == "collider":
+        return filtered_mean(token_loss, keep, validate=False, kept_count=kept)
+    return masked_mean(token_loss, keep)
 
 
 def _step(model, ids, labels, keep, mode: str, timer: Timer, optimizer=None, select: float | None = None):
