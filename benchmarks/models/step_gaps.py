@@ -5,7 +5,8 @@ two kernels charged to the host operation that launched the kernel after it.
 A gap whose next kernel was launched after the previous kernel had finished is the host's doing
 ("host late"): the GPU ran out of queued work. Summed per phase and per launching operation (the
 outermost profiled CPU operation around the launch: an autograd node in the backward), the table
-says which layers' host code to make cheaper, or whether the step is GPU-bound already.
+says which layers' host code to make cheaper, or whether the step is GPU-bound already; the
+busiest kernels of each phase (total time, calls) say where a GPU-bound step's time goes.
 
     python benchmarks/models/step_gaps.py --preset tinyllama-1.1b --json gaps.json
 """
@@ -75,7 +76,8 @@ def analyse(trace: dict, backward_start_us: float, top: int) -> dict:
             return ops[i]["name"].replace("autograd::engine::evaluate_function: ", "")
         return "(outside any operation)"
 
-    phases = {p: {"kernels": 0, "busy_ms": 0.0, "idle_ms": 0.0, "host_late_ms": 0.0, "by_op": collections.Counter()}
+    phases = {p: {"kernels": 0, "busy_ms": 0.0, "idle_ms": 0.0, "host_late_ms": 0.0, "by_op": collections.Counter(),
+                  "by_kernel": collections.Counter(), "launches": collections.Counter()}
               for p in ("forward", "backward")}
     prev_end = None
     for k in kernels:
@@ -84,6 +86,8 @@ def analyse(trace: dict, backward_start_us: float, top: int) -> dict:
         ph = phases[phase]
         ph["kernels"] += 1
         ph["busy_ms"] += k.get("dur", 0) / 1e3
+        ph["by_kernel"][k["name"][:90]] += k.get("dur", 0) / 1e3
+        ph["launches"][k["name"][:90]] += 1
         if prev_end is not None and k["ts"] > prev_end:
             gap = (k["ts"] - prev_end) / 1e3
             ph["idle_ms"] += gap
@@ -93,6 +97,9 @@ def analyse(trace: dict, backward_start_us: float, top: int) -> dict:
         prev_end = max(prev_end or 0.0, k["ts"] + k.get("dur", 0))
     for ph in phases.values():
         ph["by_op"] = dict(ph["by_op"].most_common(top))
+        ph["by_kernel"] = {name: {"ms": ms, "calls": ph["launches"][name]}
+                           for name, ms in ph["by_kernel"].most_common(2 * top)}
+        del ph["launches"]
     return phases
 
 
@@ -140,7 +147,9 @@ def main(argv=None):
             print(f"{mode:9s} {phase:8s} kernels {ph['kernels']:5d} busy {ph['busy_ms']:7.1f} ms "
                   f"idle {ph['idle_ms']:6.1f} ms (host late {ph['host_late_ms']:6.1f} ms)", flush=True)
             for name, ms in ph["by_op"].items():
-                print(f"    {ms:6.2f} ms  {name}")
+                print(f"    {ms:6.2f} ms idle before kernels launched by {name}")
+            for name, k in ph["by_kernel"].items():
+                print(f"    {k['ms']:6.2f} ms busy in {k['calls']:4d} x {name}")
         if args.trace is not None:
             with gzip.open(args.trace, "wt") as f:
                 json.dump(trace, f)

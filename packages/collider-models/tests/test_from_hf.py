@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from collider_autograd import filtered_mean
 from collider_kernels import backends
 from collider_models import from_hf, from_preset
+from collider_models.blocks import Attention
 from collider_models.reference import detach_filtered_kv, masked_mean
 
 transformers = pytest.importorskip("transformers", reason="from_hf converts transformers models")
@@ -142,6 +143,12 @@ def test_frozen_parameters_get_no_gradient_and_no_weight_gemm(arch, make_hf, mon
     linear = [tuple(m.weight.shape) for m in ours.modules()
               if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
     assert len(linear) < sum(isinstance(m, torch.nn.Linear) for m in ours.modules())
+    for attn in (m for m in ours.modules() if isinstance(m, Attention)):  # trainable q/k/v: one fused GEMM
+        qkv = [tuple(p.weight.shape) for p in (attn.q_proj, attn.k_proj, attn.v_proj) if p.weight.requires_grad]
+        if len(qkv) == 3:
+            for shape in qkv:
+                linear.remove(shape)
+            linear.append((sum(s[0] for s in qkv), qkv[0][1]))
     assert collections.Counter(gemms) == collections.Counter(linear)
     assert scatters == []
 

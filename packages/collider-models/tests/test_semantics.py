@@ -273,6 +273,7 @@ def test_frozen_parameters_cost_no_gemm_and_inputs_still_get_gradients(monkeypat
     full = _grads(model, ids, labels, lambda tl: filtered_mean(tl, keep))
     calls = []
     for module, name in [("collider_autograd.layers.linear", "gathered_weight_grad"),
+                         ("collider_autograd.layers.multi_linear", "gathered_weight_grad"),
                          ("collider_autograd.layers.swiglu_mlp", "gathered_weight_grad"),
                          ("collider_autograd.layers.linear_cross_entropy", "gathered_weight_grad"),
                          ("collider_autograd.layers.embedding", "scatter_add_rows")]:
@@ -288,8 +289,9 @@ def test_frozen_parameters_cost_no_gemm_and_inputs_still_get_gradients(monkeypat
     for module in frozen:
         module.requires_grad_(False)
     ours = _grads(model, ids, labels, lambda tl: filtered_mean(tl, keep))
-    # layer 0's projections only: q, k, v, o through Linear, gate, up, down through the fused MLP
-    assert sorted(calls) == sorted(["collider_autograd.layers.linear.gathered_weight_grad"] * 4
+    # layer 0's projections only: q/k/v as one GEMM, o through Linear, gate, up, down through the fused MLP
+    assert sorted(calls) == sorted(["collider_autograd.layers.multi_linear.gathered_weight_grad"]
+                                   + ["collider_autograd.layers.linear.gathered_weight_grad"]
                                    + ["collider_autograd.layers.swiglu_mlp.gathered_weight_grad"] * 3)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("model.layers.0.") for n in trainable)

@@ -15,6 +15,7 @@ from collider_autograd.layers import (
     layer_norm,
     linear,
     linear_cross_entropy,
+    multi_linear,
     rms_norm,
     rotary_tables,
     swiglu,
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Embedding", "LayerNorm", "Linear", "RMSNorm", "SparseGradientError", "TokenSparseTensor", "allow_densify",
     "apply_rotary", "causal_attention", "densify_allowed", "densify_counts", "embedding", "excess_loss",
-    "filtered_mean", "gelu_new", "layer_norm", "linear", "linear_cross_entropy", "reset_densify_counts",
+    "filtered_mean", "gelu_new", "layer_norm", "linear", "linear_cross_entropy", "multi_linear", "reset_densify_counts",
     "rms_norm", "rotary_tables", "select_random", "select_threshold", "select_top_k", "swiglu", "top_k_counts",
     "swiglu_mlp",
 ]

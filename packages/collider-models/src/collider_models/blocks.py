@@ -19,6 +19,8 @@ from collider_autograd import (
     causal_attention,
     gelu_new,
     linear_cross_entropy,
+    multi_linear,
+    swiglu,
     swiglu_mlp,
 )
 from collider_kernels import check_label_values
@@ -33,6 +35,15 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "layer":
         return LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
     raise ValueError(f"norm must be 'rms' or 'layer', got {cfg.norm!r}")
+
+
+def plain_linears(*modules: nn.Module) -> bool:
+    """The modules are our :class:`~collider_autograd.Linear` with no forward hooks, so a fused
+    layer may use their parameters without calling them. A replaced module (an adapter wrapping
+    it) or a hook (the dense reference's detach) makes the block call each module instead."""
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return all(type(m) is Linear and not m._forward_hooks and not m._forward_pre_hooks for m in modules)
 
 
 class Attention(nn.Module):
@@ -56,9 +67,14 @@ class Attention(nn.Module):
         ``cache`` (inference, see :class:`collider_models.generate.KVCache`) the new keys/values
         are appended to layer ``layer`` of it and the queries attend to what is cached."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, Hq, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if plain_linears(*projections):  # one GEMM: views of one (B, T, q+k+v) output
+            q, k, v = multi_linear(x, [p.weight for p in projections], [p.bias for p in projections])
+        else:
+            q, k, v = (p(x) for p in projections)
+        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, Hq, D), rotated into a new tensor
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim).contiguous()  # its own memory: the fused output can go
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             out = cache.attend(layer, q, k, v, self.window)  # (B, T, Hq, D)
@@ -85,6 +101,8 @@ class SwiGLUMLP(nn.Module):
         # One fused layer (one gate/up GEMM, no saved activation); the three Linear modules hold
         # the parameters under their checkpoint names, and their forwards are not called.
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        if not plain_linears(gate, up, down):
+            return down(swiglu(gate(x), up(x)))
         return swiglu_mlp(x, gate.weight, up.weight, down.weight, gate.bias, up.bias, down.bias)
 
 

@@ -1,0 +1,145 @@
+"""Several linear projections of one input as one GEMM (e.g. the q, k and v projections).
+
+Written as separate :class:`~collider_autograd.Linear` layers, ``k`` projections of one input
+cost ``k`` narrow GEMMs forward, and backward ``k`` input-gradient GEMMs whose outputs autograd
+then sums, plus ``k`` weight-gradient GEMMs. Here the weights are concatenated at run time (the
+parameters keep their own names and shapes), the forward is one GEMM whose output is split into
+views, and the backward is one input-gradient GEMM and one weight-gradient GEMM over the
+concatenated output gradients, on the kept rows when they are sparse. The gradients are those
+of the separate layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from collider_autograd._autocast import autocast_off, cast_for_matmul
+from collider_autograd.layers._rows import grad_rows, input_grad, is_partial, layer_grad
+from collider_autograd.layers.linear import _kept_rows, linear
+from collider_kernels import gathered_weight_grad
+
+
+def _same_rows(grads: list[torch.Tensor | None]) -> bool:
+    """Every given gradient is dense (or keeps every row), or every one keeps the same rows (the
+    same index tensor, as the layers above a shared input produce)."""
+    given = [g for g in grads if g is not None]
+    if not any(is_partial(g) for g in given):
+        return True
+    return all(is_partial(g) and g.index is given[0].index and g.terms == given[0].terms for g in given)
+
+
+class MultiLinearFunction(torch.autograd.Function):
+    """x (*tokens, in) and k weights (out_i, in) (+ biases) → k outputs (*tokens, out_i)."""
+
+    @staticmethod
+    def forward(ctx, x, k, *params):
+        weights, biases = params[:k], params[k:]
+        has_bias = biases[0] is not None
+        w = torch.cat(weights)  # (N, in), N = sum out_i
+        b = torch.cat(biases) if has_bias else None
+        y = nn.functional.linear(x, w, b)  # (*tokens, N)
+        ctx.save_for_backward(x, *weights)
+        ctx.k, ctx.has_bias = k, has_bias
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not dense zeros
+        return y.split([wi.shape[0] for wi in weights], dim=-1)  # views (*tokens, out_i)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        k = ctx.k
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2:2 + k], ctx.needs_input_grad[2 + k:]
+        grads = [None if g is None else layer_grad(g, 1) for g in grads]
+        if not _same_rows(grads):  # kept rows differ between outputs: each projection on its own
+            dx, dws, dbs = MultiLinearFunction._separately(ctx, x, weights, grads)
+            return dx, None, *dws, *dbs
+        ref = next((g for g in grads if g is not None and is_partial(g)), next(g for g in grads if g is not None))
+        rows = []  # (n, out_i) each: kept rows, or all M rows
+        index = None
+        for g, w in zip(grads, weights, strict=True):
+            if g is None:
+                rows.append(None)
+                continue
+            r, index_i = grad_rows(g, (w.shape[0],))
+            index = index if index is not None else index_i
+            rows.append(r)
+        n = next(r for r in rows if r is not None).shape[0]
+        like = next(r for r in rows if r is not None)
+        used = [r is not None for r in rows]  # an output without gradient gives its weight none
+        rows = [r if r is not None else like.new_zeros((n, w.shape[0])) for r, w in zip(rows, weights, strict=True)]
+        g = torch.cat(rows, dim=1)  # (n, N)
+        sizes = [w.shape[0] for w in weights]
+        dx = input_grad(ref, g @ torch.cat(weights), x.shape) if need_x else None  # (n, in) rows
+        dws = [None] * k
+        wanted = [need and u for need, u in zip(need_w, used, strict=True)]
+        if any(wanted):
+            x2d = x.reshape(-1, x.shape[-1])  # (M, in)
+            x_rows = x2d if index is None else _kept_rows(x2d, index)  # (n, in)
+            if all(wanted):  # one GEMM for every projection's weight
+                dws = list(gathered_weight_grad(g, x_rows, None).split(sizes))  # (out_i, in) each
+            else:  # a frozen weight (or an unused output) costs no GEMM
+                dws = [gathered_weight_grad(r, x_rows, None) if w else None for r, w in zip(rows, wanted, strict=True)]
+        dbs = [None] * k
+        if ctx.has_bias and any(need_b):
+            dbs = [d if need and u else None for d, need, u in zip(g.sum(0).split(sizes), need_b, used, strict=True)]
+        return dx, None, *dws, *dbs
+
+    @staticmethod
+    def _separately(ctx, x, weights, grads):
+        """``(dx, dws, dbs)`` as k separate linear layers would give them (dx summed)."""
+        k = ctx.k
+        x2d = x.reshape(-1, x.shape[-1])
+        dx, dws, dbs = None, [None] * k, [None] * k
+        for i, (g, w) in enumerate(zip(grads, weights, strict=True)):
+            if g is None:
+                continue
+            r, index = grad_rows(g, (w.shape[0],))
+            if ctx.needs_input_grad[0]:
+                part = input_grad(g, r @ w, x.shape)
+                dx = part if dx is None else dx + part
+            if ctx.needs_input_grad[2 + i]:
+                dws[i] = gathered_weight_grad(r, x2d if index is None else _kept_rows(x2d, index), None)
+            if ctx.has_bias and ctx.needs_input_grad[2 + k + i]:
+                dbs[i] = r.sum(0)
+        return dx, dws, dbs
+
+
+def multi_linear(
+    x: torch.Tensor,
+    weights: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    biases: list[torch.Tensor | None] | tuple[torch.Tensor | None, ...] | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """``(x @ w_iᵀ + b_i for each i)``: the projections of one input by several weights, as one GEMM.
+
+    Args:
+        x: ``(*tokens, in)`` input.
+        weights: ``k`` weights ``(out_i, in)``.
+        biases: ``None``, or ``k`` biases ``(out_i,)`` (all given or all ``None``).
+
+    Returns:
+        ``k`` outputs ``(*tokens, out_i)``, views of one ``(*tokens, sum out_i)`` tensor (a
+        consumer that keeps one alive for its backward should keep a contiguous copy, so the
+        others' memory can go). Under ``torch.autocast`` the GEMM runs in the autocast dtype,
+        as ``torch.nn.functional.linear``. The gradients equal those of ``k`` separate
+        :func:`~collider_autograd.linear` calls.
+    """
+    weights = tuple(weights)
+    k = len(weights)
+    if k == 0:
+        raise ValueError("weights must hold at least one (out, in) weight")
+    biases = (None,) * k if biases is None else tuple(biases)
+    if len(biases) != k:
+        raise ValueError(f"biases must hold one entry per weight ({k}), got {len(biases)}")
+    if any(b is None for b in biases) and any(b is not None for b in biases):
+        raise ValueError("biases must be all given or all None")
+    for i, w in enumerate(weights):
+        if w.dim() != 2 or w.shape[1] != x.shape[-1]:
+            raise ValueError(f"weights[{i}] must be (out, {x.shape[-1]}) for x (..., {x.shape[-1]}), "
+                             f"got {tuple(w.shape)}")
+        if biases[i] is not None and tuple(biases[i].shape) != (w.shape[0],):
+            raise ValueError(f"biases[{i}] must be ({w.shape[0]},), got {tuple(biases[i].shape)}")
+    if k == 1:
+        return (linear(x, weights[0], biases[0]),)
+    x, *params = cast_for_matmul(x, *weights, *biases)
+    with autocast_off(x.device.type):
+        return MultiLinearFunction.apply(x, k, *params)

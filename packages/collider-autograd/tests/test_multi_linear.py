@@ -1,0 +1,154 @@
+"""The one-GEMM projections equal separate Linear layers: outputs and every gradient, dense and
+sparse (shared kept rows, different kept rows, an unused output), with and without biases."""
+
+import pytest
+import torch
+
+from collider_autograd import SparseGradientError, TokenSparseTensor, allow_densify, linear, multi_linear
+
+B, T, H = 3, 7, 12
+OUTS = (10, 4, 4)  # e.g. q, k, v widths
+
+
+def _params(gen, bias, dtype=torch.float64):
+    ws = [torch.randn(o, H, generator=gen, dtype=dtype).requires_grad_() for o in OUTS]
+    bs = [torch.randn(o, generator=gen, dtype=dtype).requires_grad_() for o in OUTS] if bias else [None] * 3
+    return ws, bs
+
+
+def _sparse(gen, index, width):
+    values = torch.randn(index.numel(), width, generator=gen, dtype=torch.float64)
+    return TokenSparseTensor(values, index, (B, T))
+
+
+def _index(gen, share):
+    return (torch.rand(B * T, generator=gen) < share).nonzero().squeeze(1)
+
+
+def _grads(fn, x, ws, bs, grads):
+    leaves = [t for t in [x, *ws, *bs] if t is not None]
+    for t in leaves:
+        t.grad = None
+    outs = fn(x, ws, bs)
+    used = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
+    torch.autograd.backward([o for o, _ in used], [g for _, g in used])
+    return [o.detach() for o in outs], [None if t.grad is None else t.grad.clone() for t in leaves]
+
+
+def _separate(x, ws, bs):
+    return [linear(x, w, b) for w, b in zip(ws, bs, strict=True)]
+
+
+def _case(kind, gen):
+    if kind == "dense":
+        return [torch.randn(B, T, o, generator=gen, dtype=torch.float64) for o in OUTS]
+    if kind in ("sparse", "none kept"):
+        index = _index(gen, 0.5 if kind == "sparse" else 0.0)
+        return [_sparse(gen, index, o) for o in OUTS]
+    if kind == "unused output":
+        index = _index(gen, 0.5)
+        return [_sparse(gen, index, OUTS[0]), None, _sparse(gen, index, OUTS[2])]
+    if kind == "different rows":
+        return [_sparse(gen, _index(gen, 0.5), o) for o in OUTS]
+    if kind == "sparse and dense":
+        return [_sparse(gen, _index(gen, 0.5), OUTS[0])] + [torch.randn(B, T, o, generator=gen, dtype=torch.float64)
+                                                            for o in OUTS[1:]]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("kind", ["dense", "sparse", "none kept", "unused output", "different rows"])
+def test_equals_separate_linear_layers(bias, kind):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, T, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws, bs = _params(gen, bias)
+    grads = _case(kind, gen)
+    y_ref, g_ref = _grads(_separate, x, ws, bs, grads)
+    y, g = _grads(lambda x, ws, bs: multi_linear(x, ws, bs), x, ws, bs, grads)
+    for got, want in zip(y + g, y_ref + g_ref, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_sparse_meeting_dense_raises_as_separate_layers_do():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(B, T, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws, bs = _params(gen, True)
+    grads = _case("sparse and dense", gen)
+    for fn in (_separate, lambda x, ws, bs: multi_linear(x, ws, bs)):
+        with pytest.raises(SparseGradientError, match="meets a dense gradient"):
+            _grads(fn, x, ws, bs, grads)
+    with allow_densify():  # the plain gradient of the sum, as the separate layers give it
+        y_ref, g_ref = _grads(_separate, x, ws, bs, grads)
+        y, g = _grads(lambda x, ws, bs: multi_linear(x, ws, bs), x, ws, bs, grads)
+    for got, want in zip(y + g, y_ref + g_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_sparse_input_gradient_keeps_the_rows():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(B, T, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws, bs = _params(gen, True)
+    index = _index(gen, 0.4)
+    seen = {}
+    x_in = x * 1.0
+    x_in.register_hook(lambda g: seen.setdefault("grad", g))
+    outs = multi_linear(x_in, ws, bs)
+    torch.autograd.backward(list(outs), [_sparse(gen, index, o) for o in OUTS])
+    assert isinstance(seen["grad"], TokenSparseTensor) and torch.equal(seen["grad"].index, index)
+    assert all(w.grad.shape == w.shape for w in ws)
+
+
+def test_outputs_are_views_of_one_gemm_output():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(B, T, H, generator=gen)
+    ws, _ = _params(gen, False, torch.float32)
+    outs = multi_linear(x, ws)
+    assert [o.shape for o in outs] == [(B, T, o) for o in OUTS]
+    assert len({o.untyped_storage().data_ptr() for o in outs}) == 1
+
+
+def test_frozen_weight_gets_no_gradient():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(B, T, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws, bs = _params(gen, True)
+    ws[1].requires_grad_(False)
+    outs = multi_linear(x, ws, bs)
+    sum(o.sum() for o in outs).backward()
+    assert ws[1].grad is None and ws[0].grad is not None and bs[1].grad is not None
+
+
+def test_autocast_runs_the_gemm_in_bf16_with_fp32_parameter_grads():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(B, T, H, generator=gen, requires_grad=True)
+    ws, bs = _params(gen, True, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = multi_linear(x, ws, bs)
+    assert all(o.dtype == torch.bfloat16 for o in outs)
+    sum(o.float().sum() for o in outs).backward()
+    assert all(w.grad.dtype == torch.float32 for w in ws) and x.grad.dtype == torch.float32
+
+
+def test_bad_arguments_name_what_is_wrong():
+    x = torch.randn(B, T, H)
+    w = torch.randn(4, H)
+    with pytest.raises(ValueError, match="at least one"):
+        multi_linear(x, [])
+    with pytest.raises(ValueError, match=r"weights\[1\] must be \(out, 12\)"):
+        multi_linear(x, [w, torch.randn(4, H + 1)])
+    with pytest.raises(ValueError, match="all given or all None"):
+        multi_linear(x, [w, w], [torch.randn(4), None])
+    with pytest.raises(ValueError, match="one entry per weight"):
+        multi_linear(x, [w, w], [torch.randn(4)])
+    with pytest.raises(ValueError, match=r"biases\[0\] must be \(4,\)"):
+        multi_linear(x, [w, w], [torch.randn(5), torch.randn(4)])
+
+
+def test_single_weight_is_plain_linear():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(B, T, H, generator=gen)
+    w, b = torch.randn(6, H, generator=gen), torch.randn(6, generator=gen)
+    (y,) = multi_linear(x, [w], [b])
+    torch.testing.assert_close(y, linear(x, w, b))
