@@ -119,3 +119,17 @@ def test_gpu_partials_deterministic(norm):
     for _ in range(3):
         again = op(grad, x, w, 1e-5, idx, backend="triton")
         assert all(torch.equal(a, b) for a, b in zip(first[1:], again[1:], strict=True))
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 70, 45), (1, 257, 33), (2, 3, 100)])
+def test_sum_parts_sums_over_programs(shape):
+    """The second pass: (sums, programs, H) partials summed over programs, every column written,
+    in the same order every call (sizes not multiples of its blocks)."""
+    from collider_kernels.triton.row_norms import sum_parts
+
+    gen = torch.Generator().manual_seed(sum(shape))
+    part = torch.randn(shape, generator=gen).to(DEVICE)
+    got = sum_parts(part)
+    assert got.shape == (shape[0], shape[2]) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), part.double().sum(1), rtol=1e-6, atol=1e-5)
+    assert torch.equal(got, sum_parts(part)), "not deterministic"
