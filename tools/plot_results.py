@@ -42,8 +42,8 @@ def plot_cpu_crossover() -> None:
 
 def plot_versus_liger() -> None:
     """Forward + backward time of the baseline users run today, our dense path and Collider."""
-    data = json.loads((RESULTS / "e2e_liger_keep_logits_h200.json").read_text())
-    results = [r for r in data["results"] if "error" not in r and "baseline" in r["ratios"]]
+    data = json.loads((RESULTS / "e2e_step_h200.json").read_text())
+    results = [r for r in data["results"] if "error" not in r and "baseline" in r["ratios"] and r["keep"] == 0.6]
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     width = 0.26
     for k, (label, get) in enumerate((
