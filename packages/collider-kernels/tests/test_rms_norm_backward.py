@@ -11,7 +11,17 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import DEVICE, GPU_DTYPES, check_rms, nan_outputs, norm_case, poison_cuda_allocator, triton_only
+from kernel_testing import (
+    DEVICE,
+    GPU_DTYPES,
+    assert_rule,
+    check_rms,
+    nan_outputs,
+    norm_case,
+    poison_cuda_allocator,
+    small_atol,
+    triton_only,
+)
 from kernel_testing import INDEX_KINDS as KINDS
 
 import collider_kernels as ck
@@ -88,3 +98,50 @@ def test_gpu_auto_picks_triton():
 def test_gpu(poison, dtype, H, kind):
     poison_cuda_allocator()
     check_rms("triton", *norm_case(5000, H, 3000, kind, dtype, "cuda", seed=H, row_pad=8), 1e-5)
+
+
+def check_residual_grad(backend, grad, x, w, idx, eps, residual_grad):
+    """dx with ``residual_grad`` added is the fp32 reference's dx plus it, within the rule; dweight
+    is unchanged."""
+    dx, dw = ck.rms_norm_backward(grad, x, w, eps, idx, residual_grad=residual_grad, backend=backend)
+    base_dx, _ = ck.rms_norm_backward(grad, x, w, eps, idx, residual_grad=residual_grad, backend="torch")
+    ref_dx, _ = reference.rms_norm_backward_reference(grad.float(), x.float(), w.float(), eps, idx)
+    truth = ref_dx + residual_grad.float()
+    assert dx.dtype == x.dtype
+    assert_rule(dx, truth, base_dx, atol=small_atol(x.dtype, truth, x.shape[1]), what=f"rms dx+res[{backend}]",
+                same_dtype=True)
+    torch.testing.assert_close(dw, ck.rms_norm_backward(grad, x, w, eps, idx, backend=backend)[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ("none", "sorted_subset"))
+def test_residual_grad_torch_fp64(kind):
+    grad, x, w, idx = norm_case(30, 40, 12 if kind != "none" else 30, kind, torch.float64, "cpu", seed=3)
+    res = torch.randn_like(grad)
+    dx, _ = ck.rms_norm_backward(grad, x, w, 1e-6, idx, residual_grad=res, backend="torch")
+    ref_dx, _ = reference.rms_norm_backward_reference(grad, x, w, 1e-6, idx)
+    torch.testing.assert_close(dx, ref_dx + res, rtol=1e-12, atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ("none", "sorted_subset"))
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+def test_residual_grad_triton(poison, kind, dtype):
+    grad, x, w, idx = norm_case(60, 48, 60 if kind == "none" else 25, kind, dtype, DEVICE, seed=5)
+    check_residual_grad("triton", grad, x, w, idx, 1e-5, torch.randn(grad.shape, device=DEVICE).to(dtype))
+
+
+def test_bad_residual_grad_names_the_argument():
+    grad, x, w, _ = norm_case(6, 8, 6, "none", torch.float32, "cpu", seed=1)
+    with pytest.raises(ValueError, match="residual_grad must have grad's shape"):
+        ck.rms_norm_backward(grad, x, w, 1e-5, residual_grad=torch.randn(6, 7))
+    with pytest.raises(TypeError, match="residual_grad"):
+        ck.rms_norm_backward(grad, x, w, 1e-5, residual_grad=torch.ones(6, 8, dtype=torch.int64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("kind", ("none", "sorted_subset"))
+def test_gpu_residual_grad(poison, dtype, kind):
+    poison_cuda_allocator()
+    grad, x, w, idx = norm_case(4000, 2048, 4000 if kind == "none" else 2400, kind, dtype, "cuda", seed=7)
+    check_residual_grad("triton", grad, x, w, idx, 1e-5, torch.randn(grad.shape, device="cuda").to(dtype))

@@ -129,6 +129,59 @@ def test_bad_inputs_name_the_argument():
             fn()
 
 
+def residual_case(M, H, dtype, device, seed, row_pad=0):
+    """``(x, residual, weight)``: the rows of a pre-norm block's add, then norm."""
+    x, w = rms_case(M, H, dtype, device, seed, row_pad)
+    r, _ = rms_case(M, H, dtype, device, seed + 1, row_pad)
+    return x, r, w
+
+
+def check_residual_forward(backend, x, r, w, eps):
+    """``(y, h)`` with a residual: h is torch's ``x + r`` exactly, y the norm of h."""
+    y, h = ck.rms_norm_forward(x, w, eps, residual=r, backend=backend)
+    assert torch.equal(h, x + r), f"rms_norm_forward[{backend}]: h is not x + residual"
+    check_rms_forward(backend, h, w, eps, max_share=0.05)
+    torch.testing.assert_close(y, ck.rms_norm_forward(h, w, eps, backend=backend), rtol=0, atol=0)
+
+
+def test_torch_residual_fp64_and_hugging_face_rounding():
+    """With a residual the torch backend normalises ``x + residual`` and returns the sum: in fp64
+    against the reference, in bf16 bit for bit as ``h = x + r; LlamaRMSNorm(h)``."""
+    x, r, w = residual_case(20, 50, torch.float64, "cpu", seed=4)
+    y, h = ck.rms_norm_forward(x, w, 1e-6, residual=r, backend="torch")
+    assert torch.equal(h, x + r)
+    torch.testing.assert_close(y, reference.rms_norm_forward_reference(x + r, w, 1e-6), rtol=1e-12, atol=1e-12)
+    llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    x, r, w = residual_case(40, 96, torch.bfloat16, "cpu", seed=5)
+    norm = llama.LlamaRMSNorm(96, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        want = norm(x + r)
+    assert torch.equal(ck.rms_norm_forward(x, w, 1e-6, residual=r, backend="torch")[0], want)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16))
+def test_triton_residual(poison, dtype):
+    for M, H, pad in ((17, 40, 0), (5, 1, 3), (0, 24, 0)):
+        check_residual_forward("triton", *residual_case(M, H, dtype, DEVICE, seed=M + H, row_pad=pad), 1e-5)
+
+
+def test_bad_residual_names_the_argument():
+    x, w = torch.randn(5, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        ck.rms_norm_forward(x, w, 1e-5, residual=torch.randn(5, 7))
+    with pytest.raises(TypeError, match="residual"):
+        ck.rms_norm_forward(x, w, 1e-5, residual=torch.randn(5, 8).double())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gpu_residual(poison, dtype):
+    poison_cuda_allocator()
+    check_residual_forward("triton", *residual_case(3000, 2048, dtype, "cuda", seed=9, row_pad=8), 1e-5)
+
+
 @pytest.mark.gpu
 def test_gpu_auto_picks_triton():
     from collider_kernels.triton.rms_norm_forward import rms_norm_forward_triton

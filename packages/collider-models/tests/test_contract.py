@@ -88,9 +88,10 @@ def test_forward_unchanged_and_filtered_activations_get_zero_gradient(arch):
     captured = {}
 
     def hook(_m, _i, out):
-        if out.requires_grad:
-            out.retain_grad()
-            captured["h"] = out
+        stream = out[0] if isinstance(out, tuple) else out  # (stream, MLP output) when the adds are fused
+        if stream.requires_grad:
+            stream.retain_grad()
+            captured["h"] = stream
 
     handle = model.model.layers[0].register_forward_hook(hook)
     token_loss = model.token_loss(ids, labels)

@@ -211,6 +211,8 @@ def _modules_called_by_token_loss(model, ids, labels):
 
 
 def _mix_tokens(_module, _inputs, out):
+    if isinstance(out, tuple):  # a norm fused with its residual add (y, h), a layer's (stream, MLP output)
+        return (out[0].cumsum(1), *out[1:])
     return out.cumsum(1)  # a cumulative sum over positions: no sparse rule
 
 

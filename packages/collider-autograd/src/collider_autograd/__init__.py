@@ -8,6 +8,7 @@ from collider_autograd.layers import (
     LayerNorm,
     Linear,
     RMSNorm,
+    add_rms_norm,
     apply_rotary,
     causal_attention,
     embedding,
@@ -27,9 +28,9 @@ from collider_autograd.sparse_grad import TokenSparseTensor, densify_counts, res
 __version__ = "0.1.0"
 
 __all__ = [
-    "Embedding", "LayerNorm", "Linear", "RMSNorm", "SparseGradientError", "TokenSparseTensor", "allow_densify",
-    "apply_rotary", "causal_attention", "densify_allowed", "densify_counts", "embedding", "excess_loss",
-    "filtered_mean", "gelu_new", "layer_norm", "linear", "linear_cross_entropy", "multi_linear", "reset_densify_counts",
-    "rms_norm", "rotary_tables", "select_random", "select_threshold", "select_top_k", "swiglu", "top_k_counts",
-    "swiglu_mlp",
+    "add_rms_norm", "allow_densify", "apply_rotary", "causal_attention", "densify_allowed", "densify_counts",
+    "embedding", "Embedding", "excess_loss", "filtered_mean", "gelu_new", "layer_norm", "LayerNorm", "Linear",
+    "linear", "linear_cross_entropy", "multi_linear", "reset_densify_counts", "rms_norm", "RMSNorm",
+    "rotary_tables", "select_random", "select_threshold", "select_top_k", "SparseGradientError", "swiglu",
+    "swiglu_mlp", "TokenSparseTensor", "top_k_counts",
 ]

@@ -130,13 +130,37 @@ class DecoderLayer(nn.Module):
         if not self.parallel:
             self.post_attention_layernorm = make_norm(cfg)
 
+    @property
+    def fuses_adds(self) -> bool:
+        """Sequential with RMSNorm: each residual add runs inside the next norm's pass
+        (:func:`collider_autograd.add_rms_norm`)."""
+        return not self.parallel and isinstance(self.input_layernorm, RMSNorm)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None, layer: int = 0,
-                key_start: torch.Tensor | None = None):
+                key_start: torch.Tensor | None = None, pending: torch.Tensor | None = None, defer: bool = False):
+        """(B, T, hidden) residual stream → the stream after this layer.
+
+        With :attr:`fuses_adds`, ``pending`` is a branch output not yet added to ``x`` (the
+        previous layer's MLP output), added inside this layer's first norm; ``defer`` returns
+        ``(stream, mlp output)`` with the last add left to the next norm. Values are those of
+        the unfused block."""
         if self.parallel:
+            if pending is not None:
+                x = x + pending
             h = self.input_layernorm(x)
-            return x + self.self_attn(h, cos, sin, cache, layer, key_start) + self.mlp(h)
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, key_start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+            out = x + self.self_attn(h, cos, sin, cache, layer, key_start) + self.mlp(h)
+            return (out, None) if defer else out
+        if not self.fuses_adds:
+            if pending is not None:
+                x = x + pending
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, key_start)
+            out = x + self.mlp(self.post_attention_layernorm(x))
+            return (out, None) if defer else out
+        h, x = self.input_layernorm(pending, residual=x) if pending is not None else (self.input_layernorm(x), x)
+        a = self.self_attn(h, cos, sin, cache, layer, key_start)
+        h, x = self.post_attention_layernorm(a, residual=x)  # x + a, and its norm, in one pass
+        m = self.mlp(h)
+        return (x, m) if defer else x + m
 
 
 class DecoderModel(nn.Module):
@@ -163,11 +187,17 @@ class DecoderModel(nn.Module):
             lay = layout((B, T), input_ids.device, past=0 if cache is None else cache.length)
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
         cos, sin = self.rotary.tables(lay.positions, x.dtype)  # (T, rot_dim) or (B, T, rot_dim)
+        pending = None  # a layer's MLP output, added to the stream inside the next norm's pass
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, lay.key_start)
+            x, pending = layer(x, cos, sin, cache, i, lay.key_start, pending=pending, defer=True)
         if cache is not None:
             cache.length += T
-        return getattr(self, self.final_norm_name)(x)
+        norm = getattr(self, self.final_norm_name)
+        if pending is None:
+            return norm(x)
+        if isinstance(norm, RMSNorm):
+            return norm(pending, residual=x)[0]
+        return norm(x + pending)
 
 
 @dataclass

@@ -7,15 +7,15 @@ from collider_autograd.layers.layer_norm import LayerNorm, LayerNormFunction, la
 from collider_autograd.layers.linear import Linear, LinearFunction, linear
 from collider_autograd.layers.linear_cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
 from collider_autograd.layers.multi_linear import MultiLinearFunction, multi_linear
-from collider_autograd.layers.rms_norm import RMSNorm, RMSNormFunction, rms_norm
+from collider_autograd.layers.rms_norm import AddRMSNormFunction, RMSNorm, RMSNormFunction, add_rms_norm, rms_norm
 from collider_autograd.layers.rotary import RotaryFunction, apply_rotary, rotary_tables
 from collider_autograd.layers.swiglu import SwiGLUFunction, swiglu
 from collider_autograd.layers.swiglu_mlp import SwiGLUMLPFunction, swiglu_mlp
 
 __all__ = [
-    "CausalAttentionFunction", "Embedding", "EmbeddingFunction", "GeluNewFunction", "LayerNorm",
-    "LayerNormFunction", "gelu_new", "layer_norm", "Linear", "LinearCrossEntropyFunction",
-    "LinearFunction", "MultiLinearFunction", "RMSNorm", "RMSNormFunction", "RotaryFunction", "SwiGLUFunction",
-    "SwiGLUMLPFunction", "apply_rotary", "causal_attention", "embedding", "linear", "linear_cross_entropy",
-    "multi_linear", "rms_norm", "rotary_tables", "swiglu", "swiglu_mlp",
+    "add_rms_norm", "AddRMSNormFunction", "apply_rotary", "causal_attention", "CausalAttentionFunction",
+    "embedding", "Embedding", "EmbeddingFunction", "gelu_new", "GeluNewFunction", "layer_norm", "LayerNorm",
+    "LayerNormFunction", "Linear", "linear", "linear_cross_entropy", "LinearCrossEntropyFunction", "LinearFunction",
+    "multi_linear", "MultiLinearFunction", "rms_norm", "RMSNorm", "RMSNormFunction", "rotary_tables",
+    "RotaryFunction", "swiglu", "swiglu_mlp", "SwiGLUFunction", "SwiGLUMLPFunction",
 ]

@@ -42,3 +42,13 @@ def input_grad(grad: torch.Tensor, rows: torch.Tensor, shape, feature_ndim: int 
     if is_partial(grad):
         return grad.rows_like(rows, shape, feature_ndim)
     return rows.reshape(shape)
+
+
+def same_rows(grads) -> bool:
+    """Every given gradient (``None`` entries aside) is dense or keeps every row, or every one keeps
+    the same rows: the same index tensor and terms, as the layers above a shared input produce
+    them. Such gradients can be handled as one set of rows."""
+    given = [g for g in grads if g is not None]
+    if not any(is_partial(g) for g in given):
+        return True
+    return all(is_partial(g) and g.index is given[0].index and g.terms == given[0].terms for g in given)

@@ -15,18 +15,9 @@ import torch
 from torch import nn
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
-from collider_autograd.layers._rows import grad_rows, input_grad, is_partial, layer_grad
+from collider_autograd.layers._rows import grad_rows, input_grad, is_partial, layer_grad, same_rows
 from collider_autograd.layers.linear import _kept_rows, linear
 from collider_kernels import gathered_weight_grad
-
-
-def _same_rows(grads: list[torch.Tensor | None]) -> bool:
-    """Every given gradient is dense (or keeps every row), or every one keeps the same rows (the
-    same index tensor, as the layers above a shared input produce)."""
-    given = [g for g in grads if g is not None]
-    if not any(is_partial(g) for g in given):
-        return True
-    return all(is_partial(g) and g.index is given[0].index and g.terms == given[0].terms for g in given)
 
 
 class MultiLinearFunction(torch.autograd.Function):
@@ -50,7 +41,7 @@ class MultiLinearFunction(torch.autograd.Function):
         k = ctx.k
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2:2 + k], ctx.needs_input_grad[2 + k:]
         grads = [None if g is None else layer_grad(g, 1) for g in grads]
-        if not _same_rows(grads):  # kept rows differ between outputs: each projection on its own
+        if not same_rows(grads):  # kept rows differ between outputs: each projection on its own
             dx, dws, dbs = MultiLinearFunction._separately(ctx, x, weights, grads)
             return dx, None, *dws, *dbs
         ref = next((g for g in grads if g is not None and is_partial(g)), next(g for g in grads if g is not None))

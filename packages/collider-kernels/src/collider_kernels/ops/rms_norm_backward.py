@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from collider_kernels._checks import check_norm_args
+from collider_kernels._checks import check_norm_args, check_same_shape, check_tensor
 from collider_kernels.backends import register, resolve_backend
-from collider_kernels.dtypes import compute_dtype
+from collider_kernels.dtypes import FLOAT_DTYPES, compute_dtype
 from collider_kernels.ops.rms_norm_forward import rms_normalize
 
 
@@ -17,6 +17,7 @@ def rms_norm_backward(
     eps: float,
     index: torch.Tensor | None = None,
     *,
+    residual_grad: torch.Tensor | None = None,
     backend: str = "auto",
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +34,8 @@ def rms_norm_backward(
         weight: (H,) scale.
         eps: added to the mean square.
         index: (n,) int64/int32 rows of ``x``, or ``None`` for all rows (n == M).
+        residual_grad: optional (n, H) gradient reaching ``x`` by another path (a pre-norm block's
+            residual stream), added to dx in the compute dtype before dx is rounded once.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         validate: check that ``index`` lies in range (costs a device sync on CUDA).
 
@@ -41,11 +44,16 @@ def rms_norm_backward(
         fp32 (fp64 when any input is fp64).
     """
     args = check_norm_args(grad, x, weight, eps, index, validate=validate)
-    return resolve_backend("rms_norm_backward", backend, x.device, (grad.dtype, x.dtype, weight.dtype), args)(*args)
+    if residual_grad is not None:
+        check_tensor("residual_grad", residual_grad, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+        check_same_shape("residual_grad", residual_grad, "grad", grad)
+    dtypes = (grad.dtype, x.dtype, weight.dtype) + (() if residual_grad is None else (residual_grad.dtype,))
+    args = (*args, residual_grad)
+    return resolve_backend("rms_norm_backward", backend, x.device, dtypes, args)(*args)
 
 
 @register("rms_norm_backward", "torch")
-def _rms_norm_backward_torch(grad, x, weight, eps, index):
+def _rms_norm_backward_torch(grad, x, weight, eps, index, residual_grad=None):
     ct = compute_dtype(grad, x, weight)
     rows = x if index is None else x.index_select(0, index)  # (n, H)
     xhat, rstd = rms_normalize(rows.to(ct), eps)  # (n, H), (n, 1)
@@ -53,4 +61,6 @@ def _rms_norm_backward_torch(grad, x, weight, eps, index):
     dweight = (g * xhat.to(x.dtype).to(ct)).sum(0)  # (H,)
     dxhat = g * weight.to(ct)
     dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+    if residual_grad is not None:
+        dx = dx + residual_grad.to(ct)
     return dx.to(x.dtype), dweight

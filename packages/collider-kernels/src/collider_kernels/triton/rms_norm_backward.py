@@ -12,13 +12,14 @@ from collider_kernels.triton import settings
 from collider_kernels.triton.row_norms import launch_norm_backward, too_wide
 
 
-def launch_rms_norm_backward(grad, x, weight, eps, index, cfg: dict | None = None):
-    """RMSNorm ``(dx, dweight)``; ``cfg`` overrides
+def launch_rms_norm_backward(grad, x, weight, eps, index, cfg: dict | None = None, residual_grad=None):
+    """RMSNorm ``(dx, dweight)``, ``residual_grad`` added to dx; ``cfg`` overrides
     :func:`~collider_kernels.triton.row_norms.norm_config` (block_r, num_warps, programs_per_sm)."""
-    return launch_norm_backward(grad, x, weight, eps, index, cfg, center=False)
+    return launch_norm_backward(grad, x, weight, eps, index, cfg, center=False, residual_grad=residual_grad)
 
 
 @register("rms_norm_backward", "triton", devices=settings.DEVICES, dtypes=KERNEL_DTYPES, check=too_wide)
-def rms_norm_backward_triton(grad, x, weight, eps, index):
-    """Fused RMSNorm backward (dx and dweight in one pass) with the row gather inside the kernel."""
-    return launch_rms_norm_backward(grad, x, weight, eps, index)
+def rms_norm_backward_triton(grad, x, weight, eps, index, residual_grad=None):
+    """Fused RMSNorm backward (dx and dweight in one pass, plus the residual branch's gradient)
+    with the row gather inside the kernel."""
+    return launch_rms_norm_backward(grad, x, weight, eps, index, residual_grad=residual_grad)

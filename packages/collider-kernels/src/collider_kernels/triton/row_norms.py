@@ -32,7 +32,7 @@ def width_refusal(width: int) -> str | None:
     return None
 
 
-def too_wide(grad, x, weight, eps, index) -> str | None:
+def too_wide(grad, x, weight, eps, index, residual_grad=None) -> str | None:
     """Why the backward kernel cannot take these arguments (:func:`width_refusal`), or None."""
     return width_refusal(x.shape[1])
 
@@ -40,11 +40,12 @@ def too_wide(grad, x, weight, eps, index) -> str | None:
 @Launcher
 @triton.jit
 def _norm_bwd_kernel(
-    grad_ptr, x_ptr, w_ptr, index_ptr, dx_ptr, part_ptr,
+    grad_ptr, x_ptr, w_ptr, index_ptr, res_ptr, dx_ptr, part_ptr,
     n, H, rows_per_prog, eps, inv_h,  # inv_h = 1/H from the host: exact for H = 1
-    stride_grad, stride_x, stride_dx, stride_part,
+    stride_grad, stride_x, stride_res, stride_dx, stride_part,
     GATHER: tl.constexpr,  # row r is x row index[r]
     CENTER: tl.constexpr,  # LayerNorm (subtract the mean; dbias partials too), else RMSNorm
+    ADD_RESIDUAL: tl.constexpr,  # dx += the residual branch's gradient row (same rows as grad)
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -83,6 +84,8 @@ def _norm_bwd_kernel(
             # RMSNorm's dweight sees the normalised row after the forward's cast to x's dtype.
             dw += g * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
             dx = rstd[:, None] * (dxhat - xhat * proj[:, None])
+        if ADD_RESIDUAL:
+            dx += tl.load(res_ptr + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
     part = part_ptr + pid.to(tl.int64) * H + cols
     tl.store(part, tl.sum(dw, axis=0), mask=mask_h)
@@ -113,8 +116,8 @@ def sum_parts(part: torch.Tensor) -> torch.Tensor:
     out = settings.alloc_output((sums, H), torch.float32, part.device)
     block_h = 16 if INTERPRET else 32
     _sum_parts_kernel[(settings.cdiv(H, block_h), sums)](
-        part, out, P, H, part.stride(0), part.stride(1), BLOCK_P=16 if INTERPRET else 64, BLOCK_H=block_h,
-        num_warps=4,
+        part, out, P, H, part.stride(0), part.stride(1), BLOCK_P=16 if INTERPRET else 256, BLOCK_H=block_h,
+        num_warps=4 if INTERPRET else 8,
     )
     return out
 
@@ -129,15 +132,17 @@ def norm_config(H: int) -> dict:
     return {"block_r": block_r, "num_warps": num_warps, "programs_per_sm": 8}
 
 
-def launch_norm_backward(grad, x, weight, eps, index, cfg, center: bool):
+def launch_norm_backward(grad, x, weight, eps, index, cfg, center: bool, residual_grad=None):
     """dx (n, H) and the fp32 parameter sums: (dweight,) for RMSNorm (``center`` False), (dweight,
-    dbias) for LayerNorm; ``cfg`` overrides :func:`norm_config` (block_r, num_warps, programs_per_sm)."""
+    dbias) for LayerNorm; ``residual_grad`` (n, H) is added to dx in fp32 before its one rounding;
+    ``cfg`` overrides :func:`norm_config` (block_r, num_warps, programs_per_sm)."""
     n, H = grad.shape
     sums = 2 if center else 1
     dx = settings.alloc_output((n, H), x.dtype, x.device)  # (n, H)
     if n == 0 or H == 0:
         return dx, *torch.zeros(sums, H, dtype=torch.float32, device=x.device)
     grad, x = unit_cols(grad), unit_cols(x)
+    res = grad if residual_grad is None else unit_cols(residual_grad)
     weight = weight.contiguous()
     index = None if index is None else index.contiguous()
     cfg = {**norm_config(H), **(cfg or {})}
@@ -147,10 +152,11 @@ def launch_norm_backward(grad, x, weight, eps, index, cfg, center: bool):
     programs = settings.cdiv(n, rows_per_prog)  # every program owns at least one row
     part = settings.alloc_output((sums, programs, H), torch.float32, x.device)  # partial sums, rows written once
     _norm_bwd_kernel[(programs,)](
-        grad, x, weight, dx if index is None else index, dx, part,
+        grad, x, weight, dx if index is None else index, res, dx, part,
         n, H, rows_per_prog, eps, 1.0 / H,
-        grad.stride(0), x.stride(0), dx.stride(0), part.stride(0),
-        GATHER=index is not None, CENTER=center, BLOCK_R=block_r, BLOCK_H=settings.next_power_of_2(H),
+        grad.stride(0), x.stride(0), res.stride(0), dx.stride(0), part.stride(0),
+        GATHER=index is not None, CENTER=center, ADD_RESIDUAL=residual_grad is not None,
+        BLOCK_R=block_r, BLOCK_H=settings.next_power_of_2(H),
         num_warps=cfg["num_warps"],
     )
     return dx, *sum_parts(part)  # (H,) each, summed in a fixed order
