@@ -44,20 +44,14 @@ class MultiLinearFunction(torch.autograd.Function):
         if not same_rows(grads):  # kept rows differ between outputs: each projection on its own
             dx, dws, dbs = MultiLinearFunction._separately(ctx, x, weights, grads)
             return dx, None, *dws, *dbs
-        ref = next((g for g in grads if g is not None and is_partial(g)), next(g for g in grads if g is not None))
-        rows = []  # (n, out_i) each: kept rows, or all M rows
-        index = None
-        for g, w in zip(grads, weights, strict=True):
-            if g is None:
-                rows.append(None)
-                continue
-            r, index_i = grad_rows(g, (w.shape[0],))
-            index = index if index is not None else index_i
-            rows.append(r)
-        n = next(r for r in rows if r is not None).shape[0]
-        like = next(r for r in rows if r is not None)
-        used = [r is not None for r in rows]  # an output without gradient gives its weight none
-        rows = [r if r is not None else like.new_zeros((n, w.shape[0])) for r, w in zip(rows, weights, strict=True)]
+        given = [g for g in grads if g is not None]
+        ref = next((g for g in given if is_partial(g)), given[0])  # the rows the input's gradient keeps
+        parts = [None if g is None else grad_rows(g, (w.shape[0],)) for g, w in zip(grads, weights, strict=True)]
+        index = next((p[1] for p in parts if p is not None and p[1] is not None), None)
+        like = next(p[0] for p in parts if p is not None)  # (n, out_i): kept rows, or all M rows
+        used = [p is not None for p in parts]  # an output without gradient gives its weight none
+        rows = [p[0] if p is not None else like.new_zeros((like.shape[0], w.shape[0]))
+                for p, w in zip(parts, weights, strict=True)]
         g = torch.cat(rows, dim=1)  # (n, N)
         sizes = [w.shape[0] for w in weights]
         dx = input_grad(ref, g @ torch.cat(weights), x.shape) if need_x else None  # (n, in) rows
