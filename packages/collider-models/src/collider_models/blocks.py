@@ -144,17 +144,15 @@ class DecoderLayer(nn.Module):
         previous layer's MLP output), added inside this layer's first norm; ``defer`` returns
         ``(stream, mlp output)`` with the last add left to the next norm. Values are those of
         the unfused block."""
-        if self.parallel:
-            if pending is not None:
-                x = x + pending
-            h = self.input_layernorm(x)
-            out = x + self.self_attn(h, cos, sin, cache, layer, key_start) + self.mlp(h)
-            return (out, None) if defer else out
         if not self.fuses_adds:
             if pending is not None:
                 x = x + pending
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, key_start)
-            out = x + self.mlp(self.post_attention_layernorm(x))
+            if self.parallel:
+                h = self.input_layernorm(x)
+                out = x + self.self_attn(h, cos, sin, cache, layer, key_start) + self.mlp(h)
+            else:
+                x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, key_start)
+                out = x + self.mlp(self.post_attention_layernorm(x))
             return (out, None) if defer else out
         h, x = self.input_layernorm(pending, residual=x) if pending is not None else (self.input_layernorm(x), x)
         a = self.self_attn(h, cos, sin, cache, layer, key_start)
