@@ -52,3 +52,10 @@ def same_rows(grads) -> bool:
     if not any(is_partial(g) for g in given):
         return True
     return all(is_partial(g) and g.index is given[0].index and g.terms == given[0].terms for g in given)
+
+
+def shaped_output(t: torch.Tensor, shape) -> torch.Tensor:
+    """A Function's output: ``t`` (contiguous, made by the forward) as ``shape``, an ordinary
+    tensor over the same memory rather than a view of ``t``, so wrappers that hook module
+    outputs (FSDP2 warns about views) see what a dense layer returns."""
+    return t.view(shape).detach()

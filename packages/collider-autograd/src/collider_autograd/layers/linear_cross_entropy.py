@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
-from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad, shaped_output
 from collider_kernels import (
     check_label_values,
     cross_entropy_backward,
@@ -55,7 +55,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 kept[s : s + step] = logits
         ctx.save_for_backward(hidden, weight, bias, labels, lse, kept)
         ctx.ignore_index = ignore_index
-        return loss.view(labels.shape)
+        return shaped_output(loss, labels.shape)
 
     @staticmethod
     def backward(ctx, grad):

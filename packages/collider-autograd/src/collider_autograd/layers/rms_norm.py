@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from collider_autograd._autocast import autocast_off
-from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad, same_rows
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad, same_rows, shaped_output
 from collider_kernels import rms_norm_backward, rms_norm_forward
 
 
@@ -18,7 +18,7 @@ class RMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
         dim = x.shape[-1]
-        return rms_norm_forward(x.reshape(-1, dim), weight, eps).view(*x.shape[:-1], dim)  # one fused pass
+        return shaped_output(rms_norm_forward(x.reshape(-1, dim), weight, eps), (*x.shape[:-1], dim))  # one pass
 
     @staticmethod
     def backward(ctx, grad):
@@ -39,11 +39,11 @@ class AddRMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, residual, weight, eps):
         dim = x.shape[-1]
         y, h = rms_norm_forward(x.reshape(-1, dim), weight, eps, residual=residual.reshape(-1, dim))
-        h = h.view(x.shape)
+        h = shaped_output(h, x.shape)
         ctx.save_for_backward(h, weight)
         ctx.eps = eps
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None
-        return y.view(*x.shape[:-1], y.shape[-1]), h
+        return shaped_output(y, (*x.shape[:-1], y.shape[-1])), h
 
     @staticmethod
     def backward(ctx, grad_y, grad_h):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
-from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
+from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad, shaped_output
 from collider_kernels import gathered_weight_grad, swiglu_backward, swiglu_forward
 
 
@@ -33,7 +33,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         y = torch.nn.functional.linear(act, w_down, b_down)  # (M, H)
         ctx.save_for_backward(x, w_gate, w_up, w_down, gu)
         ctx.has_bias = b_gate is not None, b_down is not None
-        return y.view(x.shape)
+        return shaped_output(y, x.shape)
 
     @staticmethod
     def backward(ctx, grad):
