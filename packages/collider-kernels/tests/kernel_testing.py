@@ -265,3 +265,11 @@ def doc_starts(B: int, T: int, docs: int, gen: torch.Generator) -> torch.Tensor:
         boundary[b, cuts] = True
     boundary[:, 0] = True
     return torch.where(boundary, t, 0).cummax(1).values
+
+
+def assert_each_raises(cases) -> None:
+    """Each ``(fn, exception type, message pattern)`` of ``cases``: calling ``fn`` raises that
+    exception with a message matching the pattern (the bad-input tests of the ops)."""
+    for fn, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            fn()

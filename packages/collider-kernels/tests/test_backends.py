@@ -1,6 +1,8 @@
 """The backend registry: listing, ``auto`` order and fallback, explicit backends that cannot take a
 call. Listings take device names only, so the CUDA rules are checked without a GPU."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -144,3 +146,11 @@ def test_triton_backend_is_registered_for_every_op():
     if torch.cuda.is_available() and "cupy" in backends._REGISTRY["gather_matmul"]:
         for op in ("gather_matmul", "gathered_weight_grad", "scatter_add_rows"):
             assert "cupy" in ck.available_backends(op, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", [op for op in OPS if backends._order(op, "cuda")[0] == "triton"])
+def test_gpu_auto_picks_triton_where_it_comes_first(op):
+    """On a GPU, ``auto`` resolves every op whose CUDA order starts with Triton to its Triton kernel."""
+    impl = getattr(importlib.import_module(f"collider_kernels.triton.{op}"), f"{op}_triton")
+    assert backends.resolve_backend(op, "auto", "cuda") is impl

@@ -23,7 +23,7 @@ from kernel_testing import (
 )
 
 import collider_kernels as ck
-from collider_kernels import backends, reference
+from collider_kernels import reference
 
 needs_triton = triton_only("cross_entropy_backward")
 
@@ -144,13 +144,6 @@ def test_bad_inputs_name_the_argument():
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match):
             fn()
-
-
-@pytest.mark.gpu
-def test_gpu_auto_picks_triton():
-    from collider_kernels.triton.cross_entropy_backward import cross_entropy_backward_triton
-
-    assert backends.resolve_backend("cross_entropy_backward", "auto", "cuda") is cross_entropy_backward_triton
 
 
 @pytest.mark.gpu

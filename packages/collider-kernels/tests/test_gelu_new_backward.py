@@ -10,7 +10,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import DEVICE, GPU_DTYPES, check_gelu, gelu_case, nan_outputs, poison_cuda_allocator, triton_only
+from kernel_testing import (
+    DEVICE,
+    GPU_DTYPES,
+    assert_each_raises,
+    check_gelu,
+    gelu_case,
+    nan_outputs,
+    poison_cuda_allocator,
+    triton_only,
+)
 from kernel_testing import INDEX_KINDS as KINDS
 
 import collider_kernels as ck
@@ -88,9 +97,7 @@ def test_bad_inputs_name_the_argument():
         (lambda: ck.gelu_new_backward(g, a, idx.float()), TypeError, "index"),
         (lambda: ck.gelu_new_backward(g, a, idx, backend="cupy"), RuntimeError, "cupy"),
     ]
-    for fn, exc, name in cases:
-        with pytest.raises(exc, match=name):
-            fn()
+    assert_each_raises(cases)
     ck.gelu_new_backward(g, a, idx, validate=False)  # validate=False: no range check
 
 

@@ -12,7 +12,16 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import DEVICE, GPU_DTYPES, check_ln, nan_outputs, norm_case, poison_cuda_allocator, triton_only
+from kernel_testing import (
+    DEVICE,
+    GPU_DTYPES,
+    assert_each_raises,
+    check_ln,
+    nan_outputs,
+    norm_case,
+    poison_cuda_allocator,
+    triton_only,
+)
 from kernel_testing import INDEX_KINDS as KINDS
 
 import collider_kernels as ck
@@ -74,9 +83,7 @@ def test_bad_inputs_name_the_argument():
         (lambda: ck.layer_norm_backward(g, a, w, 1e-5, idx[:, None]), ValueError, "index"),
         (lambda: ck.layer_norm_backward(g, a, w, 1e-5, idx, backend="nope"), ValueError, "backend"),
     ]
-    for fn, exc, name in cases:
-        with pytest.raises(exc, match=name):
-            fn()
+    assert_each_raises(cases)
     ck.layer_norm_backward(g, a, torch.randn(8), 1e-5, idx, validate=False)  # no range check
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from kernel_testing import DEVICE, GPU_DTYPES, nan_outputs, poison_cuda_allocator, rotary_case, triton_only
 
 import collider_kernels as ck
-from collider_kernels import backends, reference
+from collider_kernels import reference
 
 needs_triton = triton_only("rotary_forward")
 
@@ -121,13 +121,6 @@ def test_bad_inputs_name_the_argument():
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match):
             fn()
-
-
-@pytest.mark.gpu
-def test_gpu_auto_picks_triton():
-    from collider_kernels.triton.rotary_forward import rotary_forward_triton
-
-    assert backends.resolve_backend("rotary_forward", "auto", "cuda") is rotary_forward_triton
 
 
 @pytest.mark.gpu

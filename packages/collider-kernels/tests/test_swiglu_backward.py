@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from kernel_testing import (
     DEVICE,
     GPU_DTYPES,
+    assert_each_raises,
     check_swiglu,
     nan_outputs,
     poison_cuda_allocator,
@@ -22,7 +23,7 @@ from kernel_testing import (
 from kernel_testing import INDEX_KINDS as KINDS
 
 import collider_kernels as ck
-from collider_kernels import backends, reference
+from collider_kernels import reference
 
 needs_triton = triton_only("swiglu_backward")
 widths, row_counts = st.integers(1, 300), st.integers(1, 40)
@@ -108,17 +109,8 @@ def test_bad_inputs_name_the_argument():
         (lambda: ck.swiglu_backward(torch.randn(2, 8), a, b, idx.float()), TypeError, "index"),
         (lambda: ck.swiglu_backward(torch.randn(2, 8), a, b, idx, backend="nope"), ValueError, "backend"),
     ]
-    for fn, exc, name in cases:
-        with pytest.raises(exc, match=name):
-            fn()
+    assert_each_raises(cases)
     ck.swiglu_backward(torch.randn(2, 8), a, a, idx, validate=False)  # validate=False: no range check
-
-
-@pytest.mark.gpu
-def test_gpu_auto_picks_triton():
-    from collider_kernels.triton.swiglu_backward import swiglu_backward_triton
-
-    assert backends.resolve_backend("swiglu_backward", "auto", "cuda") is swiglu_backward_triton
 
 
 @pytest.mark.gpu

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from kernel_testing import (
     DEVICE,
     GPU_DTYPES,
+    assert_each_raises,
     assert_rule,
     mismatch_share,
     nan_outputs,
@@ -25,7 +26,7 @@ from kernel_testing import (
 )
 
 import collider_kernels as ck
-from collider_kernels import backends, reference
+from collider_kernels import reference
 
 needs_triton = triton_only("swiglu_forward")
 
@@ -115,16 +116,7 @@ def test_bad_inputs_name_the_argument():
         (lambda: ck.swiglu_forward(a.int(), a), TypeError, "gate"),
         (lambda: ck.swiglu_forward(a, a, backend="nope"), ValueError, "backend"),
     ]
-    for fn, exc, name in cases:
-        with pytest.raises(exc, match=name):
-            fn()
-
-
-@pytest.mark.gpu
-def test_gpu_auto_picks_triton():
-    from collider_kernels.triton.swiglu_forward import swiglu_forward_triton
-
-    assert backends.resolve_backend("swiglu_forward", "auto", "cuda") is swiglu_forward_triton
+    assert_each_raises(cases)
 
 
 @pytest.mark.gpu
