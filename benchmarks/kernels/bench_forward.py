@@ -25,13 +25,11 @@ Usage: ``python benchmarks/kernels/bench_forward.py [--out STEM] [--dtype bf16|f
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 
 import torch
-from common import TOKENS, best_config, environment, max_rel_diff, save_results, time_configs
+from common import DTYPES, TOKENS, environment, max_rel_diff, row_bench_parser, save_results, sweep_lines, time_configs
 
 import collider_kernels as ck
 from collider_kernels.timing import median_ms
@@ -44,7 +42,6 @@ MODELS = {
     "Qwen2.5-1.5B": {"hidden": 1536, "inter": 8960, "heads": (12, 2, 128, 128), "vocab": 151936, "eps": 1e-6},
     "Phi-1.5": {"hidden": 2048, "inter": None, "heads": (32, 32, 64, 32), "vocab": 51200, "eps": None},
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OPS = ("rms_norm_forward", "swiglu_forward", "swiglu_backward", "rotary_forward", "cross_entropy_forward",
        "cross_entropy_backward")
 SWEEPS = {
@@ -213,28 +210,16 @@ def write_md(path, meta, rows):
         lines += ["", f"swiglu_backward: Triton with_output=True vs without ({key}):", ""]
         lines += [f"- {r['model']}: {r['triton'][key]:.3f} ms vs {r['triton_without_output'][key]:.3f} ms"
                   for r in extra]
-    swept = [r for r in rows if r.get("sweep")]
-    if swept:
-        lines += ["", f"## Triton configurations ({key})", "", "| op | model | shape | default | best | best config |",
-                  "|---|---|---|---|---|---|"]
-        for r in swept:
-            best = best_config(r["sweep"])
-            if best:
-                lines.append(f"| {r['op']} | {r['model']} | {r['shape']} | {r['triton'][key]:.3f} | {best['ms']:.3f} "
-                             f"| {best['config']} |")
+    labels = [("op", lambda r: r["op"]), ("model", lambda r: r["model"]), ("shape", lambda r: str(r["shape"]))]
+    lines += sweep_lines(rows, f"Triton configurations ({key})", labels, lambda r: r["triton"][key])
     lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results", "forward_h200"),
-                    help="output path stem: writes STEM.json and STEM.md")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap = row_bench_parser(__doc__.splitlines()[0], "forward_h200", budget_s=120.0)
     ap.add_argument("--no-graph", action="store_true", help="eager timing only (no CUDA-graph device time)")
-    ap.add_argument("--sweep", action="store_true", help="also time alternative Triton block configurations")
-    ap.add_argument("--budget-s", type=float, default=120.0, help="stop the sweep after this many seconds")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_forward.py needs a CUDA GPU")

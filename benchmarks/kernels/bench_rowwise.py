@@ -16,13 +16,11 @@ Usage: ``python benchmarks/kernels/bench_rowwise.py [--out STEM] [--dtype bf16|f
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import time
 
 import torch
-from common import best_config, environment, max_rel_diff, save_results, time_configs
+from common import DTYPES, environment, max_rel_diff, row_bench_parser, save_results, sweep_lines, time_configs
 
 import collider_kernels as ck
 from collider_kernels.timing import median_ms
@@ -48,7 +46,6 @@ SEQ = 2048
 # Public op of each benchmarked name (the keys of ``meta["auto_backends"]``).
 OPS = {"rms_norm": "rms_norm_backward", "swiglu": "swiglu_backward", "layer_norm": "layer_norm_backward",
        "gelu_new": "gelu_new_backward", "rotary": "rotary_backward"}
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RMS_SWEEP = [
     {"block_r": r, "num_warps": w, "programs_per_sm": p} for r in (1, 2, 4) for w in (4, 8) for p in (4, 16)
 ]
@@ -172,27 +169,15 @@ def write_md(path, meta, rows):
             f"| {r['triton']['ms']:.3f} | {r['speedup']:.2f} | {r['triton']['gb_per_s']:.0f} "
             f"| {r['triton']['max_rel_diff_vs_torch']:.1e} |"
         )
-    swept = [r for r in rows if r.get("sweep")]
-    if swept:
-        lines += ["", "## Triton configurations at keep 0.6 (ms)", "", "| op | width | default | best | best config |",
-                  "|---|---|---|---|---|"]
-        for r in swept:
-            best = best_config(r["sweep"])
-            if best:
-                lines.append(f"| {r['op']} | {r['width']} | {r['triton']['ms']:.3f} | {best['ms']:.3f} "
-                             f"| {best['config']} |")
+    lines += sweep_lines(rows, "Triton configurations at keep 0.6 (ms)",
+                         [("op", lambda r: r["op"]), ("width", lambda r: str(r["width"]))], lambda r: r["triton"]["ms"])
     lines.append("")
     with open(path, "w") as f:
         f.write("\n".join(lines))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results", "rowwise_h200"),
-                    help="output path stem: writes STEM.json and STEM.md")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    ap.add_argument("--sweep", action="store_true", help="also time alternative Triton block configurations")
-    ap.add_argument("--budget-s", type=float, default=50.0, help="stop the sweep after this many seconds")
+    ap = row_bench_parser(__doc__.splitlines()[0], "rowwise_h200", budget_s=50.0)
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_rowwise.py needs a CUDA GPU")

@@ -49,6 +49,39 @@ def best_config(results: list[dict]) -> dict | None:
     return min((r for r in results if "ms" in r), key=lambda r: r["ms"], default=None)
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def row_bench_parser(description: str, default_stem: str, budget_s: float):
+    """The arguments the row-wise kernel benchmarks share: ``--out`` (results stem under
+    ``benchmarks/results``), ``--dtype``, ``--sweep`` and its ``--budget-s``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results", default_stem),
+                    help="output path stem: writes STEM.json and STEM.md")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--sweep", action="store_true", help="also time alternative Triton block configurations")
+    ap.add_argument("--budget-s", type=float, default=budget_s, help="stop the sweep after this many seconds")
+    return ap
+
+
+def sweep_lines(rows: list[dict], title: str, labels, default_ms) -> list[str]:
+    """Markdown table of the rows that carry a ``sweep``: the ``labels`` columns ((header, row ->
+    text) pairs), the default configuration's ms (``default_ms(row)``), the best ms and config."""
+    swept = [r for r in rows if r.get("sweep")]
+    if not swept:
+        return []
+    heads = [h for h, _ in labels] + ["default", "best", "best config"]
+    lines = ["", f"## {title}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for r in swept:
+        best = best_config(r["sweep"])
+        if best:
+            cells = [f(r) for _, f in labels] + [f"{default_ms(r):.3f}", f"{best['ms']:.3f}", str(best["config"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def environment(dtype: str, rows: int, ops) -> dict:
     """The run's GPU, versions, date, dtype, row count and ``auto`` backend of each op."""
     import triton
