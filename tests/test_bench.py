@@ -72,3 +72,31 @@ def test_kernel_names_map_to_op_kinds(name, kind):
     from collider_models.cli.op_breakdown import kind_of
 
     assert kind_of(name) == kind
+
+
+def test_full_step_on_cpu_selects_the_share_and_times_the_optimizer(tmp_path):
+    stem = tmp_path / "bench"
+    rc = bench_main(["--device", "cpu", "--warmup", "0", "--repeats", "1", "--no-ideal", "--full-step",
+                     "--keep", "0.5", "--out", str(stem)])
+    assert rc == 0
+    (row,) = json.loads(stem.with_suffix(".json").read_text())["results"]
+    assert row["full_step"] and row["keep_fraction"] == 0.5
+    for mode in ("masked", "collider"):
+        assert row[mode]["optimizer_ms"] > 0 and row[mode]["step_ms"] > row[mode]["fwd_bwd_ms"]
+
+
+def test_full_step_losses_agree_between_modes():
+    """The sync-free Collider loss (kept count planned before the forward) equals the masked loss
+    over the same top-k selection."""
+    import torch
+
+    import collider_models
+    from collider_models.cli.bench import _forward_loss, _inputs
+
+    torch.manual_seed(0)
+    model = collider_models.from_preset("tinyllama-tiny").double()
+    ids, labels, keep = _inputs(model.config.vocab_size, 2, 24, 0.5, seed=3, device="cpu")
+    for share in (0.3, 0.49, 1.0):  # 0.49 of 48 positions rounds up
+        collider = _forward_loss(model, ids, labels, keep, "collider", share)
+        masked = _forward_loss(model, ids, labels, keep, "masked", share)
+        torch.testing.assert_close(collider, masked, rtol=1e-12, atol=1e-12)
