@@ -190,12 +190,8 @@ class DecoderModel(nn.Module):
             x, pending = layer(x, cos, sin, cache, i, lay.key_start, pending=pending, defer=True)
         if cache is not None:
             cache.length += T
-        norm = getattr(self, self.final_norm_name)
-        if pending is None:
-            return norm(x)
-        if isinstance(norm, RMSNorm):
-            return norm(pending, residual=x)[0]
-        return norm(x + pending)
+        norm = getattr(self, self.final_norm_name)  # pending only comes from RMSNorm layers (fuses_adds)
+        return norm(x) if pending is None else norm(pending, residual=x)[0]
 
 
 @dataclass

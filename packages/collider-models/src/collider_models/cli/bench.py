@@ -97,13 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _forward_loss(model, ids, labels, keep, mode: str, select: float | None = None):
     """Forward + per-token loss (+ top-k selection of ``select`` of the tokens) + the mode's loss."""
-    from collider_autograd import filtered_mean, select_top_k
+    from collider_autograd import filtered_mean, select_top_k, top_k_counts
 
     if mode == "liger":  # the fused loss needs the kept set before the forward (module docstring)
         return baselines.liger_loss(model, ids, labels, keep)
     # The kept count is known before the forward (top-k fixes it), so, as in the training step,
     # neither the selection nor filtered_mean waits on the device between forward and backward.
-    kept = round(select * keep.numel()) if select is not None else None
+    # Every position is valid here (random labels), counted on the host: no device work.
+    kept = None if select is None else int(top_k_counts(torch.ones(keep.shape, dtype=torch.bool), select))
     token_loss = baselines.hf_token_loss(model, ids, labels) if mode == "hf" else model.token_loss(ids, labels)
     if select is not None:
         keep = select_top_k(token_loss.detach(), select, validate=False)
