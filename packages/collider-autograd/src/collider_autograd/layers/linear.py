@@ -51,18 +51,19 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        grad = layer_grad(grad, 1)
-        x2d = x.reshape(-1, x.shape[-1])  # (M, in)
         need_x, need_w, need_b = ctx.needs_input_grad
-        g, index = grad_rows(grad, (weight.shape[0],))  # (n, out) kept rows, or all M rows
-        dx = dw = db = None
-        if need_x:
-            dx = input_grad(grad, g @ weight, x.shape)  # (n, in) rows
-        if need_w:  # a frozen weight (requires_grad=False) costs no GEMM
-            dw = gathered_weight_grad(g, x2d if index is None else _kept_rows(x2d, index), None)  # (out, in)
-        if need_b and ctx.has_bias:
-            db = g.sum(0)
-        return dx, dw, db
+        return linear_grads(layer_grad(grad, 1), x, weight, need_x, need_w, need_b and ctx.has_bias)
+
+
+def linear_grads(grad, x, weight, need_x: bool, need_w: bool, need_b: bool):
+    """``(dx, dweight, dbias)`` of ``y = x @ Wᵀ + b`` for the output gradient ``grad`` (dense, or
+    sparse: kept rows only); ``None`` where not needed (a frozen weight costs no GEMM)."""
+    x2d = x.reshape(-1, x.shape[-1])  # (M, in)
+    g, index = grad_rows(grad, (weight.shape[0],))  # (n, out) kept rows, or all M rows
+    dx = input_grad(grad, g @ weight, x.shape) if need_x else None  # (n, in) rows
+    dw = gathered_weight_grad(g, x2d if index is None else _kept_rows(x2d, index), None) if need_w else None
+    db = g.sum(0) if need_b else None
+    return dx, dw, db
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

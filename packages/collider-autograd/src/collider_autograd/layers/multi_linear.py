@@ -16,7 +16,7 @@ from torch import nn
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
 from collider_autograd.layers._rows import grad_rows, input_grad, is_partial, layer_grad, same_rows
-from collider_autograd.layers.linear import _kept_rows, linear
+from collider_autograd.layers.linear import _kept_rows, linear, linear_grads
 from collider_kernels import gathered_weight_grad
 
 
@@ -73,19 +73,14 @@ class MultiLinearFunction(torch.autograd.Function):
     def _separately(ctx, x, weights, grads):
         """``(dx, dws, dbs)`` as k separate linear layers would give them (dx summed)."""
         k = ctx.k
-        x2d = x.reshape(-1, x.shape[-1])
         dx, dws, dbs = None, [None] * k, [None] * k
         for i, (g, w) in enumerate(zip(grads, weights, strict=True)):
             if g is None:
                 continue
-            r, index = grad_rows(g, (w.shape[0],))
-            if ctx.needs_input_grad[0]:
-                part = input_grad(g, r @ w, x.shape)
+            part, dws[i], dbs[i] = linear_grads(g, x, w, ctx.needs_input_grad[0], ctx.needs_input_grad[2 + i],
+                                                ctx.has_bias and ctx.needs_input_grad[2 + k + i])
+            if part is not None:
                 dx = part if dx is None else dx + part
-            if ctx.needs_input_grad[2 + i]:
-                dws[i] = gathered_weight_grad(r, x2d if index is None else _kept_rows(x2d, index), None)
-            if ctx.has_bias and ctx.needs_input_grad[2 + k + i]:
-                dbs[i] = r.sum(0)
         return dx, dws, dbs
 
 
