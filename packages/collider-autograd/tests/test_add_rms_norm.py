@@ -3,6 +3,7 @@ gradient, dense and sparse (shared kept rows, different kept rows, one output un
 
 import pytest
 import torch
+from autograd_testing import assert_all_close, kept_index, outputs_and_grads, sparse_grad
 
 from collider_autograd import RMSNorm, TokenSparseTensor, add_rms_norm, rms_norm
 
@@ -23,20 +24,15 @@ def _unfused(x, r, w):
 
 
 def _sparse(gen, index):
-    return TokenSparseTensor(torch.randn(index.numel(), H, generator=gen, dtype=torch.float64), index, (B, T))
+    return sparse_grad(gen, index, (B, T), H)
 
 
 def _index(gen, share):
-    return (torch.rand(B * T, generator=gen) < share).nonzero().squeeze(1)
+    return kept_index(gen, B * T, share)
 
 
 def _run(fn, leaves, grads):
-    for t in leaves:
-        t.grad = None
-    outs = fn(*leaves)
-    used = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
-    torch.autograd.backward([o for o, _ in used], [g for _, g in used])
-    return [o.detach() for o in outs] + [None if t.grad is None else t.grad.clone() for t in leaves]
+    return outputs_and_grads(fn(*leaves), leaves, grads)
 
 
 def _grads(kind, gen):
@@ -58,12 +54,7 @@ def test_equals_add_then_norm(kind):
     leaves = _leaves(gen)
     grads = _grads(kind, gen)
     want = _run(_unfused, leaves, grads)
-    got = _run(lambda x, r, w: add_rms_norm(x, r, w, EPS), leaves, grads)
-    for g, w in zip(got, want, strict=True):
-        if w is None:
-            assert g is None
-        else:
-            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert_all_close(_run(lambda x, r, w: add_rms_norm(x, r, w, EPS), leaves, grads), want)
 
 
 def test_sparse_gradient_keeps_its_rows():
@@ -86,8 +77,8 @@ def test_different_kept_rows_behave_as_the_unfused_sum():
     grads = [_sparse(gen, _index(gen, 0.5)), _sparse(gen, _index(gen, 0.5))]
     want = _run(_unfused, leaves, grads)
     got = _run(lambda x, r, w: add_rms_norm(x, r, w, EPS), leaves, grads)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert all(w is not None for w in want)
+    assert_all_close(got, want)
 
 
 def test_frozen_weight_and_module_form():

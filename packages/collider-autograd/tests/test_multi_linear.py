@@ -3,6 +3,7 @@ sparse (shared kept rows, different kept rows, an unused output), with and witho
 
 import pytest
 import torch
+from autograd_testing import assert_all_close, kept_index, outputs_and_grads, sparse_grad
 
 from collider_autograd import SparseGradientError, TokenSparseTensor, allow_densify, linear, multi_linear
 
@@ -17,22 +18,16 @@ def _params(gen, bias, dtype=torch.float64):
 
 
 def _sparse(gen, index, width):
-    values = torch.randn(index.numel(), width, generator=gen, dtype=torch.float64)
-    return TokenSparseTensor(values, index, (B, T))
+    return sparse_grad(gen, index, (B, T), width)
 
 
 def _index(gen, share):
-    return (torch.rand(B * T, generator=gen) < share).nonzero().squeeze(1)
+    return kept_index(gen, B * T, share)
 
 
 def _grads(fn, x, ws, bs, grads):
     leaves = [t for t in [x, *ws, *bs] if t is not None]
-    for t in leaves:
-        t.grad = None
-    outs = fn(x, ws, bs)
-    used = [(o, g) for o, g in zip(outs, grads, strict=True) if g is not None]
-    torch.autograd.backward([o for o, _ in used], [g for _, g in used])
-    return [o.detach() for o in outs], [None if t.grad is None else t.grad.clone() for t in leaves]
+    return outputs_and_grads(fn(x, ws, bs), leaves, grads)
 
 
 def _separate(x, ws, bs):
@@ -63,13 +58,8 @@ def test_equals_separate_linear_layers(bias, kind):
     x = torch.randn(B, T, H, generator=gen, dtype=torch.float64, requires_grad=True)
     ws, bs = _params(gen, bias)
     grads = _case(kind, gen)
-    y_ref, g_ref = _grads(_separate, x, ws, bs, grads)
-    y, g = _grads(lambda x, ws, bs: multi_linear(x, ws, bs), x, ws, bs, grads)
-    for got, want in zip(y + g, y_ref + g_ref, strict=True):
-        if want is None:
-            assert got is None
-        else:
-            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    want = _grads(_separate, x, ws, bs, grads)
+    assert_all_close(_grads(lambda x, ws, bs: multi_linear(x, ws, bs), x, ws, bs, grads), want)
 
 
 def test_sparse_meeting_dense_raises_as_separate_layers_do():
@@ -81,10 +71,9 @@ def test_sparse_meeting_dense_raises_as_separate_layers_do():
         with pytest.raises(SparseGradientError, match="meets a dense gradient"):
             _grads(fn, x, ws, bs, grads)
     with allow_densify():  # the plain gradient of the sum, as the separate layers give it
-        y_ref, g_ref = _grads(_separate, x, ws, bs, grads)
-        y, g = _grads(lambda x, ws, bs: multi_linear(x, ws, bs), x, ws, bs, grads)
-    for got, want in zip(y + g, y_ref + g_ref, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        want = _grads(_separate, x, ws, bs, grads)
+        got = _grads(lambda x, ws, bs: multi_linear(x, ws, bs), x, ws, bs, grads)
+    assert_all_close(got, want)
 
 
 def test_sparse_input_gradient_keeps_the_rows():
