@@ -30,9 +30,10 @@ import json
 import math
 import os
 import sys
+import time
 
 import torch
-from common import max_rel_diff
+from common import max_rel_diff, time_configs
 
 MODELS = {
     "TinyLlama-1.1B": (32, 4, 64),
@@ -40,6 +41,28 @@ MODELS = {
     "Phi-1.5": (32, 32, 64),
 }
 KEEPS = (1.0, 0.8, 0.6, 0.4)
+
+# --sweep: (block, block, num_warps, num_stages) of each pass per head-dim class, tried beyond the
+# tuned candidates; dK/dV blocks are (BLOCK_N keys, BLOCK_M queries), dQ blocks (BLOCK_M, BLOCK_N).
+SWEEP = {
+    "dkdv": {
+        64: [(bn, bm, w, st) for bn, bm, w in ((128, 32, 4), (128, 32, 8), (128, 64, 8), (64, 64, 4),
+                                              (64, 32, 4), (128, 16, 4), (64, 16, 4), (128, 128, 8),
+                                              (256, 32, 8), (64, 64, 8), (32, 32, 4))
+             for st in (2, 3, 4)],
+        128: [(bn, bm, w, st) for bn, bm, w in ((128, 32, 8), (64, 64, 4), (64, 32, 4), (128, 64, 8),
+                                               (64, 16, 4), (32, 32, 4), (128, 16, 8), (64, 64, 8))
+              for st in (2, 3, 4)],
+    },
+    "dq": {
+        64: [(bm, bn, w, st) for bm, bn, w in ((128, 32, 4), (128, 64, 8), (64, 64, 4), (128, 64, 4),
+                                              (128, 128, 8), (64, 32, 4))
+             for st in (2, 3, 4)],
+        128: [(bm, bn, w, st) for bm, bn, w in ((128, 32, 8), (64, 64, 4), (128, 64, 8), (64, 32, 4),
+                                               (128, 32, 4))
+              for st in (2, 3, 4)],
+    },
+}
 
 
 def _make_inputs(B, T, Hq, Hkv, D, dtype, device, gen):
@@ -116,6 +139,16 @@ def _kernel_breakdown(fn):
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:8])
 
 
+def _sweep(run, D: int, deadline: float) -> dict:
+    """Time ``run(blocks={pass: config})`` over :data:`SWEEP`'s configurations of each pass."""
+    return {
+        which: time_configs(SWEEP[which][64 if D <= 64 else 128],
+                            lambda cfg, which=which: functools.partial(run, blocks={which: cfg}),
+                            deadline, lambda m: print(m, flush=True))
+        for which in ("dkdv", "dq")
+    }
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default="benchmarks/results")
@@ -130,6 +163,9 @@ def main(argv=None):
     ap.add_argument("--check", action="store_true", help="compare with the torch backend (fp32 math)")
     ap.add_argument("--profile", action="store_true", help="per-kernel times from the torch profiler")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the script's logic")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time each pass over the configurations of SWEEP (the other pass tuned)")
+    ap.add_argument("--budget-s", type=float, default=1200.0, help="stop sweeping after this many seconds")
     args = ap.parse_args(argv)
 
     from collider_kernels import masked_attention_backward, sequence_offsets, tuning
@@ -143,6 +179,7 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(0)
     rows, meta = [], {}
     default_strategy = tab.DQ_STRATEGY
+    deadline = time.time() + args.budget_s
     for model in args.models:
         Hq, Hkv, D = MODELS[model]
         scale = 1.0 / math.sqrt(D)
@@ -196,6 +233,10 @@ def main(argv=None):
                         row.setdefault("configs", {})[name] = str(list(chosen.values()))
                 if args.profile and device == "cuda":
                     row["kernels_ms"] = _kernel_breakdown(ours)
+                if args.sweep and device == "cuda":
+                    run = functools.partial(tab.masked_attention_backward_triton, q, k, v, out, lse, grad, index,
+                                            offsets, scale, dq_strategy=strat, dkdv_split=split, compact_q=compact)
+                    row["sweep"] = _sweep(run, D, deadline)
                 rows.append(row)
                 print(f"  keep {keep:.1f} {strat:9s} split {used_split} compact {int(used_compact)} "
                       f"{ms:8.3f} ms  x{ms / base_ms:.3f}  "

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_testing import DEVICE, GPU_DTYPES, only_gemm_family, poison_cuda_allocator, triton_only
+from kernel_testing import DEVICE, GPU_DTYPES, make_index, only_gemm_family, poison_cuda_allocator, rand, triton_only
 
 import collider_kernels as ck
 from collider_kernels import reference, tuning
@@ -205,6 +205,27 @@ def test_gpu_triton(kc, dtype, shape, out_dtype):
     poison_cuda_allocator()
     kc.weight_grad("triton", M=M, K=K, N=N, n=n, kind="sorted_subset", row_pad=8, dtype=dtype,
                    device="cuda", seed=K, out_dtype=out_dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_gpu_torch_accumulates_unrounded(dtype):
+    """Adding into an fp32 buffer on CUDA, the torch backend adds the fp32 product (one GEMM with an
+    fp32 output) in place: no larger error than an fp32 reference's rounding, far below a product
+    rounded to the inputs' dtype first."""
+    gen = torch.Generator().manual_seed(3)
+    M, K, N, n = 3000, 384, 1000, 2100
+    x = rand(M, K, dtype, "cuda", gen)
+    g = rand(n, N, dtype, "cuda", gen)
+    idx = make_index("sorted_subset", M, n, gen, "cuda")
+    init = torch.randn(N, K, generator=gen).cuda()
+    ref = init.double() + g.double().t() @ x[idx].double()
+    buf = init.clone()
+    assert ck.gathered_weight_grad(g, x, idx, out=buf, backend="torch") is buf
+    err = (buf.double() - ref).abs().max().item()
+    rounded = (init + (g.t() @ x[idx]).float()).double()  # the product rounded to dtype, then added
+    assert err < 1e-3 * ref.abs().max().item(), err
+    assert err < 0.25 * (rounded - ref).abs().max().item()
 
 
 @pytest.mark.gpu

@@ -616,6 +616,19 @@ def test_gpu_bf16_split_and_compact_q(split, compact):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("D,group", [(64, 8), (128, 6)])
+def test_gpu_every_tuning_candidate(D, group):
+    """Each configuration the tuner may pick, of either pass, obeys the bf16 rule (the GPU suite
+    runs the untuned defaults otherwise); packed documents exercise the masked steps too."""
+    case = Case(2, 700, group, 1, D, ("scattered", "runs"), torch.bfloat16, seed=D, truth=torch.float32, docs=3)
+    torch_res = _masked_attention_backward_torch(*case.args())
+    for which, cands in (("dkdv", tab.dkdv_candidates(D)), ("dq", tab.dq_candidates(D))):
+        for meta in cands:
+            blocks = tuple(meta[k] for k in tab._NAMES[which]) + (meta["num_warps"], meta["num_stages"])
+            assert_rule(case.run("separate", blocks={which: blocks}), case.ref, torch_res, f"{which} {blocks}")
+
+
+@pytest.mark.gpu
 def test_gpu_fp32_exact():
     case = Case(2, 300, 8, 2, 64, ("scattered", "runs"), torch.float32, seed=21)
     for strategy in STRATEGIES:

@@ -29,9 +29,9 @@ def gathered_weight_grad(
         x: (M, K) layer inputs; row ``index[i]`` pairs with ``grad_out[i]``.
         index: (n,) rows of ``x``, or ``None`` when ``x`` already holds the n rows.
         out: optional (N, K) buffer to accumulate into (``out += dYᵀ X[index]``), typically
-            an fp32 gradient-accumulation buffer; it is returned. Each call's product is
-            accumulated in fp32 and rounded once to the inputs' dtype before the sum (torch
-            backend).
+            an fp32 gradient-accumulation buffer; it is returned. The product is accumulated in
+            fp32 and added to ``out`` unrounded (torch backend on CPU: rounded once to the inputs'
+            dtype before the sum).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cupy"``.
         validate: check that ``index`` lies in range (costs a device sync on CUDA).
 
@@ -66,6 +66,10 @@ def _gathered_weight_grad_torch(grad_out, x, index, out):
         return grad_out.t() @ rows  # (N, K)
     if out.dtype == grad_out.dtype:
         return out.addmm_(grad_out.t(), rows)
+    if out.is_cuda and out.dtype == torch.float32 and grad_out.dtype in (torch.float16, torch.bfloat16):
+        # One GEMM whose epilogue adds the fp32 product into ``out`` (no rounded (N, K) temporary,
+        # no separate pass over ``out``: an LM head accumulating over row chunks reads it once per chunk).
+        return torch.addmm(out, grad_out.t(), rows, out_dtype=torch.float32, out=out)
     # Wider buffer (e.g. fp32 for bf16 inputs): the product runs on the inputs' dtype (tensor
     # cores, fp32 accumulation inside the GEMM); only the sum into ``out`` is in its dtype.
     return out.add_(grad_out.t() @ rows)
