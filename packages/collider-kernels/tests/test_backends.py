@@ -152,5 +152,7 @@ def test_triton_backend_is_registered_for_every_op():
 @pytest.mark.parametrize("op", [op for op in OPS if backends._order(op, "cuda")[0] == "triton"])
 def test_gpu_auto_picks_triton_where_it_comes_first(op):
     """On a GPU, ``auto`` resolves every op whose CUDA order starts with Triton to its Triton kernel."""
-    impl = getattr(importlib.import_module(f"collider_kernels.triton.{op}"), f"{op}_triton")
-    assert backends.resolve_backend(op, "auto", "cuda") is impl
+    module = importlib.import_module(f"collider_kernels.triton.{op}")
+    registered = backends.resolve_backend(op, "triton", "cuda")
+    assert registered.__module__ == module.__name__
+    assert backends.resolve_backend(op, "auto", "cuda") is registered
