@@ -144,7 +144,7 @@ def sweep_configs(op, args, eps, idx, deadline, log) -> list[dict]:
         if op == "layer_norm":
             return lambda: layer_norm_backward.launch_layer_norm_backward(*args, eps, idx, cfg)
         if op == "gelu_new":
-            return lambda: gelu_new_backward.launch_gelu_new_backward(*args, idx, cfg)
+            return lambda: gelu_new_backward.launch_gelu_new_backward(*args, idx, cfg=cfg)
         return lambda: swiglu_backward.launch_swiglu_backward(*args, idx, cfg=cfg)
 
     configs = RMS_SWEEP if op in ("rms_norm", "layer_norm") else SWIGLU_SWEEP

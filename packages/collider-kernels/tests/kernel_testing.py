@@ -228,7 +228,7 @@ def assert_rule(out, ref32, torch_out, *, atol: float, what: str, same_dtype: bo
 def small_atol(dtype, ref32, depth: int = 1) -> float:
     """Small absolute slack: relative to the result scale and the reduction depth. fp32 allows a
     few ulp (GPU fast-math exp in activations)."""
-    eps = {torch.float32: 4e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    eps = {torch.float64: 1e-14, torch.float32: 4e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     scale = ref32.abs().max().item() if ref32.numel() else 1.0
     return 0.1 * eps * (1.0 + scale) * (1.0 + depth) ** 0.5 + 1e-6
 

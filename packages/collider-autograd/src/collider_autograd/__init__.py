@@ -12,6 +12,7 @@ from collider_autograd.layers import (
     apply_rotary,
     causal_attention,
     embedding,
+    gelu_mlp,
     gelu_new,
     layer_norm,
     linear,
@@ -29,8 +30,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "add_rms_norm", "allow_densify", "apply_rotary", "causal_attention", "densify_allowed", "densify_counts",
-    "embedding", "Embedding", "excess_loss", "filtered_mean", "gelu_new", "layer_norm", "LayerNorm", "Linear",
-    "linear", "linear_cross_entropy", "multi_linear", "reset_densify_counts", "rms_norm", "RMSNorm",
+    "embedding", "Embedding", "excess_loss", "filtered_mean", "gelu_mlp", "gelu_new", "layer_norm", "LayerNorm",
+    "Linear", "linear", "linear_cross_entropy", "multi_linear", "reset_densify_counts", "rms_norm", "RMSNorm",
     "rotary_tables", "select_random", "select_threshold", "select_top_k", "SparseGradientError", "swiglu",
     "swiglu_mlp", "TokenSparseTensor", "top_k_counts",
 ]

@@ -145,14 +145,18 @@ def layer_norm_backward_reference(grad, x, weight, eps, index=None):
     return dx, dweight, dbias
 
 
+def gelu_new_reference(x):
+    """``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x³)))`` (the tanh GELU), elementwise."""
+    return 0.5 * x * (1 + torch.tanh(SQRT_2_OVER_PI * (x + GELU_COEF * x**3)))
+
+
 def gelu_new_backward_reference(grad, x, index=None):
-    """Autograd of ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x³)))`` on the rows ``index``.
+    """Autograd of :func:`gelu_new_reference` on the rows ``index``.
 
     (n, F), (M, F) → dx (n, F).
     """
     rows = (x if index is None else x[index]).detach().requires_grad_()
-    y = 0.5 * rows * (1 + torch.tanh(SQRT_2_OVER_PI * (rows + GELU_COEF * rows**3)))
-    (dx,) = torch.autograd.grad(y, (rows,), grad)
+    (dx,) = torch.autograd.grad(gelu_new_reference(rows), (rows,), grad)
     return dx
 
 

@@ -17,6 +17,7 @@ from collider_autograd import (
     Linear,
     RMSNorm,
     causal_attention,
+    gelu_mlp,
     gelu_new,
     linear_cross_entropy,
     multi_linear,
@@ -115,7 +116,12 @@ class GeluMLP(nn.Module):
         self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(gelu_new(self.fc1(x)))
+        # One fused layer (no saved activation); the Linear modules hold the parameters under
+        # their checkpoint names, and their forwards are not called.
+        fc1, fc2 = self.fc1, self.fc2
+        if not plain_linears(fc1, fc2):
+            return fc2(gelu_new(fc1(x)))
+        return gelu_mlp(x, fc1.weight, fc2.weight, fc1.bias, fc2.bias)
 
 
 class DecoderLayer(nn.Module):

@@ -3,6 +3,7 @@
 from collider_autograd.layers.attention import CausalAttentionFunction, causal_attention
 from collider_autograd.layers.embedding import Embedding, EmbeddingFunction, embedding
 from collider_autograd.layers.gelu import GeluNewFunction, gelu_new
+from collider_autograd.layers.gelu_mlp import GeluMLPFunction, gelu_mlp
 from collider_autograd.layers.layer_norm import LayerNorm, LayerNormFunction, layer_norm
 from collider_autograd.layers.linear import Linear, LinearFunction, linear
 from collider_autograd.layers.linear_cross_entropy import LinearCrossEntropyFunction, linear_cross_entropy
@@ -14,8 +15,9 @@ from collider_autograd.layers.swiglu_mlp import SwiGLUMLPFunction, swiglu_mlp
 
 __all__ = [
     "add_rms_norm", "AddRMSNormFunction", "apply_rotary", "causal_attention", "CausalAttentionFunction",
-    "embedding", "Embedding", "EmbeddingFunction", "gelu_new", "GeluNewFunction", "layer_norm", "LayerNorm",
-    "LayerNormFunction", "Linear", "linear", "linear_cross_entropy", "LinearCrossEntropyFunction", "LinearFunction",
-    "multi_linear", "MultiLinearFunction", "rms_norm", "RMSNorm", "RMSNormFunction", "rotary_tables",
-    "RotaryFunction", "swiglu", "swiglu_mlp", "SwiGLUFunction", "SwiGLUMLPFunction",
+    "embedding", "Embedding", "EmbeddingFunction", "gelu_mlp", "GeluMLPFunction", "gelu_new", "GeluNewFunction",
+    "layer_norm", "LayerNorm", "LayerNormFunction", "Linear", "linear", "linear_cross_entropy",
+    "LinearCrossEntropyFunction", "LinearFunction", "multi_linear", "MultiLinearFunction", "rms_norm", "RMSNorm",
+    "RMSNormFunction", "rotary_tables", "RotaryFunction", "swiglu", "swiglu_mlp", "SwiGLUFunction",
+    "SwiGLUMLPFunction",
 ]
