@@ -105,6 +105,25 @@ def test_unknown_and_unavailable_backends():
         ck.swiglu_backward(torch.randn(2, 4), x, x, idx[:2], backend="cupy")  # no CuPy implementation
 
 
+def test_auto_choice_with_a_per_call_check_is_not_cached(monkeypatch):
+    """auto remembers its choice per (op, device type, dtypes), except where a backend's check of
+    the call's arguments took part: that decision is made on every call."""
+    import dataclasses
+
+    op = "swiglu_backward"
+    impls = backends._REGISTRY[op]
+    verdicts = iter(["too wide", None])
+    first = backends._order(op, "cuda")[0]
+    monkeypatch.setitem(impls, first, dataclasses.replace(impls.get(first, impls["torch"]), devices=("cuda",),
+                                                          check=lambda *a: next(verdicts)))
+    monkeypatch.setattr(backends, "_AUTO_CHOICE", {})
+    dt = (torch.bfloat16,)
+    assert backends.auto_backend(op, "cuda", dt, args=(1,)) != first  # refused by the check
+    assert backends.auto_backend(op, "cuda", dt, args=(1,)) == first  # asked again, and taken
+    assert not backends._AUTO_CHOICE
+    assert backends.auto_backend(op, "cpu", dt) == "torch" and backends._AUTO_CHOICE  # no check: remembered
+
+
 def test_set_auto_backends_restricts_auto_only():
     op = "swiglu_backward"
     assert ck.auto_backend(op, "cpu") == "torch"

@@ -79,6 +79,9 @@ class Implementation:
 _REGISTRY: dict[str, dict[str, Implementation]] = {}
 _OPTIONAL_LOADED = False
 _AUTO_ALLOWED: tuple[str, ...] = BACKENDS  # what backend="auto" may pick (set_auto_backends)
+# (op, device type, dtypes) → the backend "auto" picked, where no call-dependent check took part;
+# cleared when a registration or set_auto_backends changes what auto may pick.
+_AUTO_CHOICE: dict[tuple, str] = {}
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -93,6 +96,7 @@ def register(op: str, backend: str, *, devices=DEVICE_TYPES, dtypes=FLOAT_DTYPES
 
     def deco(fn):
         _REGISTRY.setdefault(op, {})[backend] = Implementation(fn, tuple(devices), tuple(dtypes), check)
+        _AUTO_CHOICE.clear()
         return fn
 
     return deco
@@ -157,6 +161,7 @@ def set_auto_backends(names: tuple[str, ...] | list[str] | None = None) -> tuple
     if unknown or "torch" not in new:
         raise ValueError(f"names must be a subset of {BACKENDS} containing 'torch', got {names!r}")
     previous, _AUTO_ALLOWED = _AUTO_ALLOWED, new
+    _AUTO_CHOICE.clear()
     return previous
 
 
@@ -164,12 +169,21 @@ def auto_backend(op: str, device: torch.device | str, dtypes=(), args=None) -> s
     """The backend ``backend="auto"`` resolves ``op`` to on ``device`` (for tensors of ``dtypes``
     and, when given, the call's ``args``): torch on CPU; on CUDA the first backend of the op's
     order that is available, allowed by :func:`set_auto_backends` and takes the call."""
+    dev = device.type if isinstance(device, torch.device) else torch.device(device).type
+    key = (op, dev, tuple(dtypes))
+    choice = _AUTO_CHOICE.get(key)  # the per-call host cost of auto: one lookup
+    if choice is not None:
+        return choice
     impls = _implementations(op)
-    dev = torch.device(device).type
     order = _order(op, dev) if dev == "cuda" else ("torch",)
+    cacheable = True
     for b in order:
-        if b in _AUTO_ALLOWED and b in impls and impls[b].refusal(dev, dtypes, args) is None:
-            return b
+        if b in _AUTO_ALLOWED and b in impls:
+            cacheable = cacheable and impls[b].check is None  # a check may decide per call
+            if impls[b].refusal(dev, dtypes, args) is None:
+                if cacheable:
+                    _AUTO_CHOICE[key] = b
+                return b
     raise RuntimeError(f"no backend of {op} takes this call on {dev} (dtypes {[_dtype_name(d) for d in dtypes]})")
 
 
