@@ -211,3 +211,23 @@ def test_leaves_get_dense_grads_that_in_place_ops_act_on():
     assert per_token.grad is not None and per_token.grad.abs().max() == 0
     filtered_mean(loss * per_token, keep).backward()
     torch.testing.assert_close(per_token.grad, loss * keep / keep.sum())
+
+
+def test_index_derived_once_per_index_and_again_after_an_in_place_change():
+    from collider_autograd.layers._rows import index_derived
+
+    index = torch.tensor([1, 4, 6, 9])
+    calls = []
+
+    def offsets():
+        calls.append(1)
+        return index // 5
+
+    first = index_derived(index, ("offsets", 2, 5), offsets)
+    assert index_derived(index, ("offsets", 2, 5), offsets) is first and len(calls) == 1
+    assert torch.equal(index_derived(index, ("positions", 5), lambda: index % 5), torch.tensor([1, 4, 1, 4]))
+    index[0] = 2  # in place: the version moves on, the derived value is made again
+    again = index_derived(index, ("offsets", 2, 5), offsets)
+    assert len(calls) == 2 and torch.equal(again, torch.tensor([0, 0, 1, 1]))
+    other = torch.tensor([1, 4, 6, 9])  # an equal but different tensor has its own
+    assert torch.equal(index_derived(other, ("offsets", 2, 5), lambda: other // 5), torch.tensor([0, 0, 1, 1]))

@@ -54,6 +54,19 @@ def same_rows(grads) -> bool:
     return all(is_partial(g) and g.index is given[0].index and g.terms == given[0].terms for g in given)
 
 
+def index_derived(index: torch.Tensor, key: tuple, make):
+    """``make()``, a tensor derived from a kept-token ``index`` alone (a sequence's offsets, each
+    row's position), computed once per index: every layer of a backward receives the same index
+    tensor. Kept on the index tensor under ``key`` and its version counter, so an index changed in
+    place is never served a stale value."""
+    cache = index.__dict__.setdefault("_collider_derived", {})
+    full_key = (*key, index._version)
+    value = cache.get(full_key)
+    if value is None:
+        value = cache[full_key] = make()
+    return value
+
+
 def shaped_output(t: torch.Tensor, shape) -> torch.Tensor:
     """A Function's output: ``t`` (contiguous, made by the forward) as ``shape``, an ordinary
     tensor over the same memory rather than a view of ``t``, so wrappers that hook module

@@ -25,9 +25,9 @@ import math
 import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
-from collider_autograd.layers._rows import is_partial, layer_grad
+from collider_autograd.layers._rows import index_derived, is_partial, layer_grad
 from collider_autograd.sparse_grad import TokenSparseTensor
-from collider_kernels import check_attention_masks, masked_attention_backward
+from collider_kernels import check_attention_masks, masked_attention_backward, sequence_offsets
 from collider_kernels.reference import attention_visibility
 
 aten = torch.ops.aten
@@ -180,8 +180,9 @@ class CausalAttentionFunction(torch.autograd.Function):
         grad = layer_grad(grad, 2)
         if is_partial(grad):
             n = grad.index.numel()
+            offsets = index_derived(grad.index, ("offsets", B, T), lambda: sequence_offsets(grad.index, B, T))
             dq, dk, dv = masked_attention_backward(
-                q, k, v, result, lse, grad.values.reshape(n, Hq, D), grad.index,
+                q, k, v, result, lse, grad.values.reshape(n, Hq, D), grad.index, offsets=offsets,
                 scale=ctx.scale, window=window, key_start=key_start, validate=False,
             )  # (n, Hq, D), (n, Hkv, D), (n, Hkv, D)
             sparse = (grad.rows_like(dq, q.shape, 2), grad.rows_like(dk, k.shape, 2), grad.rows_like(dv, v.shape, 2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from collider_autograd._autocast import autocast_off
-from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
+from collider_autograd.layers._rows import grad_rows, index_derived, input_grad, layer_grad
 from collider_kernels import rotary_backward, rotary_forward
 
 
@@ -37,8 +37,12 @@ class RotaryFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         grad = layer_grad(grad, 2)
         g, index = grad_rows(grad, tuple(grad.shape[2:]))  # (n, H, D)
-        rows = torch.arange(g.shape[0], device=g.device) if index is None else index  # flat b * T + t
-        dx = rotary_backward(g, cos, sin, rows % ctx.seqlen, validate=False)  # (n, H, D) in g's dtype
+        T = ctx.seqlen
+        if index is None:  # every flat row b * T + t, in order
+            positions = torch.arange(g.shape[0], device=g.device) % T
+        else:
+            positions = index_derived(index, ("positions", T), lambda: index % T)
+        dx = rotary_backward(g, cos, sin, positions, validate=False)  # (n, H, D) in g's dtype
         return input_grad(grad, dx.to(ctx.x_dtype), grad.shape, 2), None, None
 
 
