@@ -18,7 +18,9 @@ events, median of batches, after a warm-up and tuning):
 q/k/v are strided views of one fused projection output (B, T, (Hq+2Hkv)*D); ``out`` is the
 flash forward's output transposed to (B, T, Hq, D), as SDPA returns it.
 
-Usage: ``python benchmarks/kernels/bench_attention.py --out-dir benchmarks/results``.
+Usage: ``python benchmarks/kernels/bench_attention.py --out-dir benchmarks/results``. With
+``--sweep`` each row also times every block configuration of :data:`SWEEP` for each pass (the
+other pass at its tuned choice), to pick the candidates the tuner tries.
 """
 
 from __future__ import annotations
