@@ -3,8 +3,9 @@ masked-loss baseline, with bf16 parameters or fp32 parameters under bf16 autocas
 
 A batch so small that the GPU finishes each kernel before the host launches the next makes
 wall time the host's time. Compare it with the device time of a full-size step (ddp_step_time.py,
-collider-bench): where the host takes longer, the step is host-bound. ``--cprofile`` writes the
-hottest Python functions of Collider's backward.
+collider-bench): where the host takes longer, the step is host-bound. The forward and loss are
+collider-bench's (top-k of the token loss keeps 60%, no device sync before the backward).
+``--cprofile`` writes the hottest Python functions of Collider's backward.
 
     python benchmarks/models/host_overhead.py --json out.json [--cprofile out.txt]
 """
@@ -24,9 +25,8 @@ from pathlib import Path
 import torch
 
 import collider_models
-from collider_autograd import filtered_mean, select_top_k
+from collider_models.cli.bench import _forward_loss
 from collider_models.presets import preset_config
-from collider_models.reference import masked_mean
 
 
 def parse_args(argv=None):
@@ -40,15 +40,20 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+KEEP = 0.6  # share of tokens kept by top-k of the token loss
+
+
+def _all_kept(ids: torch.Tensor) -> torch.Tensor:
+    return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
+
+
 def phases(model, ids, mode: str, autocast: bool) -> tuple[float, float]:
     """(forward ms, backward ms) of wall time, each phase synchronised."""
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with ctx:
-        token_loss = model(ids, labels=ids).token_loss
-    keep = select_top_k(token_loss.detach(), 0.6)
-    loss = filtered_mean(token_loss, keep, validate=False) if mode == "collider" else masked_mean(token_loss, keep)
+        loss = _forward_loss(model, ids, ids, _all_kept(ids), mode, select=KEEP)  # collider-bench's step
     torch.cuda.synchronize()
     t1 = time.perf_counter()
     loss.backward()
@@ -82,8 +87,7 @@ def main(argv=None):
             # profiler sees the layers' Python backward code.
             torch.autograd.set_multithreading_enabled(False)
             for _ in range(5):
-                token_loss = model(ids, labels=ids).token_loss
-                loss = filtered_mean(token_loss, select_top_k(token_loss.detach(), 0.6), validate=False)
+                loss = _forward_loss(model, ids, ids, _all_kept(ids), "collider", select=KEEP)
                 torch.cuda.synchronize()
                 prof.enable()
                 loss.backward()

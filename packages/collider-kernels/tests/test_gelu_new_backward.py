@@ -31,6 +31,21 @@ needs_triton = triton_only("gelu_new_backward")
 widths, row_counts = st.integers(1, 300), st.integers(1, 40)
 
 
+def check_with_output(backend, grad, x, idx):
+    """``with_output=True`` adds y of the rows ``idx`` and leaves dx as it is without it. The torch
+    backend's y is ``F.gelu(approximate="tanh")``'s, bit for bit; any backend's obeys the error rule
+    against the fp64 reference with the torch backend's error as the bar."""
+    dx, y = ck.gelu_new_backward(grad, x, idx, with_output=True, backend=backend)
+    assert torch.equal(dx, ck.gelu_new_backward(grad, x, idx, backend=backend))
+    rows = x if idx is None else x[idx]
+    torch_y = torch.nn.functional.gelu(rows, approximate="tanh")
+    if backend == "torch":
+        assert torch.equal(y, torch_y)
+    ref = reference.gelu_new_reference(rows.double())
+    assert y.dtype == x.dtype and y.shape == rows.shape
+    assert_rule(y, ref, torch_y, atol=small_atol(x.dtype, ref), what=f"gelu y[{backend}]", same_dtype=True)
+
+
 @settings(deadline=None, max_examples=15)
 @given(M=row_counts, F=widths, n=row_counts, kind=st.sampled_from(KINDS), seed=st.integers(0, 2**16))
 def test_torch_fp64(M, F, n, kind, seed):
@@ -55,8 +70,10 @@ def test_torch_low_precision_computes_in_fp32():
        dtype=st.sampled_from((torch.float32, torch.float16)), row_pad=st.sampled_from((0, 3)),
        seed=st.integers(0, 2**16))
 def test_triton(M, F, n, kind, dtype, row_pad, seed):
+    case = gelu_case(M, F, n, kind, dtype, DEVICE, seed, row_pad)
     with nan_outputs():
-        check_gelu("triton", *gelu_case(M, F, n, kind, dtype, DEVICE, seed, row_pad))
+        check_gelu("triton", *case)
+        check_with_output("triton", *case)
 
 
 @needs_triton
@@ -67,6 +84,7 @@ def test_triton_saturated_inputs(poison):
             grad, x, idx = gelu_case(16, 64, 16, kind, dtype, DEVICE, seed=6, scale=40.0)
             x[0, :4] = torch.tensor([0.0, -0.0, 300.0, -300.0], dtype=dtype)
             check_gelu("triton", grad, x, idx)
+            check_with_output("triton", grad, x, idx)
 
 
 @needs_triton
@@ -75,6 +93,8 @@ def test_triton_int32_index_and_empty_width(poison):
     check_gelu("triton", grad, x, torch.tensor([1, 4, 4, 9], dtype=torch.int32, device=DEVICE))
     empty = torch.empty(4, 0, device=DEVICE)
     assert ck.gelu_new_backward(empty, empty, backend="triton").shape == (4, 0)
+    dx, y = ck.gelu_new_backward(empty, empty, with_output=True, backend="triton")
+    assert dx.shape == y.shape == (4, 0)
 
 
 @needs_triton
@@ -85,46 +105,11 @@ def test_triton_fp64_takes_torch_under_auto_and_is_refused_explicitly():
         ck.gelu_new_backward(grad, x, idx, backend="triton")
 
 
-def check_with_output(backend, grad, x, idx):
-    """``with_output=True`` adds y of the rows ``idx`` and leaves dx as it is without it. The torch
-    backend's y is ``F.gelu(approximate="tanh")``'s, bit for bit; any backend's obeys the error rule
-    against the fp64 reference with the torch backend's error as the bar."""
-    dx, y = ck.gelu_new_backward(grad, x, idx, with_output=True, backend=backend)
-    assert torch.equal(dx, ck.gelu_new_backward(grad, x, idx, backend=backend))
-    rows = x if idx is None else x[idx]
-    torch_y = torch.nn.functional.gelu(rows, approximate="tanh")
-    if backend == "torch":
-        assert torch.equal(y, torch_y)
-    ref = reference.gelu_new_reference(rows.double())
-    assert y.dtype == x.dtype and y.shape == rows.shape
-    assert_rule(y, ref, torch_y, atol=small_atol(x.dtype, ref), what=f"gelu y[{backend}]", same_dtype=True)
-
-
 @settings(deadline=None, max_examples=10)
 @given(M=row_counts, F=widths, n=row_counts, kind=st.sampled_from(KINDS),
        dtype=st.sampled_from((torch.float64, torch.float32, torch.bfloat16)), seed=st.integers(0, 2**16))
 def test_torch_with_output(M, F, n, kind, dtype, seed):
     check_with_output("torch", *gelu_case(M, F, n, kind, dtype, "cpu", seed))
-
-
-@needs_triton
-@settings(deadline=None, max_examples=10)
-@given(M=row_counts, F=widths, n=row_counts, kind=st.sampled_from(KINDS),
-       dtype=st.sampled_from((torch.float32, torch.float16)), row_pad=st.sampled_from((0, 3)),
-       seed=st.integers(0, 2**16))
-def test_triton_with_output(M, F, n, kind, dtype, row_pad, seed):
-    with nan_outputs():
-        check_with_output("triton", *gelu_case(M, F, n, kind, dtype, DEVICE, seed, row_pad))
-
-
-@needs_triton
-def test_triton_with_output_saturated_and_empty(poison):
-    grad, x, idx = gelu_case(16, 64, 16, "full", torch.float32, DEVICE, seed=8, scale=40.0)
-    x[idx[0], :4] = torch.tensor([0.0, -0.0, 300.0, -300.0], device=DEVICE)
-    check_with_output("triton", grad, x, idx)
-    empty = torch.empty(4, 0, device=DEVICE)
-    dx, y = ck.gelu_new_backward(empty, empty, with_output=True, backend="triton")
-    assert dx.shape == y.shape == (4, 0)
 
 
 def test_bad_inputs_name_the_argument():
