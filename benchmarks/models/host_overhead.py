@@ -36,6 +36,10 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--params", nargs="+", default=["bf16", "fp32+autocast"], choices=["bf16", "fp32+autocast"])
+    p.add_argument("--head-start-ms", type=float, default=0.0,
+                   help="keep the GPU busy this long before each backward (a spin kernel), so the host "
+                        "launches ahead: a backward whose GPU time then drops was host-bound")
     p.add_argument("--cprofile", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -47,20 +51,45 @@ def _all_kept(ids: torch.Tensor) -> torch.Tensor:
     return torch.ones(ids.shape, dtype=torch.bool, device=ids.device)
 
 
-def phases(model, ids, mode: str, autocast: bool) -> tuple[float, float]:
-    """(forward ms, backward ms) of wall time, each phase synchronised."""
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles ``torch.cuda._sleep`` spins per millisecond (measured)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(1_000_000)  # warm-up
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    return 10_000_000 / start.elapsed_time(end)
+
+
+def phases(model, ids, mode: str, autocast: bool, head_start: int = 0) -> tuple[float, ...]:
+    """(forward ms, backward ms, backward host ms, backward GPU ms, forward host ms), each phase
+    synchronised.
+
+    Wall times, except the GPU time: a phase's host time is the time until its call returned (its
+    kernels launched, not all run); the backward's GPU time runs from the end of a
+    ``head_start``-cycle spin kernel queued before it (the host's head start) to its last kernel.
+    """
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else nullcontext()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     with ctx:
         loss = _forward_loss(model, ids, ids, _all_kept(ids), mode, select=KEEP)  # collider-bench's step
+    t_fwd_host = time.perf_counter()
     torch.cuda.synchronize()
     t1 = time.perf_counter()
+    if head_start:
+        torch.cuda._sleep(head_start)
+    start.record()
     loss.backward()
+    end.record()
+    t_host = time.perf_counter()
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     model.zero_grad(set_to_none=True)
-    return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+    return ((t1 - t0) * 1e3, (t2 - t1) * 1e3, (t_host - t1) * 1e3, start.elapsed_time(end),
+            (t_fwd_host - t0) * 1e3)
 
 
 def main(argv=None):
@@ -68,19 +97,24 @@ def main(argv=None):
     dev = torch.device("cuda")
     hf = preset_config(args.model)
     ids = torch.randint(0, hf["vocab_size"], (args.batch_size, args.seq_len), device=dev)
+    head_start = round(args.head_start_ms * _sleep_cycles_per_ms())
     report = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len,
-              "device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "results": {}}
-    for params in ("bf16", "fp32+autocast"):
+              "head_start_ms": args.head_start_ms, "device": torch.cuda.get_device_name(dev),
+              "torch": torch.__version__, "results": {}}
+    for params in args.params:
         torch.manual_seed(0)
         model = collider_models.from_config(hf).to(dev, torch.bfloat16 if params == "bf16" else torch.float32)
         autocast = params != "bf16"
         for mode in ("collider", "masked"):
             for _ in range(3):
                 phases(model, ids, mode, autocast)
-            runs = [phases(model, ids, mode, autocast) for _ in range(args.repeats)]
-            fwd, bwd = (statistics.median(r[i] for r in runs) for i in range(2))
-            report["results"][f"{params} {mode}"] = {"forward_ms": fwd, "backward_ms": bwd}
-            print(f"{params:14s} {mode:9s} host forward {fwd:6.1f} ms, backward {bwd:6.1f} ms", flush=True)
+            runs = [phases(model, ids, mode, autocast, head_start) for _ in range(args.repeats)]
+            fwd, bwd, bwd_host, bwd_gpu, fwd_host = (statistics.median(r[i] for r in runs) for i in range(5))
+            report["results"][f"{params} {mode}"] = {"forward_ms": fwd, "forward_host_ms": fwd_host,
+                                                     "backward_ms": bwd, "backward_host_ms": bwd_host,
+                                                     "backward_gpu_ms": bwd_gpu}
+            print(f"{params:14s} {mode:9s} forward {fwd:6.1f} ms (host done after {fwd_host:6.1f} ms), "
+                  f"backward {bwd:6.1f} ms (host done after {bwd_host:6.1f} ms; GPU {bwd_gpu:6.1f} ms)", flush=True)
         if args.cprofile is not None and params == "bf16":
             prof = cProfile.Profile()
             # The backward runs on the calling thread (not autograd's device thread), so the

@@ -23,9 +23,15 @@ def check_index(name: str, index, num_rows: int, device, *, validate: bool = Tru
     """``index`` is a 1-D int64/int32 tensor of row numbers in ``[0, num_rows)``."""
     check_tensor(name, index, ndim=1, dtypes=(torch.int64, torch.int32), device=device)
     if validate and index.numel() > 0:
-        lo, hi = int(index.min()), int(index.max())
-        if lo < 0 or hi >= num_rows:
-            raise IndexError(f"{name} must lie in [0, {num_rows}), got values in [{lo}, {hi}]")
+        check_index_values(name, index, num_rows)
+
+
+def check_index_values(name: str, index: torch.Tensor, num_rows: int) -> None:
+    """Every entry of ``index`` lies in ``[0, num_rows)`` (reads the values: a device sync on CUDA,
+    so no backward pass calls it)."""
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= num_rows:
+        raise IndexError(f"{name} must lie in [0, {num_rows}), got values in [{lo}, {hi}]")
 
 
 def check_row_grad(grad, x, index, *, validate: bool, x_name: str = "x") -> None:

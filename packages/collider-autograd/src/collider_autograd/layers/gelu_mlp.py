@@ -42,7 +42,7 @@ class GeluMLPFunction(torch.autograd.Function):
         grad_act = g @ w2  # (n, I)
         dh, act = gelu_new_backward(grad_act, h, index, with_output=True, validate=False)  # (n, I) each
         dx = input_grad(grad, dh @ w1, x.shape) if need_x else None
-        dw1 = gathered_weight_grad(dh, x2d, index) if need_w1 else None  # (I, H) over the kept rows of x
+        dw1 = gathered_weight_grad(dh, x2d, index, validate=False) if need_w1 else None  # (I, H), kept rows of x
         dw2 = gathered_weight_grad(g, act, None) if need_w2 else None  # (H, I) from the recomputed rows
         has_b1, has_b2 = ctx.has_bias
         db1 = dh.sum(0) if (need_b1 and has_b1) else None

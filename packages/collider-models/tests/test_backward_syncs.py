@@ -1,0 +1,65 @@
+"""The Collider backward never reads device values on the host: a read (a value check, an
+``.item()``) would synchronise, empty the GPU's queue of work and make the rest of the backward
+wait on the host's launches. On CUDA the synchronisation itself is caught; on CPU, every index
+value check is."""
+
+import pytest
+import torch
+
+import collider_kernels._checks as checks
+from collider_autograd import filtered_mean, select_top_k, top_k_counts
+
+ARCHS = ["llama", "qwen2", "phi"]
+B, T, KEEP = 2, 24, 0.6
+
+
+def _loss(model, device):
+    """collider-bench's step: top-k of the token loss, the kept count known on the host."""
+    gen = torch.Generator().manual_seed(0)
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (B, T), generator=gen).to(device)
+    labels = torch.randint(0, V, (B, T), generator=gen).to(device)
+    kept = int(top_k_counts(torch.ones(B, T, dtype=torch.bool), KEEP))
+    token_loss = model.token_loss(ids, labels)
+    keep = select_top_k(token_loss.detach(), KEEP, validate=False)
+    return filtered_mean(token_loss, keep, validate=False, kept_count=kept)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_backward_checks_no_index_values(arch, make_ours, monkeypatch):
+    model = make_ours(arch)
+    loss = _loss(model, torch.device("cpu"))
+    seen = []
+    monkeypatch.setattr(checks, "check_index_values", lambda name, *a: seen.append(name))
+    loss.backward()
+    assert seen == [], f"the backward checked the values of {seen}"
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_index_value_check_is_the_patched_one(monkeypatch):
+    # The guard above is only as good as this: the public ops' index checks go through it.
+    from collider_kernels import gathered_weight_grad
+
+    seen = []
+    monkeypatch.setattr(checks, "check_index_values", lambda name, *a: seen.append(name))
+    gathered_weight_grad(torch.randn(2, 3), torch.randn(4, 5), torch.tensor([0, 3]))
+    assert seen == ["index"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gpu_backward_does_not_synchronise(arch, make_ours):
+    model = make_ours(arch).to("cuda", torch.bfloat16)
+    for _ in range(2):  # warm-up: compilation and tuning may synchronise
+        model.zero_grad(set_to_none=True)
+        _loss(model, torch.device("cuda")).backward()
+    model.zero_grad(set_to_none=True)
+    loss = _loss(model, torch.device("cuda"))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
