@@ -4,10 +4,7 @@
 #   bash benchmarks/models/gpu_bench.sh --hf --liger --full-step --profile --out results/e2e
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-if compgen -G ".whl/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
+source benchmarks/carried_wheels.sh
 export PYTHONPATH="packages/collider-kernels/src:packages/collider-autograd/src:packages/collider-models/src:$PYTHONPATH"
 export COLLIDER_BENCH_COMMIT=${COLLIDER_BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 exec python3 -m collider_models.cli.bench "$@"
