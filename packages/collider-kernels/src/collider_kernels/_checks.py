@@ -29,7 +29,7 @@ def check_index(name: str, index, num_rows: int, device, *, validate: bool = Tru
 def check_index_values(name: str, index: torch.Tensor, num_rows: int) -> None:
     """Every entry of ``index`` lies in ``[0, num_rows)`` (reads the values: a device sync on CUDA,
     so no backward pass calls it)."""
-    lo, hi = int(index.min()), int(index.max())
+    lo, hi = torch.stack(torch.aminmax(index)).tolist()
     if lo < 0 or hi >= num_rows:
         raise IndexError(f"{name} must lie in [0, {num_rows}), got values in [{lo}, {hi}]")
 

@@ -387,8 +387,10 @@ def _check_ids(input_ids: torch.Tensor, vocab: int) -> torch.Tensor:
         raise TypeError(f"input_ids must be an int64/int32 tensor, got {getattr(input_ids, 'dtype', type(input_ids))}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (B, T), got shape {tuple(input_ids.shape)}")
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-        raise IndexError(f"input_ids must lie in [0, {vocab})")
+    if input_ids.numel():
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync
+        if lo < 0 or hi >= vocab:
+            raise IndexError(f"input_ids must lie in [0, {vocab})")
     return input_ids
 
 
