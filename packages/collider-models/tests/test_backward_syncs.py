@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import collider_kernels._checks as checks
-from collider_autograd import filtered_mean, select_top_k, top_k_counts
+from collider_models.cli.bench import _forward_loss, _inputs
 
 ARCHS = ["llama", "qwen2", "phi"]
 B, T, KEEP = 2, 24, 0.6
@@ -15,14 +15,8 @@ B, T, KEEP = 2, 24, 0.6
 
 def _loss(model, device):
     """collider-bench's step: top-k of the token loss, the kept count known on the host."""
-    gen = torch.Generator().manual_seed(0)
-    V = model.config.vocab_size
-    ids = torch.randint(0, V, (B, T), generator=gen).to(device)
-    labels = torch.randint(0, V, (B, T), generator=gen).to(device)
-    kept = int(top_k_counts(torch.ones(B, T, dtype=torch.bool), KEEP))
-    token_loss = model.token_loss(ids, labels)
-    keep = select_top_k(token_loss.detach(), KEEP, validate=False)
-    return filtered_mean(token_loss, keep, validate=False, kept_count=kept)
+    ids, labels, keep = _inputs(model.config.vocab_size, B, T, KEEP, 0, device)
+    return _forward_loss(model, ids, labels, keep, "collider", select=KEEP)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
