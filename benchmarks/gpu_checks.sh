@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_checks.sh -x
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="packages/collider-kernels/src:packages/collider-autograd/src:packages/collider-models/src:packages/collider-kernels/tests:packages/collider-autograd/tests${PYTHONPATH:+:$PYTHONPATH}"
+root=$PWD  # absolute paths: pytest workers and importlib-mode test modules resolve them alike
+export PYTHONPATH="$root/packages/collider-kernels/src:$root/packages/collider-autograd/src:$root/packages/collider-models/src:$root/packages/collider-kernels/tests:$root/packages/collider-autograd/tests${PYTHONPATH:+:$PYTHONPATH}"
 export COLLIDER_TRITON_AUTOTUNE=${COLLIDER_TRITON_AUTOTUNE:-0}
 source benchmarks/carried_wheels.sh
 workers=()
