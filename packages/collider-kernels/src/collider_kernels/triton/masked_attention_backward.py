@@ -122,26 +122,37 @@ def _attn_bwd_preprocess(
 def _dkdv_step(
     dk, dv, k, v,
     q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
-    tok0, start_m, e, rk, kpos, d, md, qk_scale,
+    tok0, start_m, e, rk, kpos, d, md, qk_scale, lse_in, delta_in,
     stride_qt, stride_qd, stride_don, stride_dod, stride_lt, stride_dqn,
     BLOCK_M: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, COMPACT_Q: tl.constexpr, HAS_LO: tl.constexpr,
 ):
     # One block of BLOCK_M kept queries (rows start_m..) against the program's BLOCK_N kept keys.
+    # With COMPACT_Q, lse_in/delta_in hold this block's lse and delta, and the step returns the
+    # next block's, loaded before this block's products: the compiler pipelines the tile loads that
+    # feed the products, not these vectors, whose latency then stalled every step.
     rq = start_m + tl.arange(0, BLOCK_M)  # (BM,) kept rows
     mq = rq < e
     rq64 = rq.to(tl.int64)
     mqd = mq[:, None] & md[None, :]
     # Rows past the sequence get lse = +inf, so their probabilities are exactly 0.
     if COMPACT_Q:  # q_base/lse_base point at the compact copies (kept rows, lse·log2(e))
+        rn64 = rq64 + BLOCK_M
+        lse_next = tl.load(lse_base + rn64, mask=rn64 < e, other=float("inf"))
+        delta_next = tl.load(delta_base + rn64, mask=rn64 < e, other=0.0)
         q = tl.load(q_base + rq64[:, None] * stride_qt + d[None, :] * stride_qd, mask=mqd, other=0.0)
-        lse = tl.load(lse_base + rq64, mask=mq, other=float("inf"))
+        lse = lse_in
     else:
         qpos = tl.load(INDEX + rq64, mask=mq, other=0).to(tl.int64) - tok0  # (BM,) positions
         q = tl.load(q_base + qpos[:, None] * stride_qt + d[None, :] * stride_qd, mask=mqd, other=0.0)
         lse = tl.load(lse_base + qpos * stride_lt, mask=mq, other=float("inf")) * 1.4426950408889634
     do = tl.load(do_base + rq64[:, None] * stride_don + d[None, :] * stride_dod, mask=mqd, other=0.0)
-    delta = tl.load(delta_base + rq64, mask=mq, other=0.0)
+    if COMPACT_Q:
+        delta = delta_in
+    else:
+        delta = tl.load(delta_base + rq64, mask=mq, other=0.0)
+        lse_next = lse
+        delta_next = delta
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -160,7 +171,7 @@ def _dkdv_step(
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(dsT), k, input_precision=PREC)  # (BM, BD), unscaled
         tl.atomic_add(dq_base + rq64[:, None] * stride_dqn + d[None, :], dq, mask=mqd, sem="relaxed")
-    return dk, dv
+    return dk, dv, lse_next, delta_next
 
 
 @Launcher
@@ -235,25 +246,32 @@ def _attn_bwd_dkdv(
             do_base = DO + h * stride_doh
             delta_base = DELTA + h.to(tl.int64) * n
             dq_base = DQ_ACC + h * HEAD_DIM
+            # COMPACT_Q: the first block's lse and delta (each step then loads the next block's).
+            r0 = (start_n + tl.arange(0, BLOCK_M)).to(tl.int64)
+            lse_c = tl.zeros([BLOCK_M], tl.float32)
+            delta_c = tl.zeros([BLOCK_M], tl.float32)
+            if COMPACT_Q:
+                lse_c = tl.load(lse_base + r0, mask=r0 < e, other=float("inf"))
+                delta_c = tl.load(delta_base + r0, mask=r0 < e, other=0.0)
             # Queries in the key block's own rows: causal mask (row order = position order).
             for start_m in range(start_n, end_diag, BLOCK_M):
-                dk, dv = _dkdv_step(
+                dk, dv, lse_c, delta_c = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
-                    tok0, start_m, e, rk, kpos, d, md, qk_scale,
+                    tok0, start_m, e, rk, kpos, d, md, qk_scale, lse_c, delta_c,
                     q_stride_t, q_stride_d, stride_don, stride_dod, stride_lt, stride_dqn,
                     BLOCK_M, True, ATOMIC_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
             # Later kept queries see every key of the block (up to m_full).
             for start_m in range(end_diag, m_full, BLOCK_M):
-                dk, dv = _dkdv_step(
+                dk, dv, lse_c, delta_c = _dkdv_step(
                     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
-                    tok0, start_m, e, rk, kpos, d, md, qk_scale,
+                    tok0, start_m, e, rk, kpos, d, md, qk_scale, lse_c, delta_c,
                     q_stride_t, q_stride_d, stride_don, stride_dod, stride_lt, stride_dqn,
                     BLOCK_M, False, ATOMIC_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
             if HAS_LO:  # queries whose window/document starts inside the key block
                 for start_m in range(m_full, m_end, BLOCK_M):
-                    dk, dv = _dkdv_step(
+                    dk, dv, lse_c, delta_c = _dkdv_step(
                         dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
-                        tok0, start_m, e, rk, kpos, d, md, qk_scale,
+                        tok0, start_m, e, rk, kpos, d, md, qk_scale, lse_c, delta_c,
                         q_stride_t, q_stride_d, stride_don, stride_dod, stride_lt, stride_dqn,
                         BLOCK_M, True, ATOMIC_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
         dk = dk * scale
@@ -432,11 +450,12 @@ def _attn_bwd_dq(
 
 # (BLOCK_N keys, BLOCK_M queries, num_warps, num_stages) for the dK/dV pass, per head-dim class.
 # The first of each list (the one a CUDA-graph capture runs before tuning) measured fastest in a
-# sweep of 33 (D=64) and 24 (D=128) configurations on an H200 (bench_attention.py --sweep, B=8,
-# T=2048, keep 0.6): for D=64, (128, 16, 4, 3) took 6-10% less than (128, 32, 4, 3).
+# sweep of 15 (D=64) and 12 (D=128) configurations on an H200 (B=8, T=2048, keep 0.4/0.6/1.0) once
+# each step loaded the next block's lse and delta ahead; the others were within 1-8% of the best
+# on one of the three shapes or keeps (benchmarks/results/attention_h200.md).
 _DKDV_CONFIGS = {
-    64: [(128, 16, 4, 3), (128, 32, 4, 3), (128, 32, 4, 2), (128, 16, 4, 4), (128, 64, 8, 3), (64, 32, 4, 3)],
-    128: [(64, 32, 4, 2), (128, 32, 8, 3), (64, 16, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2)],
+    64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4), (128, 16, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3)],
+    128: [(64, 32, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 16, 4, 3)],
 }
 # (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) for the dQ pass.
 _DQ_CONFIGS = {
