@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collider_autograd import TokenSparseTensor, causal_attention
+from collider_autograd import TokenSparseTensor, apply_rotary, causal_attention, rotary_tables
 
 F64 = torch.float64
 
@@ -99,6 +99,60 @@ def test_masks_dense_and_sparse_match_reference(B, T, hkv, group, D, window, doc
     _, ref = grads(lambda q, k, v: reference(q, k, v, window, key_start, keep), (q, k, v), sparse.to_dense())
     for a, r in zip(g, ref, strict=True):
         torch.testing.assert_close(a, r)
+
+
+def rotate_first(x, cos, sin):
+    """``x`` rotated by (T, R) or per-sequence (B, T, R) tables, through :func:`apply_rotary`."""
+    if cos.dim() == 2:
+        return apply_rotary(x, cos, sin)
+    B, T = x.shape[:2]
+    flat = apply_rotary(x.reshape(1, B * T, *x.shape[2:]), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
+    return flat.view(x.shape)
+
+
+@settings(deadline=None, max_examples=25)
+@given(B=st.integers(1, 3), T=st.integers(1, 20), hkv=st.integers(1, 2), group=st.sampled_from([1, 3]),
+       D=st.sampled_from([4, 8]), rot=st.sampled_from([1.0, 0.5, 0.0]), per_sequence=st.booleans(),
+       window=st.one_of(st.none(), st.integers(1, 20)), docs=st.integers(0, 3), p=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16))
+def test_rotary_inside_equals_rotating_first(B, T, hkv, group, D, rot, per_sequence, window, docs, p, seed):
+    """``rotary=(cos, sin)`` gives the values and gradients (dense and kept-rows) of rotating q and
+    k with :func:`apply_rotary` before the attention, for shared and per-sequence tables."""
+    gen = torch.Generator().manual_seed(seed)
+    hq = hkv * group
+    q, k, v = qkv(B, T, hq, hkv, D, gen)
+    R = int(D * rot) // 2 * 2
+    if per_sequence:
+        positions = torch.randint(0, 50, (B, T), generator=gen)
+        cos, sin = (t.view(B, T, R) for t in rotary_tables(positions.reshape(-1), R, 10000.0, F64))
+    else:
+        cos, sin = rotary_tables(torch.arange(T) + 3, R, 10000.0, F64)
+    masks = {"window": window, "key_start": doc_starts(B, T, gen, docs) if docs else None}
+
+    def inside(q, k, v):
+        return causal_attention(q, k, v, rotary=(cos, sin), **masks)
+
+    def first(q, k, v):
+        return causal_attention(rotate_first(q, cos, sin), rotate_first(k, cos, sin), v, **masks)
+
+    sparse, _ = sparse_grad(B, T, hq, D, gen, p)
+    for grad in (torch.randn(B, T, hq, D, generator=gen, dtype=F64), sparse):
+        out, g = grads(inside, (q, k, v), grad)
+        ref_out, ref = grads(first, (q, k, v), grad)
+        torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+        for a, r in zip(g, ref, strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def test_rotary_bad_tables_name_the_argument():
+    q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
+    cos, sin = rotary_tables(torch.arange(6), 8, 10000.0, torch.float32)
+    for bad in ((cos[:5], sin[:5]), (cos, sin[:, :6]), (cos[:, :6].repeat(1, 2)[:, :7], sin[:, :7]),
+                (cos.repeat(1, 2), sin.repeat(1, 2)), (cos.expand(3, 6, 8), sin.expand(3, 6, 8)), (cos, None)):
+        with pytest.raises(ValueError, match="rotary must be"):
+            causal_attention(q, k, v, rotary=bad)
+    with pytest.raises(TypeError, match="rotary tables must have q's dtype"):
+        causal_attention(q, k, v, rotary=(cos.double(), sin.double()))
 
 
 def test_masks_change_the_result():
@@ -229,6 +283,24 @@ def test_gpu_masks_dense_and_sparse(dtype, masks, group):
         for a, r, s in zip(got, ref, same, strict=True):
             assert a.dtype == dtype
             assert (a.float() - r).abs().max() <= 2 * (s.float() - r).abs().max() + 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("masks", [{}, {"window": 37}])
+def test_gpu_rotary_inside_equals_rotating_first(masks):
+    """bf16 on the GPU: the same kernels in either order, so the same bits."""
+    gen = torch.Generator().manual_seed(5)
+    B, T, hkv, group, D = 2, 300, 2, 4, 64
+    q, k, v = (t.cuda().bfloat16() for t in qkv(B, T, hkv * group, hkv, D, gen, torch.float32))
+    cos, sin = (t.cuda() for t in rotary_tables(torch.arange(T), 32, 10000.0, torch.bfloat16))
+    sparse, _ = sparse_grad(B, T, hkv * group, D, gen, 0.6, torch.bfloat16)
+    sparse = TokenSparseTensor(sparse.values.cuda(), sparse.index.cuda(), (B, T))
+    for grad in (torch.randn(B, T, hkv * group, D, generator=gen).cuda().bfloat16(), sparse):
+        out, g = grads(lambda q, k, v: causal_attention(q, k, v, rotary=(cos, sin), **masks), (q, k, v), grad)
+        ref_out, ref = grads(lambda q, k, v: causal_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin),
+                                                               v, **masks), (q, k, v), grad)
+        assert torch.equal(out, ref_out)
+        assert all(torch.equal(a, r) for a, r in zip(g, ref, strict=True))
 
 
 @pytest.mark.gpu

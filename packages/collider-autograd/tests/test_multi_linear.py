@@ -1,11 +1,15 @@
 """The one-GEMM projections equal separate Linear layers: outputs and every gradient, dense and
 sparse (shared kept rows, different kept rows, an unused output), with and without biases."""
 
+import importlib
+
 import pytest
 import torch
 from autograd_testing import assert_all_close, kept_index, outputs_and_grads, sparse_grad
 
 from collider_autograd import SparseGradientError, TokenSparseTensor, allow_densify, linear, multi_linear
+
+multi_linear_module = importlib.import_module("collider_autograd.layers.multi_linear")  # the function shadows it
 
 B, T, H = 3, 7, 12
 OUTS = (10, 4, 4)  # e.g. q, k, v widths
@@ -88,6 +92,34 @@ def test_sparse_input_gradient_keeps_the_rows():
     torch.autograd.backward(list(outs), [_sparse(gen, index, o) for o in OUTS])
     assert isinstance(seen["grad"], TokenSparseTensor) and torch.equal(seen["grad"].index, index)
     assert all(w.grad.shape == w.shape for w in ws)
+
+
+@pytest.mark.parametrize("layout", ["one buffer", "gap", "reordered", "separate"])
+def test_gradients_in_one_buffer_are_read_without_a_copy(layout, monkeypatch):
+    """Kept-rows gradients that are consecutive column slices of one (n, sum out_i) buffer (as the
+    attention layer writes dQ, dK, dV) are used as that buffer; any other layout is concatenated.
+    The gradients are the same either way."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(B, T, H, generator=gen, dtype=torch.float64, requires_grad=True)
+    ws, bs = _params(gen, True)
+    index = _index(gen, 0.5)
+    n, N = index.numel(), sum(OUTS)
+    buf = torch.randn(n, N + (3 if layout == "gap" else 0), generator=gen, dtype=torch.float64)
+    cols = {"one buffer": [(0, 10), (10, 14), (14, 18)], "gap": [(0, 10), (11, 15), (17, 21)],
+            "reordered": [(8, 18), (0, 4), (4, 8)], "separate": None}[layout]
+    values = ([buf[:, a:b] for a, b in cols] if cols else
+              [torch.randn(n, o, generator=gen, dtype=torch.float64) for o in OUTS])
+    grads = [TokenSparseTensor(v, index, (B, T)) for v in values]
+    used = []
+    one_buffer = multi_linear_module._one_buffer
+    monkeypatch.setattr(multi_linear_module, "_one_buffer", lambda rows: used.append(one_buffer(rows)) or used[-1])
+    got = _grads(lambda x, ws, bs: multi_linear(x, ws, bs), x, ws, bs, grads)
+    assert len(used) == 1
+    if layout == "one buffer":
+        assert used[0] is not None and used[0].data_ptr() == buf.data_ptr() and used[0].shape == (n, N)
+    else:
+        assert used[0] is None
+    assert_all_close(got, _grads(_separate, x, ws, bs, grads))
 
 
 def test_outputs_are_views_of_one_gemm_output():

@@ -445,6 +445,41 @@ def test_dkdv_compact_q_across_loops(masks):
         assert_close_rel(res, case.ref, 2e-5, f"compact split {split} {masks}")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_into_views_of_one_buffer(backend):
+    """``into``: dQ, dK, dV land in column slices of one poisoned (n, Hq + 2 Hkv, D) buffer (the
+    rows of a fused q/k/v projection's gradient), equal to the op's own outputs."""
+    if backend not in ck.available_backends("masked_attention_backward", DEVICE):
+        pytest.skip(f"the {backend} backend is not available here")
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    case = Case(2, 70, 4, 2, 16, ("scattered", "runs"), dtype, seed=5)
+    kw = case.public(offsets=case.offsets, backend=backend, validate=False)
+    want = ck.masked_attention_backward(**kw)
+    n = case.index.numel()
+    buf = torch.full((n, 4 + 2 * 2, 16), float("nan"), dtype=dtype, device=DEVICE)
+    into = buf.split([4, 2, 2], dim=1)
+    got = ck.masked_attention_backward(**kw, into=into)
+    assert all(g is i for g, i in zip(got, into, strict=True))
+    for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+    assert not buf.isnan().any()
+
+
+def test_into_bad_buffers_name_the_argument():
+    case = Case(1, 20, 4, 2, 8, ("scattered",), torch.float32, seed=2)
+    n = case.index.numel()
+    kw = case.public(validate=False, backend="torch")
+    good = (torch.empty(n, 4, 8), torch.empty(n, 2, 8), torch.empty(n, 2, 8))
+    with pytest.raises(TypeError, match="into must be a"):
+        ck.masked_attention_backward(**kw, into=good[:2])
+    with pytest.raises(ValueError, match=r"into\[1\] \(dk\) must be"):
+        ck.masked_attention_backward(**kw, into=(good[0], torch.empty(n, 4, 8), good[2]))
+    with pytest.raises(TypeError, match=r"into\[2\] \(dv\) must have dtype"):
+        ck.masked_attention_backward(**kw, into=(*good[:2], good[2].double()))
+    with pytest.raises(ValueError, match="unit last stride"):
+        ck.masked_attention_backward(**kw, into=(torch.empty(n, 4, 16)[..., ::2], *good[1:]))
+
+
 @triton_only
 def test_dkdv_split_for():
     split = tab.dkdv_split_for

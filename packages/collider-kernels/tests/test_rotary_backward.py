@@ -77,6 +77,25 @@ def test_gpu_rule(dtype, H, D, R, poison):
     assert_rule(out, truth, torch_out, atol=small_atol(dtype, truth), what=f"gpu {dtype} {H}/{D}/{R}")
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+@pytest.mark.parametrize("R", [8, 4])
+def test_into_a_view_of_a_larger_buffer_and_in_place(device, R):
+    """``into`` receives dx as the op returns it: a column slice of a poisoned larger buffer (the
+    rest untouched), and the gradient itself (in place), with partial rotation too."""
+    for backend in ck.available_backends("rotary_backward", device):
+        grad, cos, sin, pos = rotary_case(37, 3, 8, R, 20, torch.float32, device, seed=R)
+        want = ck.rotary_backward(grad, cos, sin, pos, backend=backend)
+        buf = torch.full((37, 5, 8), float("nan"), device=device)
+        into = buf[:, 1:4]  # (n, 3, 8) view, row stride 40
+        got = ck.rotary_backward(grad, cos, sin, pos, backend=backend, into=into)
+        assert got is into
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=backend)
+        assert buf[:, 0].isnan().all() and buf[:, 4].isnan().all()
+        inplace = grad.clone()
+        assert ck.rotary_backward(inplace, cos, sin, pos, backend=backend, into=inplace) is inplace
+        torch.testing.assert_close(inplace, want, rtol=0, atol=0, msg=f"{backend} in place")
+
+
 def test_bad_input_names_the_argument():
     grad, cos, sin, pos = rotary_case(5, 2, 8, 8, 10, torch.float32, "cpu", seed=1)
     with pytest.raises(ValueError, match="grad must be 3-D"):
@@ -93,3 +112,9 @@ def test_bad_input_names_the_argument():
         ck.rotary_backward(grad, cos, sin, pos[:3])
     with pytest.raises(TypeError, match="positions must have dtype"):
         ck.rotary_backward(grad, cos, sin, pos.float())
+    with pytest.raises(ValueError, match=r"into must be \(5, 2, 8\)"):
+        ck.rotary_backward(grad, cos, sin, pos, into=torch.empty(5, 2, 6))
+    with pytest.raises(ValueError, match="into must be .* unit last stride"):
+        ck.rotary_backward(grad, cos, sin, pos, into=torch.empty(5, 2, 16)[..., ::2])
+    with pytest.raises(TypeError, match="into must have dtype"):
+        ck.rotary_backward(grad, cos, sin, pos, into=torch.empty(5, 2, 8, dtype=torch.float64))

@@ -34,6 +34,15 @@ def check_index_values(name: str, index: torch.Tensor, num_rows: int) -> None:
         raise IndexError(f"{name} must lie in [0, {num_rows}), got values in [{lo}, {hi}]")
 
 
+def check_into(name: str, t, shape: tuple, dtype: torch.dtype, device) -> None:
+    """``t`` is a tensor of ``shape`` and ``dtype`` on ``device`` with unit last stride: a buffer
+    an op writes its result into (any other strides, e.g. a view of a larger buffer)."""
+    check_tensor(name, t, dtypes=(dtype,), device=device)
+    if tuple(t.shape) != tuple(shape) or (t.numel() > 1 and t.stride(-1) != 1):
+        raise ValueError(f"{name} must be {tuple(shape)} with unit last stride, got {tuple(t.shape)} "
+                         f"with strides {t.stride()}")
+
+
 def check_row_grad(grad, x, index, *, validate: bool, x_name: str = "x") -> None:
     """``grad`` (n, F) holds the rows ``index`` of ``x`` (M, F), or all M rows when index is None."""
     check_tensor("grad", grad, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)

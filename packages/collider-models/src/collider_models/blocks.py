@@ -73,19 +73,21 @@ class Attention(nn.Module):
             q, k, v = multi_linear(x, [p.weight for p in projections], [p.bias for p in projections])
         else:
             q, k, v = (p(x) for p in projections)
-        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, Hq, D), rotated into a new tensor
+        q = q.view(B, T, self.num_heads, self.head_dim)  # (B, T, Hq, D), rotated into new memory
         k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim).contiguous()  # its own memory: the fused output can go
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
-            out = cache.attend(layer, q, k, v, self.window)  # (B, T, Hq, D)
+            out = cache.attend(layer, rotate(q, cos, sin), rotate(k, cos, sin), v, self.window)  # (B, T, Hq, D)
         else:
             masks = {}
             if self.window is not None and self.window < T:
                 masks["window"] = self.window
             if key_start is not None:
                 masks.update(key_start=key_start, validate=False)  # valid by construction (masks.layout)
-            out = causal_attention(q, k, v, **masks)  # (B, T, Hq, D)
+            if cos.dtype == q.dtype:  # rotated inside: the backward writes dQ, dK, dV into one buffer
+                out = causal_attention(q, k, v, rotary=(cos, sin), **masks)  # (B, T, Hq, D)
+            else:  # tables of another dtype (autocast): rotated first, in the promoted dtype
+                out = causal_attention(rotate(q, cos, sin), rotate(k, cos, sin), v, **masks)
         return getattr(self, self.out_name)(out.reshape(B, T, -1))  # (B, T, hidden)
 
 

@@ -5,6 +5,11 @@ Dense gradient in → PyTorch's own attention backward. Sparse gradient in (kept
 dK/dV of kept keys over kept queries (filtered keys and values are detached; see the Design
 page, ``docs/design.rst``).
 
+With ``rotary`` tables the rotary position embedding of q and k runs inside the layer, so its
+backward lands in the same buffer as dV: on the kept-rows path dQ, dK and dV are written into one
+(n, Hq + 2 Hkv, D) buffer and rotated back in place there, which is the layout a fused q/k/v
+projection's backward reads (no concatenation).
+
 A sliding ``window`` and per-token document starts (``key_start``) restrict the keys each query
 sees, in the forward and in both backwards. Without them the plain causal kernels run: PyTorch's
 cuDNN attention on CUDA fp16/bf16 where cuDNN takes the call (grouped K/V heads natively; on an H200
@@ -27,7 +32,13 @@ import torch
 from collider_autograd._autocast import autocast_off, cast_for_matmul
 from collider_autograd.layers._rows import index_derived, is_partial, layer_grad
 from collider_autograd.sparse_grad import TokenSparseTensor
-from collider_kernels import check_attention_masks, masked_attention_backward, sequence_offsets
+from collider_kernels import (
+    check_attention_masks,
+    masked_attention_backward,
+    rotary_backward,
+    rotary_forward,
+    sequence_offsets,
+)
 from collider_kernels.reference import attention_visibility
 
 aten = torch.ops.aten
@@ -137,17 +148,42 @@ def _dense_backward(grad_out, qh, kh, vh, out, lse, kind, extra, scale, bias):
     )
 
 
+def _rotary_tables(cos, sin, B: int, T: int):
+    """(P, R) tables and the period of the flat token rows' table rows: (T, R) tables serve row
+    ``b * T + t`` from row ``t`` (period T); (B, T, R) tables are flattened (no period)."""
+    if cos.dim() == 3:
+        return cos.reshape(B * T, -1), sin.reshape(B * T, -1), None
+    return cos, sin, T
+
+
+def _table_rows(rows: torch.Tensor, period: int | None) -> torch.Tensor:
+    """Table row of each flat token row ``b * T + t`` (see :func:`_rotary_tables`)."""
+    return rows if period is None else rows % period
+
+
+def _rotate(x, cos, sin, period):
+    """(B, T, H, D) rotated by the tables: a new (B, T, H, D) tensor."""
+    B, T, H, D = x.shape
+    rows = _table_rows(torch.arange(B * T, device=x.device), period)
+    return rotary_forward(x.reshape(B * T, H, D), cos, sin, rows, validate=False).view(B, T, H, D)
+
+
 class CausalAttentionFunction(torch.autograd.Function):
     """q (B, T, Hq, D), k/v (B, T, Hkv, D) → (B, T, Hq, D) causal softmax attention, optionally
-    restricted to a sliding ``window`` and per-token ``key_start`` (B, T)."""
+    restricted to a sliding ``window`` and per-token ``key_start`` (B, T), and with the rotary
+    embedding of q and k by ``cos``/``sin`` tables first."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, window, key_start):
+    def forward(ctx, q, k, v, scale, window, key_start, cos, sin):
         B, T, Hq, D = q.shape
         ctx.empty = q.numel() == 0 or k.numel() == 0
         if ctx.empty:  # B = 0, T = 0 (or no heads): nothing to attend; the CPU kernel would crash
             ctx.shapes, ctx.dtype = (q.shape, k.shape, v.shape), q.dtype
             return q.new_empty((B, T, Hq, D))
+        ctx.rotary = cos is not None
+        if ctx.rotary:
+            cos, sin, ctx.period = _rotary_tables(cos, sin, B, T)
+            q, k = _rotate(q, cos, sin, ctx.period), _rotate(k, cos, sin, ctx.period)
         masked = window is not None or key_start is not None
         # CUDA cuDNN and flash attention take grouped K/V heads natively; the others need them expanded.
         native_gqa = not masked and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
@@ -158,6 +194,7 @@ class CausalAttentionFunction(torch.autograd.Function):
         bias = _mask_bias(q, Hq, window, key_start) if masked else None  # (B, Hq, T, T)
         out, lse, (kind, extra) = _flash_forward(qh, kh, vh, scale, bias)
         saved = extra if key_start is None else [*extra, key_start]
+        saved = saved if cos is None else [*saved, cos, sin]  # the (P, R) tables
         result = out.transpose(1, 2).contiguous()  # (B, T, Hq, D); no copy when the kernel wrote that layout
         # The output is saved once, as returned; the backwards read it through a transposed view.
         ctx.save_for_backward(q, k, v, result, lse, *(t for t in saved if not isinstance(t, int)))
@@ -170,8 +207,9 @@ class CausalAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.empty:
             zeros = (torch.zeros(s, dtype=ctx.dtype, device=grad.device) for s in ctx.shapes)
-            return *zeros, None, None, None
+            return *zeros, None, None, None, None, None
         q, k, v, result, lse, *extra = ctx.saved_tensors
+        tables = (extra.pop(-2), extra.pop()) if ctx.rotary else None  # (P, R) cos, sin
         out = result.transpose(1, 2)  # (B, Hq, T, D) view
         key_start = extra.pop() if ctx.has_key_start else None
         extra = list(extra) + ctx.ints
@@ -179,14 +217,20 @@ class CausalAttentionFunction(torch.autograd.Function):
         B, T, Hq, D = q.shape
         grad = layer_grad(grad, 2)
         if is_partial(grad):
-            n = grad.index.numel()
-            offsets = index_derived(grad.index, ("offsets", B, T), lambda: sequence_offsets(grad.index, B, T))
-            dq, dk, dv = masked_attention_backward(
-                q, k, v, result, lse, grad.values.reshape(n, Hq, D), grad.index, offsets=offsets,
-                scale=ctx.scale, window=window, key_start=key_start, validate=False,
-            )  # (n, Hq, D), (n, Hkv, D), (n, Hkv, D)
+            n, Hkv, index = grad.index.numel(), k.shape[2], grad.index
+            offsets = index_derived(index, ("offsets", B, T), lambda: sequence_offsets(index, B, T))
+            # One (n, Hq + 2 Hkv, D) buffer: the rows of a fused q/k/v projection's gradient.
+            dq, dk, dv = q.new_empty((n, Hq + 2 * Hkv, D)).split([Hq, Hkv, Hkv], dim=1)
+            masked_attention_backward(
+                q, k, v, result, lse, grad.values.reshape(n, Hq, D), index, offsets=offsets,
+                scale=ctx.scale, window=window, key_start=key_start, validate=False, into=(dq, dk, dv),
+            )
+            if ctx.rotary:  # back through the rotation, in place
+                rows = index if ctx.period is None else index_derived(index, ("positions", T), lambda: index % T)
+                for t in (dq, dk):
+                    rotary_backward(t, *tables, rows, validate=False, into=t)
             sparse = (grad.rows_like(dq, q.shape, 2), grad.rows_like(dk, k.shape, 2), grad.rows_like(dv, v.shape, 2))
-            return *sparse, None, None, None
+            return *sparse, None, None, None, None, None
         if isinstance(grad, TokenSparseTensor):  # every row kept: the ordinary dense backward
             grad = grad.values.reshape(q.shape)
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -195,7 +239,12 @@ class CausalAttentionFunction(torch.autograd.Function):
         bias = _mask_bias(q, Hq, window, key_start) if masked else None  # rebuilt, not saved
         dq, dk, dv = _dense_backward(grad.transpose(1, 2), qh, kh, vh, out, lse, ctx.kind, extra, ctx.scale, bias)
         dk, dv = _reduce_kv(dk, ctx.group), _reduce_kv(dv, ctx.group)
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), None, None, None
+        dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)  # (B, T, H, D)
+        if ctx.rotary:
+            rows = _table_rows(torch.arange(B * T, device=dq.device), ctx.period)
+            dq, dk = (rotary_backward(t.reshape(B * T, t.shape[2], D), *tables, rows, validate=False).view(t.shape)
+                      for t in (dq, dk))
+        return dq, dk, dv, None, None, None, None, None
 
 
 def causal_attention(
@@ -207,6 +256,7 @@ def causal_attention(
     window: int | None = None,
     key_start: torch.Tensor | None = None,
     validate: bool = True,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention over (B, T, H, D) tensors with grouped-query K/V; returns (B, T, Hq, D).
 
@@ -224,6 +274,11 @@ def causal_attention(
         validate: check the values of ``key_start`` (a device synchronisation on CUDA; a model
             that checked them once per batch passes False to its layers). Its shape, dtype and
             device, and ``window``, are always checked.
+        rotary: optional ``(cos, sin)`` tables, (T, R) shared by the batch or (B, T, R) per
+            sequence, in q's dtype (after autocast), ``R`` even and ``<= D``: q and k are first
+            rotated on their first ``R`` dims as :func:`~collider_autograd.apply_rotary` does
+            (same values), and the gradients returned for q and k are those of the unrotated
+            inputs. The kept-rows backward then writes dQ, dK and dV into one buffer.
 
     Under ``torch.autocast`` q, k and v are cast to the autocast dtype, as for a matmul. B = 0
     or T = 0 gives an empty result.
@@ -240,5 +295,17 @@ def causal_attention(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1]) if q.shape[-1] else 1.0
     q, k, v = cast_for_matmul(q, k, v)
+    cos = sin = None
+    if rotary is not None:
+        cos, sin = rotary
+        R = cos.shape[-1] if isinstance(cos, torch.Tensor) else -1
+        if not (isinstance(sin, torch.Tensor) and R >= 0 and cos.shape == sin.shape
+                and cos.shape[:-1] in ((T,), (B, T)) and R % 2 == 0 and R <= q.shape[3]):
+            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (cos, sin)]
+            raise ValueError(f"rotary must be (cos, sin) tables of shape ({T}, R) or ({B}, {T}, R) with R even and "
+                             f"<= {q.shape[3]}, got {got}")
+        if cos.dtype != q.dtype or sin.dtype != q.dtype or cos.device != q.device or sin.device != q.device:
+            raise TypeError(f"rotary tables must have q's dtype {q.dtype} and device {q.device}, got "
+                            f"{cos.dtype}/{sin.dtype} on {cos.device}")
     with autocast_off(q.device.type):
-        return CausalAttentionFunction.apply(q, k, v, scale, window, key_start)
+        return CausalAttentionFunction.apply(q, k, v, scale, window, key_start, cos, sin)

@@ -52,7 +52,9 @@ class MultiLinearFunction(torch.autograd.Function):
         used = [p is not None for p in parts]  # an output without gradient gives its weight none
         rows = [p[0] if p is not None else like.new_zeros((like.shape[0], w.shape[0]))
                 for p, w in zip(parts, weights, strict=True)]
-        g = torch.cat(rows, dim=1)  # (n, N)
+        g = _one_buffer(rows)  # (n, N)
+        if g is None:
+            g = torch.cat(rows, dim=1)
         sizes = [w.shape[0] for w in weights]
         dx = input_grad(ref, g @ torch.cat(weights), x.shape) if need_x else None  # (n, in) rows
         dws = [None] * k
@@ -82,6 +84,25 @@ class MultiLinearFunction(torch.autograd.Function):
             if part is not None:
                 dx = part if dx is None else dx + part
         return dx, dws, dbs
+
+
+def _one_buffer(rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """The (n, N) row-major buffer whose consecutive column slices the (n, out_i) ``rows`` are
+    (as the attention layer's backward writes dQ, dK, dV), without a copy; None when they are not."""
+    first = rows[0]
+    n, N = first.shape[0], sum(r.shape[1] for r in rows)
+    if n == 0:
+        return None
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for r in rows:
+        if r.dtype != first.dtype or r.device != first.device or r.shape[0] != n:
+            return None
+        if r.untyped_storage().data_ptr() != storage or r.storage_offset() != offset:
+            return None
+        if (n > 1 and r.stride(0) != N) or (r.shape[1] > 1 and r.stride(1) != 1):
+            return None
+        offset += r.shape[1]
+    return first.as_strided((n, N), (N, 1), first.storage_offset())
 
 
 def multi_linear(

@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from collider_kernels._checks import check_attention_masks, check_index, check_tensor
+from collider_kernels._checks import check_attention_masks, check_index, check_into, check_tensor
 from collider_kernels.backends import register, resolve_backend
 from collider_kernels.dtypes import FLOAT_DTYPES
 from collider_kernels.reference import attention_visibility, key_lower_bound
@@ -49,6 +49,7 @@ def masked_attention_backward(
     key_start: torch.Tensor | None = None,
     backend: str = "auto",
     validate: bool = True,
+    into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Causal attention backward restricted to kept tokens.
 
@@ -78,10 +79,13 @@ def masked_attention_backward(
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         validate: check index range and order, ``offsets`` and ``key_start`` values (costs a
             device sync on CUDA).
+        into: optional ``(dq, dk, dv)`` tensors of the result's shapes and dtype, each with unit
+            last stride, to write the result into (e.g. views of one (n, Hq + 2 Hkv, D) buffer,
+            as the rows of a fused q/k/v projection's gradient); every element is overwritten.
 
     Returns:
         ``(dq, dk, dv)`` of shapes (n, Hq, D), (n, Hkv, D), (n, Hkv, D) for the kept rows,
-        in ``q.dtype``.
+        in ``q.dtype`` (the ``into`` tensors when given).
     """
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
     B, T, Hq, D = q.shape
@@ -116,10 +120,15 @@ def masked_attention_backward(
             raise ValueError(f"offsets must be ({B + 1},), got {tuple(offsets.shape)}")
         if validate and not torch.equal(offsets, sequence_offsets(index, B, T)):
             raise ValueError("offsets must equal sequence_offsets(index, B, T) (each sequence's kept rows)")
+    if into is not None:
+        if not isinstance(into, (tuple, list)) or len(into) != 3:
+            raise TypeError(f"into must be a (dq, dk, dv) tuple of tensors, got {type(into).__name__}")
+        for name, t, h in zip(("into[0] (dq)", "into[1] (dk)", "into[2] (dv)"), into, (Hq, Hkv, Hkv), strict=True):
+            check_into(name, t, (n, h, D), q.dtype, q.device)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     fn = resolve_backend("masked_attention_backward", backend, q.device, (q.dtype,))
-    return fn(q, k, v, out, lse, grad_out, index, offsets, scale, window, key_start)
+    return fn(q, k, v, out, lse, grad_out, index, offsets, scale, window, key_start, into=into)
 
 
 # Kept queries per block of the torch backend: each block only reads keys up to its last
@@ -165,7 +174,16 @@ def _dense_flash_backward_cpu(q, k, v, out, lse, grad_out, index, scale, window,
 
 @register("masked_attention_backward", "torch")
 def _masked_attention_backward_torch(q, k, v, out, lse, grad_out, index, offsets, scale, window=None,
-                                     key_start=None):
+                                     key_start=None, into=None):
+    grads = _masked_attention_backward_math(q, k, v, out, lse, grad_out, index, offsets, scale, window, key_start)
+    if into is None:
+        return grads
+    for dst, src in zip(into, grads, strict=True):
+        dst.copy_(src)
+    return tuple(into)
+
+
+def _masked_attention_backward_math(q, k, v, out, lse, grad_out, index, offsets, scale, window, key_start):
     B, T, Hq, D = q.shape
     if q.device.type == "cpu" and index.numel() >= _CPU_DENSE_KEEP_SHARE * B * T and lse.dtype == (
         torch.float64 if q.dtype == torch.float64 else torch.float32

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from collider_kernels._checks import check_rotary_args
+from collider_kernels._checks import check_into, check_rotary_args
 from collider_kernels.backends import register, resolve_backend
 from collider_kernels.ops.rotary_forward import table_rows
 
@@ -17,6 +17,7 @@ def rotary_backward(
     *,
     backend: str = "auto",
     validate: bool = True,
+    into: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient of ``y = x * cos + rotate_half(x) * sin`` on the first ``R`` dims of each head.
 
@@ -32,17 +33,21 @@ def rotary_backward(
         positions: (n,) int64/int32 position of each row in ``[0, T)``.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
         validate: check that ``positions`` lie in range (costs a device sync on CUDA).
+        into: optional (n, H, D) tensor of ``grad.dtype`` with unit last stride to write dx
+            into; it may be ``grad`` itself (in place).
 
     Returns:
-        dx (n, H, D) in ``grad.dtype``.
+        dx (n, H, D) in ``grad.dtype`` (``into`` when given).
     """
     check_rotary_args("grad", grad, cos, sin, positions, validate=validate)
+    if into is not None:
+        check_into("into", into, tuple(grad.shape), grad.dtype, grad.device)
     fn = resolve_backend("rotary_backward", backend, grad.device, (grad.dtype, cos.dtype, sin.dtype))
-    return fn(grad, cos, sin, positions)
+    return fn(grad, cos, sin, positions, into=into)
 
 
 @register("rotary_backward", "torch")
-def _rotary_backward_torch(grad, cos, sin, positions):
+def _rotary_backward_torch(grad, cos, sin, positions, into=None):
     R = cos.shape[1]
     h = R // 2
     c, s = table_rows(cos, sin, positions)  # (n, 1, R)
@@ -51,4 +56,4 @@ def _rotary_backward_torch(grad, cos, sin, positions):
     out = gr * c + torch.cat([gs[..., h:], -gs[..., :h]], dim=-1)
     if R != grad.shape[2]:
         out = torch.cat([out, grad[..., R:]], dim=-1)
-    return out.to(grad.dtype)
+    return out.to(grad.dtype) if into is None else into.copy_(out)

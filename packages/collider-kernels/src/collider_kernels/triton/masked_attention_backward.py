@@ -673,5 +673,8 @@ def masked_attention_backward_triton(
 
 
 @register("masked_attention_backward", "triton", devices=settings.DEVICES, dtypes=KERNEL_DTYPES)
-def _masked_attention_backward_triton(q, k, v, out, lse, grad_out, index, offsets, scale, window, key_start):
-    return masked_attention_backward_triton(q, k, v, out, lse, grad_out, index, offsets, scale, window, key_start)
+def _masked_attention_backward_triton(q, k, v, out, lse, grad_out, index, offsets, scale, window, key_start,
+                                      into=None):
+    dq, dk, dv = (None, None, None) if into is None else into
+    return masked_attention_backward_triton(q, k, v, out, lse, grad_out, index, offsets, scale, window, key_start,
+                                            dq=dq, dk=dk, dv=dv)

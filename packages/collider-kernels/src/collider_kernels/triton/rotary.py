@@ -89,13 +89,15 @@ def rotary_config(H: int, D: int) -> dict:
             "num_warps": 4}
 
 
-def launch_rotary(x, cos, sin, positions, out_dtype, *, transpose: bool, cfg: dict | None = None):
+def launch_rotary(x, cos, sin, positions, out_dtype, *, transpose: bool, cfg: dict | None = None, out=None):
     """y (n, H, D) in ``out_dtype``: x rotated by the angles of ``positions`` (forward, each
     product and sum rounded to ``out_dtype``) or by minus them (``transpose``: the backward,
-    rounded once); ``cfg`` overrides :func:`rotary_config` (block_r, block_hd, num_warps)."""
+    rounded once); ``cfg`` overrides :func:`rotary_config` (block_r, block_hd, num_warps).
+    ``out``: an (n, H, D) tensor with unit last stride to write y into; it may be ``x`` (each
+    program reads its tile before writing it)."""
     n, H, D = x.shape
     R = cos.shape[1]
-    y = settings.alloc_output((n, H, D), out_dtype, x.device)  # (n, H, D)
+    y = settings.alloc_output((n, H, D), out_dtype, x.device) if out is None else out  # (n, H, D)
     if n == 0 or H == 0 or D == 0:
         return y
     if x.stride(2) != 1:

@@ -9,13 +9,13 @@ from collider_kernels.triton import settings
 from collider_kernels.triton.rotary import launch_rotary
 
 
-def launch_rotary_backward(grad, cos, sin, positions, cfg: dict | None = None):
-    """dx (n, H, D) in ``grad.dtype``; ``cfg`` overrides
-    :func:`~collider_kernels.triton.rotary.rotary_config`."""
-    return launch_rotary(grad, cos, sin, positions, grad.dtype, transpose=True, cfg=cfg)
+def launch_rotary_backward(grad, cos, sin, positions, cfg: dict | None = None, into=None):
+    """dx (n, H, D) in ``grad.dtype``, written into ``into`` when given (may be ``grad``);
+    ``cfg`` overrides :func:`~collider_kernels.triton.rotary.rotary_config`."""
+    return launch_rotary(grad, cos, sin, positions, grad.dtype, transpose=True, cfg=cfg, out=into)
 
 
 @register("rotary_backward", "triton", devices=settings.DEVICES, dtypes=KERNEL_DTYPES)
-def rotary_backward_triton(grad, cos, sin, positions):
+def rotary_backward_triton(grad, cos, sin, positions, into=None):
     """Fused rotary backward with the cos/sin rows gathered by position inside the kernel."""
-    return launch_rotary_backward(grad, cos, sin, positions)
+    return launch_rotary_backward(grad, cos, sin, positions, into=into)
