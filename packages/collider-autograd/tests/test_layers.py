@@ -92,6 +92,29 @@ def test_embedding_with_repeated_ids(shape, vocab, p, seed):
     _check(embedding, torch.nn.functional.embedding, [ids, w], (B, T, H), gen, p)
 
 
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_embedding_weight_grad_sums_repeats_in_fp32_and_rounds_once(id_dtype, sparse):
+    """bf16 table: each row of the weight gradient is the fp32 sum of its rows, rounded once to
+    bf16 (within one bf16 step of the fp64 sum); untouched rows are exact zeros."""
+    gen = torch.Generator().manual_seed(4)
+    B, T, H, V = 3, 50, 16, 40
+    ids = torch.randint(0, 7, (B, T), generator=gen).to(id_dtype) * 5  # 7 of 40 ids, repeated
+    w = torch.randn(V, H, generator=gen).bfloat16().requires_grad_()
+    g = torch.randn(B, T, H, generator=gen).bfloat16()
+    keep = torch.rand(B * T, generator=gen) < 0.6
+    if sparse:
+        index = keep.nonzero().squeeze(1)
+        g = TokenSparseTensor(g.reshape(B * T, H)[index], index, (B, T))
+    (dw,) = torch.autograd.grad(embedding(ids, w), w, g)
+    dense = g.to_dense() if sparse else g
+    truth = torch.zeros(V, H, dtype=F64).index_add_(0, ids.reshape(-1).long(), dense.reshape(-1, H).double())
+    assert dw.dtype == torch.bfloat16 and dw.shape == (V, H)
+    assert torch.equal(dw[truth.abs().sum(1) == 0].float(), torch.zeros_like(dw[truth.abs().sum(1) == 0].float()))
+    step = truth.abs().clamp_min(1e-30) * 2.0**-8  # one bf16 step at each value
+    assert ((dw.double() - truth).abs() <= step).all()
+
+
 def _rms_reference(x, w, eps=1e-6):
     return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
 
@@ -273,3 +296,35 @@ def test_lm_head_keep_logits_gives_the_same_gradients_twice(sparse):
     for other in results[1:]:
         for a, b in zip(results[0], other, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_layers_fed_one_gradient_sum_its_rows_once_into_separate_bias_grads():
+    """Two biased projections fed the same output gradient (Phi's parallel attention and MLP
+    outputs): one row sum, two distinct bias gradients, as separate layers give them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountSums(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sums = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.sum.dim_IntList, torch.ops.aten.sum.default):
+                self.sums += 1
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 6, generator=gen, dtype=F64)
+    w1, w2 = (torch.randn(6, 6, generator=gen, dtype=F64, requires_grad=True) for _ in range(2))
+    b1, b2 = (torch.randn(6, generator=gen, dtype=F64, requires_grad=True) for _ in range(2))
+    sparse, _ = _sparse_grad((2, 9, 6), gen, 0.5)
+    for grad in (sparse, sparse.to_dense()):
+        counter = CountSums()
+        with counter:
+            out = x + linear(x, w1, b1) + linear(x, w2, b2)
+            db1, db2 = torch.autograd.grad(out, [b1, b2], grad)
+        assert counter.sums == 1
+        assert db1 is not db2 and db1.data_ptr() != db2.data_ptr()
+        dense = grad.to_dense() if isinstance(grad, TokenSparseTensor) else grad
+        torch.testing.assert_close(db1, dense.sum((0, 1)))
+        torch.testing.assert_close(db2, dense.sum((0, 1)))

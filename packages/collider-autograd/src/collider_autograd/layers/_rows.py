@@ -72,3 +72,41 @@ def shaped_output(t: torch.Tensor, shape) -> torch.Tensor:
     tensor over the same memory rather than a view of ``t``, so wrappers that hook module
     outputs (FSDP2 warns about views) see what a dense layer returns."""
     return t.view(shape).detach()
+
+
+# kind → (tensor, version, index, result) of the last reusable result, or None. A plain global:
+# concurrent backward passes can only evict each other's entries, since a hit needs the same tensors.
+_last: dict[str, tuple] = {}
+
+
+def reuse_last(kind: str, t: torch.Tensor, index: torch.Tensor | None, make) -> tuple[torch.Tensor, bool]:
+    """``(make(), False)``, a value computed from ``t`` (and ``index``) alone, or ``(value, True)``
+    when the same tensor and index come again right after: projections sharing an input gather its
+    kept rows once, and two layers fed one output gradient (Phi's parallel attention and MLP) sum
+    its rows for their biases once. The slot holds ``t`` itself, so its memory cannot be reused
+    while cached, its version counter catches in-place changes, and the slots are emptied when the
+    backward ends."""
+    slot = _last.get(kind)
+    if slot is not None:
+        prev, version, index_prev, value = slot
+        same = prev.data_ptr() == t.data_ptr() and prev.shape == t.shape and prev.stride() == t.stride()
+        if same and prev.dtype == t.dtype and index_prev is index and version == t._version:
+            return value, True
+    value = make()
+    _last[kind] = (t, t._version, index, value)
+    torch.autograd.Variable._execution_engine.queue_callback(_last.clear)  # runs when this backward ends
+    return value, False
+
+
+def kept_rows(x2d: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x2d[index]`` (n, in), gathered once for the projections that share ``x2d`` (read only)."""
+    return reuse_last("gather", x2d, index, lambda: x2d.index_select(0, index))[0]
+
+
+def bias_grad(rows: torch.Tensor) -> torch.Tensor:
+    """``rows.sum(0)``: the bias gradient of a layer whose output gradient has these (n, out) rows,
+    summed once for the layers fed the same gradient; each layer gets its own tensor (a ``.grad``
+    may be changed in place later)."""
+    value, reused = reuse_last("row sum", rows, None, lambda: rows.sum(0))
+    return value.clone() if reused else value
+

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
-from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad, shaped_output
+from collider_autograd.layers._rows import bias_grad, grad_rows, input_grad, layer_grad, shaped_output
 from collider_kernels import gathered_weight_grad, gelu_new_backward
 
 
@@ -46,7 +46,7 @@ class GeluMLPFunction(torch.autograd.Function):
         dw2 = gathered_weight_grad(g, act, None) if need_w2 else None  # (H, I) from the recomputed rows
         has_b1, has_b2 = ctx.has_bias
         db1 = dh.sum(0) if (need_b1 and has_b1) else None
-        db2 = g.sum(0) if (need_b2 and has_b2) else None
+        db2 = bias_grad(g) if (need_b2 and has_b2) else None
         return dx, dw1, dw2, db1, db2
 
 

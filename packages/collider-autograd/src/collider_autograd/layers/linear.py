@@ -6,37 +6,8 @@ import torch
 from torch import nn
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
-from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad
+from collider_autograd.layers._rows import bias_grad, grad_rows, input_grad, kept_rows, layer_grad
 from collider_kernels import gathered_weight_grad
-
-# (x2d, version, index, rows) of the last gather, or None. A plain global: concurrent backward
-# passes can only evict each other's entry, since a hit needs the same tensors.
-_last_gather = None
-
-
-def _kept_rows(x2d: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``x2d[index]``, reusing the previous gather when the same input and index come again:
-    the q/k/v (and gate/up) projections share their input, and their backwards run one after
-    another, so one gather serves all of them. The slot holds ``x2d`` itself, so its memory
-    cannot be reused while cached, its version counter catches in-place changes, and the slot
-    is emptied when the backward pass ends."""
-    global _last_gather
-    slot = _last_gather
-    if slot is not None:
-        x_prev, version, index_prev, rows = slot
-        same_x = x_prev.data_ptr() == x2d.data_ptr() and x_prev.shape == x2d.shape
-        same_x = same_x and x_prev.stride() == x2d.stride() and x_prev.dtype == x2d.dtype
-        if same_x and index_prev is index and version == x2d._version:
-            return rows
-    rows = x2d.index_select(0, index)  # (n, in)
-    _last_gather = (x2d, x2d._version, index, rows)
-    torch.autograd.Variable._execution_engine.queue_callback(_release)  # runs when backward ends
-    return rows
-
-
-def _release() -> None:
-    global _last_gather
-    _last_gather = None
 
 
 class LinearFunction(torch.autograd.Function):
@@ -61,8 +32,8 @@ def linear_grads(grad, x, weight, need_x: bool, need_w: bool, need_b: bool):
     x2d = x.reshape(-1, x.shape[-1])  # (M, in)
     g, index = grad_rows(grad, (weight.shape[0],))  # (n, out) kept rows, or all M rows
     dx = input_grad(grad, g @ weight, x.shape) if need_x else None  # (n, in) rows
-    dw = gathered_weight_grad(g, x2d if index is None else _kept_rows(x2d, index), None) if need_w else None
-    db = g.sum(0) if need_b else None
+    dw = gathered_weight_grad(g, x2d if index is None else kept_rows(x2d, index), None) if need_w else None
+    db = bias_grad(g) if need_b else None
     return dx, dw, db
 
 

@@ -15,8 +15,16 @@ import torch
 from torch import nn
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
-from collider_autograd.layers._rows import grad_rows, input_grad, is_partial, layer_grad, same_rows
-from collider_autograd.layers.linear import _kept_rows, linear, linear_grads
+from collider_autograd.layers._rows import (
+    bias_grad,
+    grad_rows,
+    input_grad,
+    is_partial,
+    kept_rows,
+    layer_grad,
+    same_rows,
+)
+from collider_autograd.layers.linear import linear, linear_grads
 from collider_kernels import gathered_weight_grad
 
 
@@ -61,14 +69,15 @@ class MultiLinearFunction(torch.autograd.Function):
         wanted = [need and u for need, u in zip(need_w, used, strict=True)]
         if any(wanted):
             x2d = x.reshape(-1, x.shape[-1])  # (M, in)
-            x_rows = x2d if index is None else _kept_rows(x2d, index)  # (n, in)
+            x_rows = x2d if index is None else kept_rows(x2d, index)  # (n, in)
             if all(wanted):  # one GEMM for every projection's weight
                 dws = list(gathered_weight_grad(g, x_rows, None).split(sizes))  # (out_i, in) each
             else:  # a frozen weight (or an unused output) costs no GEMM
                 dws = [gathered_weight_grad(r, x_rows, None) if w else None for r, w in zip(rows, wanted, strict=True)]
         dbs = [None] * k
         if ctx.has_bias and any(need_b):
-            dbs = [d if need and u else None for d, need, u in zip(g.sum(0).split(sizes), need_b, used, strict=True)]
+            sums = bias_grad(g).split(sizes)
+            dbs = [d if need and u else None for d, need, u in zip(sums, need_b, used, strict=True)]
         return dx, None, *dws, *dbs
 
     @staticmethod

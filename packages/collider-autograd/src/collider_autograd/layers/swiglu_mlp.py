@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
-from collider_autograd.layers._rows import grad_rows, input_grad, layer_grad, shaped_output
+from collider_autograd.layers._rows import bias_grad, grad_rows, input_grad, layer_grad, shaped_output
 from collider_kernels import gathered_weight_grad, swiglu_backward, swiglu_forward
 
 
@@ -55,7 +55,7 @@ class SwiGLUMLPFunction(torch.autograd.Function):
         has_gu_bias, has_down_bias = ctx.has_bias
         dbg = dgate.sum(0) if (need_bg and has_gu_bias) else None
         dbu = dup.sum(0) if (need_bu and has_gu_bias) else None
-        dbd = g.sum(0) if (need_bd and has_down_bias) else None
+        dbd = bias_grad(g) if (need_bd and has_down_bias) else None
         return dx, dwg, dwu, dwd, dbg, dbu, dbd
 
 
