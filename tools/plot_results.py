@@ -89,8 +89,8 @@ def plot_attention() -> None:
     data = json.loads((RESULTS / "attention_h200.json").read_text())
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for model in dict.fromkeys(r["model"] for r in data["rows"]):
-        rows = sorted((r for r in data["rows"] if r["model"] == model and r["strategy"] == "separate"),
-                      key=lambda r: r["keep"])
+        rows = sorted((r for r in data["rows"] if r["model"] == model and r["strategy"] == "separate"
+                       and r.get("variant", "auto:default") == "auto:default"), key=lambda r: r["keep"])
         ax.plot([r["keep"] for r in rows], [r["ratio"] for r in rows], "o-", label=model)
     ax.plot([0.4, 1.0], [0.4, 1.0], "--", color="grey", label="proportional to kept share")
     ax.set_xlabel("kept share of tokens")

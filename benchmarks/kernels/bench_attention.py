@@ -222,7 +222,7 @@ def main(argv=None):
                 sms = settings.num_sms(q.device)
                 used_split = tab.dkdv_split_for(B, Hkv, Hq // Hkv, n, D, sms) if split is None else split
                 used_compact = tab.COMPACT_Q if compact is None else compact
-                row = {"model": model, "keep": keep, "strategy": strat, "n": n,
+                row = {"model": model, "keep": keep, "strategy": strat, "variant": variant, "n": n,
                        "dkdv_split": used_split, "compact_q": used_compact}
                 if ref is not None:
                     errs = (float(f"{max_rel_diff(a, r):.3e}") for a, r in zip(res, ref, strict=True))
