@@ -109,4 +109,3 @@ def bias_grad(rows: torch.Tensor) -> torch.Tensor:
     may be changed in place later)."""
     value, reused = reuse_last("row sum", rows, None, lambda: rows.sum(0))
     return value.clone() if reused else value
-
