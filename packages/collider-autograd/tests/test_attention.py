@@ -153,6 +153,9 @@ def test_rotary_bad_tables_name_the_argument():
             causal_attention(q, k, v, rotary=bad)
     with pytest.raises(TypeError, match="rotary tables must have q's dtype"):
         causal_attention(q, k, v, rotary=(cos.double(), sin.double()))
+    for fn in (lambda c, s: causal_attention(q, k, v, rotary=(c, s)), lambda c, s: apply_rotary(q, c, s)):
+        with pytest.raises(ValueError, match="must not require grad"):
+            fn(cos.clone().requires_grad_(), sin)
 
 
 def test_masks_change_the_result():

@@ -478,6 +478,11 @@ def test_into_bad_buffers_name_the_argument():
         ck.masked_attention_backward(**kw, into=(*good[:2], good[2].double()))
     with pytest.raises(ValueError, match="unit last stride"):
         ck.masked_attention_backward(**kw, into=(torch.empty(n, 4, 16)[..., ::2], *good[1:]))
+    with pytest.raises(ValueError, match=r"into\[0\] \(dq\) must not share memory with grad_out"):
+        ck.masked_attention_backward(**kw, into=(case.grad_out, *good[1:]))
+    in_k = case.k.as_strided((n, 2, 8), (16, 8, 1), 0)  # the projection buffer q, k and v live in
+    with pytest.raises(ValueError, match=r"into\[1\] \(dk\) must not share memory with q"):
+        ck.masked_attention_backward(**kw, into=(good[0], in_k, good[2]))
 
 
 @triton_only

@@ -118,3 +118,6 @@ def test_bad_input_names_the_argument():
         ck.rotary_backward(grad, cos, sin, pos, into=torch.empty(5, 2, 16)[..., ::2])
     with pytest.raises(TypeError, match="into must have dtype"):
         ck.rotary_backward(grad, cos, sin, pos, into=torch.empty(5, 2, 8, dtype=torch.float64))
+    wide = torch.randn(6, 2, 8)  # into overlapping grad without being it: rows read after they are written
+    with pytest.raises(ValueError, match="into must not share memory with grad or be grad itself"):
+        ck.rotary_backward(wide[:5], cos, sin, pos, into=wide[1:])

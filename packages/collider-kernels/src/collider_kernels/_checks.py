@@ -34,13 +34,25 @@ def check_index_values(name: str, index: torch.Tensor, num_rows: int) -> None:
         raise IndexError(f"{name} must lie in [0, {num_rows}), got values in [{lo}, {hi}]")
 
 
-def check_into(name: str, t, shape: tuple, dtype: torch.dtype, device) -> None:
+def check_into(name: str, t, shape: tuple, dtype: torch.dtype, device, inputs: dict, same_as=None) -> None:
     """``t`` is a tensor of ``shape`` and ``dtype`` on ``device`` with unit last stride: a buffer
-    an op writes its result into (any other strides, e.g. a view of a larger buffer)."""
+    an op writes its result into (any other strides, e.g. a view of a larger buffer). It shares no
+    memory with the op's ``inputs`` (name → tensor), except that it may be exactly ``same_as`` (the
+    same view: an op that works in place)."""
     check_tensor(name, t, dtypes=(dtype,), device=device)
     if tuple(t.shape) != tuple(shape) or (t.numel() > 1 and t.stride(-1) != 1):
         raise ValueError(f"{name} must be {tuple(shape)} with unit last stride, got {tuple(t.shape)} "
                          f"with strides {t.stride()}")
+    if t.numel() == 0:
+        return
+    storage = t.untyped_storage().data_ptr()
+    for other_name, other in inputs.items():
+        if other is None or other.numel() == 0 or other.untyped_storage().data_ptr() != storage:
+            continue
+        if other is same_as and other.data_ptr() == t.data_ptr() and other.stride() == t.stride():
+            continue
+        exact = f" or be {other_name} itself" if other is same_as else ""
+        raise ValueError(f"{name} must not share memory with {other_name}{exact} (the op reads it while writing)")
 
 
 def check_row_grad(grad, x, index, *, validate: bool, x_name: str = "x") -> None:

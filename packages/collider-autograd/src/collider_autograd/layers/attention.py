@@ -31,6 +31,7 @@ import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
 from collider_autograd.layers._rows import index_derived, is_partial, layer_grad
+from collider_autograd.layers.rotary import check_tables_constant
 from collider_autograd.sparse_grad import TokenSparseTensor
 from collider_kernels import (
     check_attention_masks,
@@ -307,5 +308,6 @@ def causal_attention(
         if cos.dtype != q.dtype or sin.dtype != q.dtype or cos.device != q.device or sin.device != q.device:
             raise TypeError(f"rotary tables must have q's dtype {q.dtype} and device {q.device}, got "
                             f"{cos.dtype}/{sin.dtype} on {cos.device}")
+        check_tables_constant(cos, sin)
     with autocast_off(q.device.type):
         return CausalAttentionFunction.apply(q, k, v, scale, window, key_start, cos, sin)

@@ -46,6 +46,12 @@ class RotaryFunction(torch.autograd.Function):
         return input_grad(grad, dx.to(ctx.x_dtype), grad.shape, 2), None, None
 
 
+def check_tables_constant(cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """The rotary layers give the tables no gradient: refuse tables that require one."""
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("cos and sin must not require grad: the rotary tables get no gradient here")
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first ``cos.shape[-1]`` dims of each head of ``x`` (B, T, H, D); the output
     dtype is that of ``x * cos`` (as in ``transformers``), also under autocast."""
@@ -55,5 +61,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         raise ValueError(f"cos and sin must be ({x.shape[1]}, rot_dim), got {tuple(cos.shape)} and {tuple(sin.shape)}")
     if cos.shape[1] > x.shape[-1] or cos.shape[1] % 2:
         raise ValueError(f"rot_dim must be even and <= head dim {x.shape[-1]}, got {cos.shape[1]}")
+    check_tables_constant(cos, sin)
     with autocast_off(x.device.type):
         return RotaryFunction.apply(x, cos, sin)

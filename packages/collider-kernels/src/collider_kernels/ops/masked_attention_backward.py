@@ -123,8 +123,9 @@ def masked_attention_backward(
     if into is not None:
         if not isinstance(into, (tuple, list)) or len(into) != 3:
             raise TypeError(f"into must be a (dq, dk, dv) tuple of tensors, got {type(into).__name__}")
+        inputs = {"q": q, "k": k, "v": v, "out": out, "lse": lse, "grad_out": grad_out}
         for name, t, h in zip(("into[0] (dq)", "into[1] (dk)", "into[2] (dv)"), into, (Hq, Hkv, Hkv), strict=True):
-            check_into(name, t, (n, h, D), q.dtype, q.device)
+            check_into(name, t, (n, h, D), q.dtype, q.device, inputs)
     if scale is None:
         scale = 1.0 / math.sqrt(D)
     fn = resolve_backend("masked_attention_backward", backend, q.device, (q.dtype,))

@@ -41,7 +41,8 @@ def rotary_backward(
     """
     check_rotary_args("grad", grad, cos, sin, positions, validate=validate)
     if into is not None:
-        check_into("into", into, tuple(grad.shape), grad.dtype, grad.device)
+        inputs = {"grad": grad, "cos": cos, "sin": sin, "positions": positions}
+        check_into("into", into, tuple(grad.shape), grad.dtype, grad.device, inputs, same_as=grad)
     fn = resolve_backend("rotary_backward", backend, grad.device, (grad.dtype, cos.dtype, sin.dtype))
     return fn(grad, cos, sin, positions, into=into)
 
