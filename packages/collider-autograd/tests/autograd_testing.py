@@ -1,7 +1,8 @@
 """Helpers shared by the layer tests: kept-row gradients, running a multi-output layer's backward,
-and comparing outputs and gradients (``None`` where a leaf gets none)."""
+comparing outputs and gradients (``None`` where a leaf gets none), counting reductions."""
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from collider_autograd import TokenSparseTensor
 
@@ -34,3 +35,16 @@ def assert_all_close(got: list, want: list, tol: float = 1e-12) -> None:
             assert g is None
         else:
             torch.testing.assert_close(g, w, rtol=tol, atol=tol)
+
+
+class CountSums(TorchDispatchMode):
+    """Counts reductions (a bias gradient is one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sums = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.sum.dim_IntList, torch.ops.aten.sum.default):
+            self.sums += 1
+        return func(*args, **(kwargs or {}))

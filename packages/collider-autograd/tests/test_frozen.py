@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from autograd_testing import CountSums
 
 from collider_autograd import (
     TokenSparseTensor,
@@ -33,19 +33,6 @@ def count_calls(monkeypatch, module: str, name: str) -> list:
 
     monkeypatch.setattr(mod, name, counted)
     return calls
-
-
-class CountSums(TorchDispatchMode):
-    """Counts reductions (a bias gradient is one)."""
-
-    def __init__(self):
-        super().__init__()
-        self.sums = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.sum.dim_IntList, torch.ops.aten.sum.default):
-            self.sums += 1
-        return func(*args, **(kwargs or {}))
 
 
 def _grads(fn, x, grad, *params):

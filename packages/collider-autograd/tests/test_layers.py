@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from autograd_testing import CountSums
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -301,18 +302,6 @@ def test_lm_head_keep_logits_gives_the_same_gradients_twice(sparse):
 def test_layers_fed_one_gradient_sum_its_rows_once_into_separate_bias_grads():
     """Two biased projections fed the same output gradient (Phi's parallel attention and MLP
     outputs): one row sum, two distinct bias gradients, as separate layers give them."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class CountSums(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.sums = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.sum.dim_IntList, torch.ops.aten.sum.default):
-                self.sums += 1
-            return func(*args, **(kwargs or {}))
-
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 9, 6, generator=gen, dtype=F64)
     w1, w2 = (torch.randn(6, 6, generator=gen, dtype=F64, requires_grad=True) for _ in range(2))
