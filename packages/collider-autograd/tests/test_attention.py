@@ -144,6 +144,24 @@ def test_rotary_inside_equals_rotating_first(B, T, hkv, group, D, rot, per_seque
             torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("tables", [torch.float32, torch.bfloat16])
+def test_rotary_inside_under_autocast_equals_rotating_first(tables):
+    """bf16 autocast over bf16 q/k with fp32 (or bf16) tables: the same bits as rotating first in
+    the promoted dtype and letting autocast cast the result, forward and both backwards."""
+    gen = torch.Generator().manual_seed(11)
+    B, T, hkv, group, D = 2, 40, 2, 2, 16
+    q, k, v = (t.bfloat16() for t in qkv(B, T, hkv * group, hkv, D, gen, torch.float32))
+    cos, sin = rotary_tables(torch.arange(T), 8, 10000.0, tables)
+    sparse, _ = sparse_grad(B, T, hkv * group, D, gen, 0.6, torch.bfloat16)
+    for grad in (torch.randn(B, T, hkv * group, D, generator=gen).bfloat16(), sparse):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, g = grads(lambda q, k, v: causal_attention(q, k, v, rotary=(cos, sin)), (q, k, v), grad)
+            ref_out, ref = grads(lambda q, k, v: causal_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin),
+                                                                   v), (q, k, v), grad)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, ref_out)
+        assert all(a.dtype == torch.bfloat16 and torch.equal(a, r) for a, r in zip(g, ref, strict=True))
+
+
 def test_rotary_bad_tables_name_the_argument():
     q, k, v = torch.randn(2, 6, 4, 8), torch.randn(2, 6, 2, 8), torch.randn(2, 6, 2, 8)
     cos, sin = rotary_tables(torch.arange(6), 8, 10000.0, torch.float32)
@@ -151,8 +169,10 @@ def test_rotary_bad_tables_name_the_argument():
                 (cos.repeat(1, 2), sin.repeat(1, 2)), (cos.expand(3, 6, 8), sin.expand(3, 6, 8)), (cos, None)):
         with pytest.raises(ValueError, match="rotary must be"):
             causal_attention(q, k, v, rotary=bad)
-    with pytest.raises(TypeError, match="rotary tables must have q's dtype"):
-        causal_attention(q, k, v, rotary=(cos.double(), sin.double()))
+    with pytest.raises(TypeError, match="rotary tables must be floating point, of one dtype"):
+        causal_attention(q, k, v, rotary=(cos.long(), sin.long()))
+    with pytest.raises(TypeError, match="rotary tables must be floating point, of one dtype"):
+        causal_attention(q, k, v, rotary=(cos, sin.double()))
     for fn in (lambda c, s: causal_attention(q, k, v, rotary=(c, s)), lambda c, s: apply_rotary(q, c, s)):
         with pytest.raises(ValueError, match="must not require grad"):
             fn(cos.clone().requires_grad_(), sin)

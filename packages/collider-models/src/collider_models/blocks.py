@@ -84,10 +84,8 @@ class Attention(nn.Module):
                 masks["window"] = self.window
             if key_start is not None:
                 masks.update(key_start=key_start, validate=False)  # valid by construction (masks.layout)
-            if cos.dtype == q.dtype:  # rotated inside: the backward writes dQ, dK, dV into one buffer
-                out = causal_attention(q, k, v, rotary=(cos, sin), **masks)  # (B, T, Hq, D)
-            else:  # tables of another dtype (autocast): rotated first, in the promoted dtype
-                out = causal_attention(rotate(q, cos, sin), rotate(k, cos, sin), v, **masks)
+            # Rotated inside: the backward writes dQ, dK, dV into one buffer the q/k/v GEMM reads.
+            out = causal_attention(q, k, v, rotary=(cos, sin), **masks)  # (B, T, Hq, D)
         return getattr(self, self.out_name)(out.reshape(B, T, -1))  # (B, T, hidden)
 
 

@@ -163,10 +163,11 @@ def _table_rows(rows: torch.Tensor, period: int | None) -> torch.Tensor:
 
 
 def _rotate(x, cos, sin, period):
-    """(B, T, H, D) rotated by the tables: a new (B, T, H, D) tensor."""
+    """(B, T, H, D) rotated by the tables (in the wider of their dtype and x's), then rounded to
+    x's dtype: a new (B, T, H, D) tensor."""
     B, T, H, D = x.shape
     rows = _table_rows(torch.arange(B * T, device=x.device), period)
-    return rotary_forward(x.reshape(B * T, H, D), cos, sin, rows, validate=False).view(B, T, H, D)
+    return rotary_forward(x.reshape(B * T, H, D), cos, sin, rows, validate=False).view(B, T, H, D).to(x.dtype)
 
 
 class CausalAttentionFunction(torch.autograd.Function):
@@ -276,10 +277,12 @@ def causal_attention(
             that checked them once per batch passes False to its layers). Its shape, dtype and
             device, and ``window``, are always checked.
         rotary: optional ``(cos, sin)`` tables, (T, R) shared by the batch or (B, T, R) per
-            sequence, in q's dtype (after autocast), ``R`` even and ``<= D``: q and k are first
-            rotated on their first ``R`` dims as :func:`~collider_autograd.apply_rotary` does
-            (same values), and the gradients returned for q and k are those of the unrotated
-            inputs. The kept-rows backward then writes dQ, dK and dV into one buffer.
+            sequence, ``R`` even and ``<= D``, any float dtype: q and k (after autocast's cast)
+            are first rotated on their first ``R`` dims as :func:`~collider_autograd.apply_rotary`
+            does, in the wider of their dtype and the tables', and rounded back to their dtype
+            (the values of rotating first and letting autocast cast the result); the gradients
+            returned for q and k are those of the unrotated inputs. The kept-rows backward then
+            writes dQ, dK and dV into one buffer.
 
     Under ``torch.autocast`` q, k and v are cast to the autocast dtype, as for a matmul. B = 0
     or T = 0 gives an empty result.
@@ -305,9 +308,9 @@ def causal_attention(
             got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (cos, sin)]
             raise ValueError(f"rotary must be (cos, sin) tables of shape ({T}, R) or ({B}, {T}, R) with R even and "
                              f"<= {q.shape[3]}, got {got}")
-        if cos.dtype != q.dtype or sin.dtype != q.dtype or cos.device != q.device or sin.device != q.device:
-            raise TypeError(f"rotary tables must have q's dtype {q.dtype} and device {q.device}, got "
-                            f"{cos.dtype}/{sin.dtype} on {cos.device}")
+        if not (cos.is_floating_point() and cos.dtype == sin.dtype) or cos.device != q.device or sin.device != q.device:
+            raise TypeError(f"rotary tables must be floating point, of one dtype, on q's device {q.device}, got "
+                            f"{cos.dtype}/{sin.dtype} on {cos.device}/{sin.device}")
         check_tables_constant(cos, sin)
     with autocast_off(q.device.type):
         return CausalAttentionFunction.apply(q, k, v, scale, window, key_start, cos, sin)
