@@ -486,6 +486,32 @@ def test_into_bad_buffers_name_the_argument():
 
 
 @triton_only
+def test_atomic_strategy_falls_back_to_element_atomics(monkeypatch):
+    """Where the bulk (TMA) reduction of dQ tiles cannot be compiled (here: the interpreter, told
+    to try it), the atomic strategy warns once, says why in TMA_DQ_FAILED and gives the same
+    gradients with element atomics."""
+    if CUDA:
+        pytest.skip("on the GPU the atomic strategy's own cases run the bulk reduction")
+    case = Case(2, 70, 4, 2, 16, ("scattered", "runs"), torch.float32, seed=3)
+    monkeypatch.setattr(tab, "TMA_DQ_FAILED", None)
+    monkeypatch.setattr(tab, "_bulk_reduce_ok", lambda q, head_dim: True)
+    with pytest.warns(RuntimeWarning, match="bulk dQ reduction unavailable"):
+        res = case.run("atomic")
+    assert tab.TMA_DQ_FAILED
+    assert_close_rel(res, case.ref, 2e-5, "atomic after the fallback")
+    assert_close_rel(case.run("atomic"), case.ref, 2e-5, "atomic, fallback remembered")
+
+
+def test_bulk_reduce_needs_a_hopper_gpu_and_a_full_width_tile():
+    assert not tab._bulk_reduce_ok(torch.zeros(1), 64)  # CPU tensors never
+    if CUDA and not tab.INTERPRET:
+        q = torch.zeros(1, device="cuda")
+        hopper = torch.cuda.get_device_capability()[0] >= 9
+        assert tab._bulk_reduce_ok(q, 64) == hopper and tab._bulk_reduce_ok(q, 128) == hopper
+        assert not tab._bulk_reduce_ok(q, 8) and not tab._bulk_reduce_ok(q, 96)
+
+
+@triton_only
 def test_dkdv_split_for():
     split = tab.dkdv_split_for
     # The H200 measurements the model was fit on (132 SMs, B=8, T=2048).

@@ -13,7 +13,8 @@ is never touched. Launches:
    block of kept keys); it loops over its query heads and the kept queries of the sequence from
    the key block on (kept queries at positions >= the keys'), accumulating dK, dV in fp32.
    Filtered keys never enter. With ``ATOMIC_DQ`` it also adds ``dS @ K`` of these kept keys into
-   the fp32 dQ accumulator. When the heads are split over several programs
+   the fp32 dQ accumulator (one bulk TMA reduction per tile where the GPU has them, see
+   :data:`TMA_DQ_FAILED`; element atomics elsewhere). When the heads are split over several programs
    (:func:`dkdv_split_for`), each writes fp32 partial sums and ``_attn_bwd_dkdv_reduce`` adds
    them in a fixed order.
 3. ``_attn_bwd_dq``: one program per (sequence, query head, block of kept queries). Strategy
@@ -42,10 +43,12 @@ twice as slow as the extra dQ products they save (benchmarks/results/attention_h
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from collider_kernels import tuning
 from collider_kernels.backends import register
@@ -64,6 +67,11 @@ _STRATEGIES = ("separate", "atomic")
 # pass reads query rows contiguously instead of through the index (on an H200 this cut the dK/dV
 # pass by 20-35%: benchmarks/results/attention_h200.md).
 COMPACT_Q = os.environ.get("COLLIDER_ATTN_COMPACT_Q", "1") == "1"
+# The "atomic" strategy adds each dQ tile of the dK/dV pass with one bulk (TMA) reduction where the
+# GPU has them (compute capability 9+, head dim a power of two), element atomics elsewhere. Set to
+# why the bulk reduction was given up when it failed to compile (the element atomics then run).
+TMA_DQ_FAILED: str | None = None
+
 # dkdv_split_for splits a group's head loop while the longest dK/dV program is more than this many
 # times the mean work per program slot.
 DKDV_IMBALANCE = 1.3
@@ -121,10 +129,10 @@ def _attn_bwd_preprocess(
 @triton.jit
 def _dkdv_step(
     dk, dv, k, v,
-    q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
+    q_base, do_base, lse_base, delta_base, dq_base, dq_desc, dq_col, INDEX, LO,
     tok0, start_m, e, rk, kpos, d, md, qk_scale, lse_in, delta_in,
     stride_qt, stride_qd, stride_don, stride_dod, stride_lt, stride_dqn,
-    BLOCK_M: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    BLOCK_M: tl.constexpr, MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA_DQ: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, COMPACT_Q: tl.constexpr, HAS_LO: tl.constexpr,
 ):
     # One block of BLOCK_M kept queries (rows start_m..) against the program's BLOCK_N kept keys.
@@ -170,14 +178,17 @@ def _dkdv_step(
     dk += tl.dot(dsT, q, input_precision=PREC)
     if ATOMIC_DQ:
         dq = tl.dot(tl.trans(dsT), k, input_precision=PREC)  # (BM, BD), unscaled
-        tl.atomic_add(dq_base + rq64[:, None] * stride_dqn + d[None, :], dq, mask=mqd, sem="relaxed")
+        if TMA_DQ:  # one bulk reduction of the tile; rows past the sequence add exact zeros
+            dq_desc.atomic_add([start_m, dq_col], dq)
+        else:
+            tl.atomic_add(dq_base + rq64[:, None] * stride_dqn + d[None, :], dq, mask=mqd, sem="relaxed")
     return dk, dv, lse_next, delta_next
 
 
 @Launcher
 @triton.jit(do_not_specialize=["n", "T", "GROUP", "NUM_KV_HEADS", "stride_lb", "stride_lh"])
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, INDEX, OFFSETS, QC, LSEC, DK_PART, DV_PART, LO, KEND,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, INDEX, OFFSETS, QC, LSEC, DK_PART, DV_PART, LO, KEND, DQ_DESC,
     qk_scale, scale, n, T, GROUP, NUM_KV_HEADS,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -185,7 +196,7 @@ def _attn_bwd_dkdv(
     stride_don, stride_doh, stride_dod,
     stride_lb, stride_lh, stride_lt,
     stride_dkn, stride_dkh, stride_dvn, stride_dvh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA_DQ: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, COMPACT_Q: tl.constexpr, SPLIT: tl.constexpr,
     HAS_LO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -256,24 +267,24 @@ def _attn_bwd_dkdv(
             # Queries in the key block's own rows: causal mask (row order = position order).
             for start_m in range(start_n, end_diag, BLOCK_M):
                 dk, dv, lse_c, delta_c = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, DQ_DESC, h * HEAD_DIM, INDEX, LO,
                     tok0, start_m, e, rk, kpos, d, md, qk_scale, lse_c, delta_c,
                     q_stride_t, q_stride_d, stride_don, stride_dod, stride_lt, stride_dqn,
-                    BLOCK_M, True, ATOMIC_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
+                    BLOCK_M, True, ATOMIC_DQ, TMA_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
             # Later kept queries see every key of the block (up to m_full).
             for start_m in range(end_diag, m_full, BLOCK_M):
                 dk, dv, lse_c, delta_c = _dkdv_step(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
+                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, DQ_DESC, h * HEAD_DIM, INDEX, LO,
                     tok0, start_m, e, rk, kpos, d, md, qk_scale, lse_c, delta_c,
                     q_stride_t, q_stride_d, stride_don, stride_dod, stride_lt, stride_dqn,
-                    BLOCK_M, False, ATOMIC_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
+                    BLOCK_M, False, ATOMIC_DQ, TMA_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
             if HAS_LO:  # queries whose window/document starts inside the key block
                 for start_m in range(m_full, m_end, BLOCK_M):
                     dk, dv, lse_c, delta_c = _dkdv_step(
-                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, INDEX, LO,
+                        dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, DQ_DESC, h * HEAD_DIM, INDEX, LO,
                         tok0, start_m, e, rk, kpos, d, md, qk_scale, lse_c, delta_c,
                         q_stride_t, q_stride_d, stride_don, stride_dod, stride_lt, stride_dqn,
-                        BLOCK_M, True, ATOMIC_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
+                        BLOCK_M, True, ATOMIC_DQ, TMA_DQ, UPCAST, PREC, COMPACT_Q, HAS_LO)
         dk = dk * scale
         if SPLIT == 1:
             tl.store(DK + rk64[:, None] * stride_dkn + hkv * stride_dkh + d[None, :],
@@ -534,6 +545,15 @@ def dkdv_split_for(batch: int, kv_heads: int, group: int, kept: int, head_dim: i
     return group
 
 
+def _bulk_reduce_ok(q: torch.Tensor, head_dim: int) -> bool:
+    """Tiles of the dQ accumulator can be added with bulk (TMA) reductions: a CUDA GPU of compute
+    capability 9+ (not the interpreter) and a power-of-two head dim of at least 16 (the tile's
+    full width)."""
+    if INTERPRET or not q.is_cuda or head_dim != max(16, settings.next_power_of_2(head_dim)):
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
 def _filtered_positions(index: torch.Tensor, B: int, T: int) -> torch.Tensor:
     """(B, T) int64: row b lists sequence b's filtered positions first (increasing), then its kept."""
     kept = torch.zeros(B * T, dtype=torch.int8, device=index.device)
@@ -628,16 +648,30 @@ def masked_attention_backward_triton(
     )
     fp32 = q.dtype == torch.float32
 
-    def dkdv(meta, acc):  # acc: the dQ accumulator the atomic strategy adds into
+    def dkdv_launch(meta, acc, tma):
+        # tma: acc (n, Hq, D) fp32 is reduced into through a descriptor of (BLOCK_M, D) tiles
+        desc = TensorDescriptor(acc, [n, Hq * D], [Hq * D, 1], [meta["BLOCK_M"], D]) if tma else delta
         _attn_bwd_dkdv[(B * Hkv * split, settings.cdiv(T, meta["BLOCK_N"]))](
-            q, k, v, grad_out, lse, delta, dk, dv, acc, index, offsets, q_c, lse_c, dk_part, dv_part, lo, kend,
+            q, k, v, grad_out, lse, delta, dk, dv, acc, index, offsets, q_c, lse_c, dk_part, dv_part, lo, kend, desc,
             qk_scale, float(scale), n, T, group, Hkv,
             *common,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            HEAD_DIM=D, BLOCK_D=block_d, ATOMIC_DQ=atomic, UPCAST=upcast, PREC=prec,
+            HEAD_DIM=D, BLOCK_D=block_d, ATOMIC_DQ=atomic, TMA_DQ=tma, UPCAST=upcast, PREC=prec,
             COMPACT_Q=compact, SPLIT=split, HAS_LO=has_lo,
             **meta,
         )
+
+    def dkdv(meta, acc):  # acc: the dQ accumulator the atomic strategy adds into
+        global TMA_DQ_FAILED
+        if not (atomic and TMA_DQ_FAILED is None and _bulk_reduce_ok(q, D)):
+            return dkdv_launch(meta, acc, False)
+        try:
+            dkdv_launch(meta, acc, True)
+        except Exception as exc:  # a compiler that cannot lower it: element atomics from then on
+            TMA_DQ_FAILED = f"{type(exc).__name__}: {exc}"[:500]
+            warnings.warn(f"masked attention backward: bulk dQ reduction unavailable, element atomics instead "
+                          f"({TMA_DQ_FAILED})", RuntimeWarning, stacklevel=2)
+            dkdv_launch(meta, acc, False)
 
     scratch = []
 
