@@ -68,7 +68,7 @@ _STRATEGIES = ("separate", "atomic")
 # pass by 20-35%: benchmarks/results/attention_h200.md).
 COMPACT_Q = os.environ.get("COLLIDER_ATTN_COMPACT_Q", "1") == "1"
 # The "atomic" strategy adds each dQ tile of the dK/dV pass with one bulk (TMA) reduction where the
-# GPU has them (compute capability 9+, head dim a power of two), element atomics elsewhere. Set to
+# GPU has them (compute capability 9+, head dim a power of two >= 16), element atomics elsewhere. Set to
 # why the bulk reduction was given up when it failed to compile (the element atomics then run).
 TMA_DQ_FAILED: str | None = None
 
@@ -137,8 +137,8 @@ def _dkdv_step(
 ):
     # One block of BLOCK_M kept queries (rows start_m..) against the program's BLOCK_N kept keys.
     # With COMPACT_Q, lse_in/delta_in hold this block's lse and delta, and the step returns the
-    # next block's, loaded before this block's products: the compiler pipelines the tile loads that
-    # feed the products, not these vectors, whose latency then stalled every step.
+    # next block's, loaded before this block's products: the compiler pipelines only the tile loads
+    # that feed the products, so loading these vectors for use in the same step would stall it.
     rq = start_m + tl.arange(0, BLOCK_M)  # (BM,) kept rows
     mq = rq < e
     rq64 = rq.to(tl.int64)
