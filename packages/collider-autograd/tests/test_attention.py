@@ -101,15 +101,6 @@ def test_masks_dense_and_sparse_match_reference(B, T, hkv, group, D, window, doc
         torch.testing.assert_close(a, r)
 
 
-def rotate_first(x, cos, sin):
-    """``x`` rotated by (T, R) or per-sequence (B, T, R) tables, through :func:`apply_rotary`."""
-    if cos.dim() == 2:
-        return apply_rotary(x, cos, sin)
-    B, T = x.shape[:2]
-    flat = apply_rotary(x.reshape(1, B * T, *x.shape[2:]), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
-    return flat.view(x.shape)
-
-
 @settings(deadline=None, max_examples=25)
 @given(B=st.integers(1, 3), T=st.integers(1, 20), hkv=st.integers(1, 2), group=st.sampled_from([1, 3]),
        D=st.sampled_from([4, 8]), rot=st.sampled_from([1.0, 0.5, 0.0]), per_sequence=st.booleans(),
@@ -133,7 +124,7 @@ def test_rotary_inside_equals_rotating_first(B, T, hkv, group, D, rot, per_seque
         return causal_attention(q, k, v, rotary=(cos, sin), **masks)
 
     def first(q, k, v):
-        return causal_attention(rotate_first(q, cos, sin), rotate_first(k, cos, sin), v, **masks)
+        return causal_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v, **masks)
 
     sparse, _ = sparse_grad(B, T, hq, D, gen, p)
     for grad in (torch.randn(B, T, hq, D, generator=gen, dtype=F64), sparse):

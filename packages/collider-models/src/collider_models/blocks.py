@@ -16,6 +16,7 @@ from collider_autograd import (
     LayerNorm,
     Linear,
     RMSNorm,
+    apply_rotary,
     causal_attention,
     gelu_mlp,
     gelu_new,
@@ -27,7 +28,7 @@ from collider_autograd import (
 from collider_kernels import check_label_values
 from collider_models.config import ModelConfig
 from collider_models.masks import Layout, layout
-from collider_models.rope import Rotary, rotate
+from collider_models.rope import Rotary
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -77,7 +78,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, Hkv, D)
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim).contiguous()  # its own memory: the fused output can go
         if cache is not None:
-            out = cache.attend(layer, rotate(q, cos, sin), rotate(k, cos, sin), v, self.window)  # (B, T, Hq, D)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            out = cache.attend(layer, q, k, v, self.window)  # (B, T, Hq, D)
         else:
             masks = {}
             if self.window is not None and self.window < T:

@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from collider_autograd import apply_rotary
-
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
 # Keys each rope type reads from the rope parameters (besides rope_type/type, rope_theta and
 # partial_rotary_factor); anything else there is ignored, as transformers ignores it.
@@ -260,15 +258,3 @@ class Rotary:
         freqs = positions[..., None].float() * freq  # (..., T, dim/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (..., T, dim)
         return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, T, H, D) with tables (T, dim) shared by the batch or (B, T, dim) per
-    sequence (positions that differ between sequences: packed documents, padding)."""
-    if cos.dim() == 2:
-        return apply_rotary(x, cos, sin)
-    B, T = x.shape[:2]
-    # One long sequence of B*T rows, each with its own table row; the sparse gradient's token
-    # rows (b*T + t) are the same under this view.
-    flat = apply_rotary(x.reshape(1, B * T, *x.shape[2:]), cos.reshape(B * T, -1), sin.reshape(B * T, -1))
-    return flat.view(B, T, *x.shape[2:])

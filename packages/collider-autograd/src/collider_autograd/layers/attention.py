@@ -31,13 +31,12 @@ import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
 from collider_autograd.layers._rows import index_derived, is_partial, layer_grad
-from collider_autograd.layers.rotary import check_tables_constant
+from collider_autograd.layers.rotary import check_tables, flat_tables, kept_table_rows, rotate_tokens, table_rows
 from collider_autograd.sparse_grad import TokenSparseTensor
 from collider_kernels import (
     check_attention_masks,
     masked_attention_backward,
     rotary_backward,
-    rotary_forward,
     sequence_offsets,
 )
 from collider_kernels.reference import attention_visibility
@@ -149,27 +148,6 @@ def _dense_backward(grad_out, qh, kh, vh, out, lse, kind, extra, scale, bias):
     )
 
 
-def _rotary_tables(cos, sin, B: int, T: int):
-    """(P, R) tables and the period of the flat token rows' table rows: (T, R) tables serve row
-    ``b * T + t`` from row ``t`` (period T); (B, T, R) tables are flattened (no period)."""
-    if cos.dim() == 3:
-        return cos.reshape(B * T, -1), sin.reshape(B * T, -1), None
-    return cos, sin, T
-
-
-def _table_rows(rows: torch.Tensor, period: int | None) -> torch.Tensor:
-    """Table row of each flat token row ``b * T + t`` (see :func:`_rotary_tables`)."""
-    return rows if period is None else rows % period
-
-
-def _rotate(x, cos, sin, period):
-    """(B, T, H, D) rotated by the tables (in the wider of their dtype and x's), then rounded to
-    x's dtype: a new (B, T, H, D) tensor."""
-    B, T, H, D = x.shape
-    rows = _table_rows(torch.arange(B * T, device=x.device), period)
-    return rotary_forward(x.reshape(B * T, H, D), cos, sin, rows, validate=False).view(B, T, H, D).to(x.dtype)
-
-
 class CausalAttentionFunction(torch.autograd.Function):
     """q (B, T, Hq, D), k/v (B, T, Hkv, D) → (B, T, Hq, D) causal softmax attention, optionally
     restricted to a sliding ``window`` and per-token ``key_start`` (B, T), and with the rotary
@@ -184,8 +162,9 @@ class CausalAttentionFunction(torch.autograd.Function):
             return q.new_empty((B, T, Hq, D))
         ctx.rotary = cos is not None
         if ctx.rotary:
-            cos, sin, ctx.period = _rotary_tables(cos, sin, B, T)
-            q, k = _rotate(q, cos, sin, ctx.period), _rotate(k, cos, sin, ctx.period)
+            cos, sin, ctx.period = flat_tables(cos, sin, B, T)
+            # Rotated in the wider of the tables' dtype and q's, rounded back to q's.
+            q, k = (rotate_tokens(t, cos, sin, ctx.period).to(t.dtype) for t in (q, k))
         masked = window is not None or key_start is not None
         # CUDA cuDNN and flash attention take grouped K/V heads natively; the others need them expanded.
         native_gqa = not masked and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
@@ -228,7 +207,7 @@ class CausalAttentionFunction(torch.autograd.Function):
                 scale=ctx.scale, window=window, key_start=key_start, validate=False, into=(dq, dk, dv),
             )
             if ctx.rotary:  # back through the rotation, in place
-                rows = index if ctx.period is None else index_derived(index, ("positions", T), lambda: index % T)
+                rows = kept_table_rows(index, ctx.period)
                 for t in (dq, dk):
                     rotary_backward(t, *tables, rows, validate=False, into=t)
             sparse = (grad.rows_like(dq, q.shape, 2), grad.rows_like(dk, k.shape, 2), grad.rows_like(dv, v.shape, 2))
@@ -243,7 +222,7 @@ class CausalAttentionFunction(torch.autograd.Function):
         dk, dv = _reduce_kv(dk, ctx.group), _reduce_kv(dv, ctx.group)
         dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)  # (B, T, H, D)
         if ctx.rotary:
-            rows = _table_rows(torch.arange(B * T, device=dq.device), ctx.period)
+            rows = table_rows(torch.arange(B * T, device=dq.device), ctx.period)
             dq, dk = (rotary_backward(t.reshape(B * T, t.shape[2], D), *tables, rows, validate=False).view(t.shape)
                       for t in (dq, dk))
         return dq, dk, dv, None, None, None, None, None
@@ -302,15 +281,8 @@ def causal_attention(
     cos = sin = None
     if rotary is not None:
         cos, sin = rotary
-        R = cos.shape[-1] if isinstance(cos, torch.Tensor) else -1
-        if not (isinstance(sin, torch.Tensor) and R >= 0 and cos.shape == sin.shape
-                and cos.shape[:-1] in ((T,), (B, T)) and R % 2 == 0 and R <= q.shape[3]):
-            got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (cos, sin)]
-            raise ValueError(f"rotary must be (cos, sin) tables of shape ({T}, R) or ({B}, {T}, R) with R even and "
-                             f"<= {q.shape[3]}, got {got}")
-        if not (cos.is_floating_point() and cos.dtype == sin.dtype) or cos.device != q.device or sin.device != q.device:
-            raise TypeError(f"rotary tables must be floating point, of one dtype, on q's device {q.device}, got "
-                            f"{cos.dtype}/{sin.dtype} on {cos.device}/{sin.device}")
-        check_tables_constant(cos, sin)
+        check_tables("rotary", cos, sin, B, T, q.shape[3])
+        if cos.device != q.device:
+            raise TypeError(f"rotary tables must be on q's device {q.device}, got {cos.device}")
     with autocast_off(q.device.type):
         return CausalAttentionFunction.apply(q, k, v, scale, window, key_start, cos, sin)

@@ -20,16 +20,60 @@ def rotary_tables(
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def check_tables(name: str, cos, sin, B: int, T: int, D: int) -> None:
+    """``cos``/``sin`` are float tables of one dtype, (T, R) shared by the batch or (B, T, R) per
+    sequence, with ``R`` even and ``<= D``, that require no gradient (the rotary layers give them
+    none); ``name`` names them in the error."""
+    R = cos.shape[-1] if isinstance(cos, torch.Tensor) else -1
+    if not (isinstance(sin, torch.Tensor) and R >= 0 and cos.shape == sin.shape
+            and cos.shape[:-1] in ((T,), (B, T)) and R % 2 == 0 and R <= D):
+        got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (cos, sin)]
+        raise ValueError(f"{name} must be tables of shape ({T}, R) or ({B}, {T}, R) with R even and <= {D}, "
+                         f"got {got}")
+    if not (cos.is_floating_point() and cos.dtype == sin.dtype) or cos.device != sin.device:
+        raise TypeError(f"{name} tables must be floating point, of one dtype, on one device, got "
+                        f"{cos.dtype}/{sin.dtype} on {cos.device}/{sin.device}")
+    if cos.requires_grad or sin.requires_grad:
+        raise ValueError("cos and sin must not require grad: the rotary tables get no gradient here")
+
+
+def flat_tables(cos: torch.Tensor, sin: torch.Tensor, B: int, T: int):
+    """``(cos, sin, period)``: (P, R) tables and the period of the flat token rows' table rows.
+    (T, R) tables serve row ``b * T + t`` from row ``t`` (period T); (B, T, R) tables are
+    flattened to one row per token (no period)."""
+    if cos.dim() == 3:
+        return cos.reshape(B * T, -1), sin.reshape(B * T, -1), None
+    return cos, sin, T
+
+
+def table_rows(rows: torch.Tensor, period: int | None) -> torch.Tensor:
+    """Table row of each flat token row ``b * T + t`` (see :func:`flat_tables`)."""
+    return rows if period is None else rows % period
+
+
+def kept_table_rows(index: torch.Tensor, period: int | None) -> torch.Tensor:
+    """Table rows of the kept tokens ``index``, computed once per index."""
+    if period is None:
+        return index
+    return index_derived(index, ("positions", period), lambda: index % period)
+
+
+def rotate_tokens(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, period: int | None) -> torch.Tensor:
+    """(B, T, H, D) rotated by (P, R) tables (:func:`flat_tables`) into a new tensor of the
+    dtype of ``x * cos``."""
+    B, T, H, D = x.shape
+    rows = table_rows(torch.arange(B * T, device=x.device), period)
+    return rotary_forward(x.reshape(B * T, H, D), cos, sin, rows, validate=False).view(B, T, H, D)
+
+
 class RotaryFunction(torch.autograd.Function):
-    """(B, T, H, D) with tables (T, rot_dim) → (B, T, H, D)."""
+    """(B, T, H, D) with (P, R) tables and their period (:func:`flat_tables`) → (B, T, H, D)."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, x, cos, sin, period):
         ctx.save_for_backward(cos, sin)
-        ctx.seqlen, ctx.x_dtype = x.shape[1], x.dtype
-        B, T, H, D = x.shape
-        rows = torch.arange(B * T, device=x.device) % T  # table row of each flat token b * T + t
-        return rotary_forward(x.reshape(B * T, H, D), cos, sin, rows, validate=False).view(B, T, H, D)
+        ctx.period, ctx.x_dtype = period, x.dtype
+        return rotate_tokens(x, cos, sin, period)
 
     @staticmethod
     def backward(ctx, grad):
@@ -37,30 +81,22 @@ class RotaryFunction(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         grad = layer_grad(grad, 2)
         g, index = grad_rows(grad, tuple(grad.shape[2:]))  # (n, H, D)
-        T = ctx.seqlen
         if index is None:  # every flat row b * T + t, in order
-            positions = torch.arange(g.shape[0], device=g.device) % T
+            positions = table_rows(torch.arange(g.shape[0], device=g.device), ctx.period)
         else:
-            positions = index_derived(index, ("positions", T), lambda: index % T)
+            positions = kept_table_rows(index, ctx.period)
         dx = rotary_backward(g, cos, sin, positions, validate=False)  # (n, H, D) in g's dtype
-        return input_grad(grad, dx.to(ctx.x_dtype), grad.shape, 2), None, None
-
-
-def check_tables_constant(cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """The rotary layers give the tables no gradient: refuse tables that require one."""
-    if cos.requires_grad or sin.requires_grad:
-        raise ValueError("cos and sin must not require grad: the rotary tables get no gradient here")
+        return input_grad(grad, dx.to(ctx.x_dtype), grad.shape, 2), None, None, None
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of each head of ``x`` (B, T, H, D); the output
-    dtype is that of ``x * cos`` (as in ``transformers``), also under autocast."""
+    """Rotate the first ``R`` dims of each head of ``x`` (B, T, H, D) by tables (T, R) shared by
+    the batch or (B, T, R) per sequence (positions that differ between sequences: packed
+    documents, padding); the output dtype is that of ``x * cos`` (as in ``transformers``), also
+    under autocast."""
     if x.dim() != 4:
         raise ValueError(f"x must be (B, T, H, D), got shape {tuple(x.shape)}")
-    if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[0] != x.shape[1]:
-        raise ValueError(f"cos and sin must be ({x.shape[1]}, rot_dim), got {tuple(cos.shape)} and {tuple(sin.shape)}")
-    if cos.shape[1] > x.shape[-1] or cos.shape[1] % 2:
-        raise ValueError(f"rot_dim must be even and <= head dim {x.shape[-1]}, got {cos.shape[1]}")
-    check_tables_constant(cos, sin)
+    B, T, _, D = x.shape
+    check_tables("cos and sin", cos, sin, B, T, D)
     with autocast_off(x.device.type):
-        return RotaryFunction.apply(x, cos, sin)
+        return RotaryFunction.apply(x, *flat_tables(cos, sin, B, T))
