@@ -51,6 +51,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from collider_kernels import tuning
+from collider_kernels._checks import check_into
 from collider_kernels.backends import register
 from collider_kernels.dtypes import KERNEL_DTYPES
 from collider_kernels.reference import key_lower_bound
@@ -607,8 +608,7 @@ def masked_attention_backward_triton(
     if dv is None:
         dv = grad_out.new_empty((n, Hkv, D))
     for name, t, h in (("dq", dq, Hq), ("dk", dk, Hkv), ("dv", dv, Hkv)):
-        if tuple(t.shape) != (n, h, D) or t.stride(2) != 1:
-            raise ValueError(f"{name} must be ({n}, {h}, {D}) with unit last stride")
+        check_into(name, t, (n, h, D), grad_out.dtype, grad_out.device, {})
     if n == 0:
         return dq, dk, dv
     dev = q.device
