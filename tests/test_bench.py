@@ -74,6 +74,26 @@ def test_kernel_names_map_to_op_kinds(name, kind):
     assert kind_of(name) == kind
 
 
+def test_timeline_unions_overlapping_kernels_and_names_the_gaps():
+    """Span, busy time (overlaps counted once) and idle gaps of a kernel timeline (µs in, ms out)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from collider_models.cli.op_breakdown import _timeline
+
+    def event(name, start, end, device=torch.autograd.DeviceType.CUDA):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("c", 400.0, 450.0), event("a", 100.0, 200.0), event("b", 150.0, 250.0),
+              event("host_op", 0.0, 1000.0, torch.autograd.DeviceType.CPU), event("d", 460.0, 470.0)]
+    line = _timeline(SimpleNamespace(events=lambda: events), gaps=1)
+    assert line["kernel_count"] == 4
+    assert line["span_ms"] == 0.370 and line["busy_ms"] == 0.210 and abs(line["idle_ms"] - 0.160) < 1e-12
+    assert line["gaps"] == [{"us": 150.0, "after": "b", "before": "c"}]
+    assert _timeline(SimpleNamespace(events=lambda: []), gaps=3)["busy_ms"] == 0.0
+
+
 def test_full_step_on_cpu_selects_the_share_and_times_the_optimizer(tmp_path):
     stem = tmp_path / "bench"
     rc = bench_main(["--device", "cpu", "--warmup", "0", "--repeats", "1", "--no-ideal", "--full-step",

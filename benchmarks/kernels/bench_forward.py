@@ -132,7 +132,7 @@ def cases(dtype, gen):
         yield {"op": "cross_entropy_backward", "model": model, "shape": f"{n}x{V} (triton in place)",
                "traffic": 2 * n * V * s, "call": ce_bwd, "fresh": lambda lg=logits, w=work: w.copy_(lg),
                "launch": lambda cfg, w=work, ls=lse, lb=labels, sc=scale:
-               cross_entropy_backward.launch_cross_entropy_backward(w, ls, lb, sc, -100, w, cfg),
+               cross_entropy_backward.launch_cross_entropy_backward(w, ls, lb, sc, -100, w, cfg=cfg),
                "sweep": SWEEPS["cross_entropy"], "big": True}
         del logits, work, qkv
 

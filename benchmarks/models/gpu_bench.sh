@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source benchmarks/carried_wheels.sh
-export PYTHONPATH="packages/collider-kernels/src:packages/collider-autograd/src:packages/collider-models/src:$PYTHONPATH"
+export PYTHONPATH="packages/collider-kernels/src:packages/collider-autograd/src:packages/collider-models/src${PYTHONPATH:+:$PYTHONPATH}"
 export COLLIDER_BENCH_COMMIT=${COLLIDER_BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 exec python3 -m collider_models.cli.bench "$@"

@@ -4,7 +4,8 @@ The torch backend is checked in fp64 against autograd of ``F.cross_entropy``. Th
 (under the interpreter on CPU, with several vocabulary blocks per row; on CUDA in the ``gpu`` tests)
 computes in fp32 as the torch backend does: fp32 outputs agree to a few ulp, 16-bit ones within
 the rule ``max|out - ref| <= 2 max|out_torch - ref| + atol`` against the fp64 reference. Written
-out of place (NaN-filled outputs), into a separate ``out`` and in place over the logits.
+out of place (NaN-filled outputs), into a separate ``out`` and in place over the logits; with an
+``index``, the rows it picks from a larger logits tensor equal the op on the gathered rows.
 """
 
 import pytest
@@ -87,6 +88,48 @@ def test_triton(n, V, dtype, row_pad, ignore_index, mode, seed):
         check_ce_backward("triton", *case, ignore_index, mode=mode)
 
 
+def check_indexed(backend, logits, lse, labels, scale, index, ignore_index=-100):
+    """The op over ``index`` rows of ``logits`` (read in place) equals it over the gathered rows,
+    bitwise (the same per-element arithmetic); written into a NaN-filled buffer and new."""
+    want = ck.cross_entropy_backward(logits.index_select(0, index), lse, labels, scale, ignore_index,
+                                     backend=backend)
+    got = ck.cross_entropy_backward(logits, lse, labels, scale, ignore_index, index=index, backend=backend)
+    assert got.shape == (index.shape[0], logits.shape[1]) and got.dtype == logits.dtype
+    assert torch.equal(got, want)
+    buf = torch.full_like(want, float("nan"))
+    assert ck.cross_entropy_backward(logits, lse, labels, scale, ignore_index, index=index, out=buf,
+                                     backend=backend) is buf
+    assert torch.equal(buf, want)
+
+
+@settings(deadline=None, max_examples=10)
+@given(M=st.integers(1, 40), V=st.integers(1, 200), picks=st.integers(0, 30), seed=st.integers(0, 2**16))
+def test_torch_index_rows_fp64_against_reference(M, V, picks, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(M, V, generator=gen, dtype=torch.float64)
+    index = torch.randint(0, M, (picks,), generator=gen)
+    _, lse_all = ck.cross_entropy_forward(logits, torch.zeros(M, dtype=torch.long), backend="torch")
+    labels = torch.randint(0, V, (picks,), generator=gen)
+    scale = torch.rand(picks, generator=gen, dtype=torch.float64) + 0.5
+    got = ck.cross_entropy_backward(logits, lse_all[index], labels, scale, index=index, backend="torch")
+    want = reference.cross_entropy_backward_reference(logits[index], labels, scale)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    check_indexed("torch", logits, lse_all[index], labels, scale, index)
+
+
+@needs_triton
+@settings(deadline=None, max_examples=10)
+@given(M=st.integers(1, 30), V=st.integers(1, 300), picks=st.integers(1, 20),
+       dtype=st.sampled_from((torch.float32, torch.float16)), index_dtype=st.sampled_from((torch.int64, torch.int32)),
+       seed=st.integers(0, 2**16))
+def test_triton_index_rows_match_gathered_rows(M, V, picks, dtype, index_dtype, seed):
+    logits, lse_all, labels_all, scale_all = bwd_case(M, V, dtype, DEVICE, seed, row_pad=3, ignore_index=1)
+    index = torch.randint(0, M, (picks,), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+    with nan_outputs():
+        check_indexed("triton", logits, lse_all[index], labels_all[index], scale_all[index],
+                      index.to(index_dtype), ignore_index=1)
+
+
 @needs_triton
 def test_triton_edges(poison):
     """No rows, one class, every row ignored, a column-strided input, int32 labels."""
@@ -140,6 +183,16 @@ def test_bad_inputs_name_the_argument():
         (lambda: ck.cross_entropy_backward(logits, lse, labels, scale, out=logits.long()), TypeError, "out"),
         (lambda: ck.cross_entropy_backward(buf[:4], lse, labels, scale, out=buf[1:]), ValueError, "share"),
         (lambda: ck.cross_entropy_backward(logits, lse, labels, scale, backend="nope"), ValueError, "backend"),
+        (lambda: ck.cross_entropy_backward(logits, lse, labels, scale, index=torch.tensor([0, 4, 1, 2])),
+         IndexError, "index must lie in"),
+        (lambda: ck.cross_entropy_backward(logits, lse, labels, scale, index=torch.tensor([0.0, 1, 1, 2])),
+         TypeError, "index must have dtype"),
+        (lambda: ck.cross_entropy_backward(logits, lse[:2], labels[:2], scale, index=torch.tensor([0, 1])),
+         ValueError, "scale must have one entry per index entry"),
+        (lambda: ck.cross_entropy_backward(logits, lse, labels[:2], scale, index=torch.tensor([0, 1, 1, 3])),
+         ValueError, "labels must have one entry per index entry"),
+        (lambda: ck.cross_entropy_backward(logits, lse, labels, scale, index=torch.tensor([0, 1, 1, 3]),
+                                           out=logits), ValueError, "must not share memory with logits"),
     ]
     for fn, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -153,3 +206,13 @@ def test_bad_inputs_name_the_argument():
 def test_gpu(poison, dtype, V, mode):
     poison_cuda_allocator()
     check_ce_backward("triton", *bwd_case(600, V, dtype, "cuda", seed=V, row_pad=16), mode=mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("V", (32000, 151936))
+def test_gpu_index_rows(poison, V):
+    poison_cuda_allocator()
+    logits, lse, labels, scale = bwd_case(700, V, torch.bfloat16, "cuda", seed=V, row_pad=16)
+    index = torch.randperm(700, device="cuda")[:420].sort().values
+    with nan_outputs():
+        check_indexed("triton", logits, lse[index], labels[index], scale[index], index)

@@ -93,13 +93,17 @@ def check_same_shape(name: str, t, like_name: str, like) -> None:
         raise ValueError(f"{name} must have {like_name}'s shape {tuple(like.shape)}, got {tuple(t.shape)}")
 
 
-def check_labels(labels, logits, ignore_index, *, validate: bool) -> None:
-    """labels (n,) int64/int32 of the rows of logits (n, V), each in ``[0, V)`` or equal to
-    ``ignore_index`` (values checked when ``validate``: a device sync on CUDA)."""
+def check_labels(labels, logits, ignore_index, *, validate: bool, rows: int | None = None) -> None:
+    """labels (n,) int64/int32 of the rows of logits (n, V) (or of ``rows`` rows picked from it),
+    each in ``[0, V)`` or equal to ``ignore_index`` (values checked when ``validate``: a device
+    sync on CUDA)."""
     check_tensor("labels", labels, ndim=1, dtypes=(torch.int64, torch.int32), device=logits.device)
     n, V = logits.shape
+    what = "row of logits"
+    if rows is not None:
+        n, what = rows, "index entry"
     if labels.shape[0] != n:
-        raise ValueError(f"labels must have one entry per row of logits ({n}), got {labels.shape[0]}")
+        raise ValueError(f"labels must have one entry per {what} ({n}), got {labels.shape[0]}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if validate and n:

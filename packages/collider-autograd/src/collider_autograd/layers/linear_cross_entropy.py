@@ -8,8 +8,9 @@ Each chunk's logits stay in the model's dtype: one fused pass turns them into th
 in place, into the logit gradient (:func:`collider_kernels.cross_entropy_backward`).
 
 With ``keep_logits=True`` the forward keeps the (M, V) logits in the model's dtype and the
-backward reads the rows it needs from them instead of recomputing them: one LM-head GEMM less
-(over the kept rows) for ``M * V`` elements of memory until the backward.
+backward reads the rows it needs from them instead of recomputing them (the kept rows where they
+lie, without a gathered copy): one LM-head GEMM less (over the kept rows) for ``M * V`` elements
+of memory until the backward.
 """
 
 from __future__ import annotations
@@ -80,14 +81,16 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 h_c, lab_c, lse_c = h2d.index_select(0, idx), lab.index_select(0, idx), lse.index_select(0, idx)
             else:
                 h_c, lab_c, lse_c = h2d[s : s + step], lab[s : s + step], lse[s : s + step]
+            # The forward's logits stay intact (a second backward can read them again).
+            logits, out, at = kept, None, None
             if kept is None:  # recompute this chunk's logits; the gradient is written over them
-                logits = gather_matmul(h_c, None, weight, bias)  # (c, V) in the weight's dtype
-                out = logits
-            else:  # the forward's logits (left intact: a second backward can read them again)
-                logits = kept.index_select(0, idx) if sparse else kept[s : s + step]
-                out = logits if sparse else None
-            dlogits = cross_entropy_backward(  # (softmax - onehot) * g
-                logits, lse_c, lab_c, g[s : s + step], ctx.ignore_index, out=out, validate=False
+                logits = out = gather_matmul(h_c, None, weight, bias)  # (c, V) in the weight's dtype
+            elif sparse:  # the kept rows, read where they lie
+                at = idx
+            else:
+                logits = kept[s : s + step]
+            dlogits = cross_entropy_backward(  # (softmax - onehot) * g, (c, V)
+                logits, lse_c, lab_c, g[s : s + step], ctx.ignore_index, index=at, out=out, validate=False
             )
             if need_h:
                 dh[s : s + step] = dlogits @ weight  # (c, H)

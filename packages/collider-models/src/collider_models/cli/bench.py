@@ -252,11 +252,9 @@ def bench_keep(preset: str, ours, theirs: dict, share: float, args, device: torc
     if args.profile and device.type == "cuda":
         result["profile"] = {}
         for name in runs:
-            if name == "ideal":
-                continue
             model, r_ids, r_labels, r_keep, mode = runs[name]
             model.zero_grad(set_to_none=True)
-            select = share if args.full_step else None
+            select = share if args.full_step and name != "ideal" else None
             result["profile"][name] = op_breakdown.profile_phases(
                 functools.partial(_forward_loss, model, r_ids, r_labels, r_keep, mode, select))
             model.zero_grad(set_to_none=True)
