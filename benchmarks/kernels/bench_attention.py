@@ -232,7 +232,7 @@ def main(argv=None):
                 for name in ("dkdv", "dq"):  # the tuned launch configurations so far
                     chosen = tuning.cache(f"masked_attention_backward.{name}")
                     if chosen:
-                        row.setdefault("configs", {})[name] = str(list(chosen.values()))
+                        row.setdefault("configs", {})[name] = str(chosen)  # shape class -> configuration
                 if args.profile and device == "cuda":
                     row["kernels_ms"] = _kernel_breakdown(ours)
                 if args.sweep and device == "cuda":

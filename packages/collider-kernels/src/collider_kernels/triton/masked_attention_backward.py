@@ -36,8 +36,9 @@ cast to fp32 (the interpreter's bf16/fp16 arithmetic is not trustworthy) and one
 configuration runs; on the GPU the block shapes of bf16/fp16 launches are tuned per shape class
 (:mod:`collider_kernels.tuning`), and fp32 runs one fixed configuration.
 
-``"separate"`` is the default: on an H200 (B=8, T=2048) the fp32 atomics made the dK/dV pass about
-twice as slow as the extra dQ products they save (benchmarks/results/attention_h200.md).
+``"separate"`` is the default: on an H200 (B=8, T=2048) the fp32 reductions into dQ made the dK/dV
+pass about twice as slow as the extra dQ products they save, with element atomics and with one bulk
+TMA reduction per tile alike (benchmarks/results/attention_dq_strategies_h200.md).
 """
 
 from __future__ import annotations
