@@ -154,8 +154,8 @@ def _sweep(run, D: int, deadline: float) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default="benchmarks/results")
-    ap.add_argument("--B", type=int, default=8)
-    ap.add_argument("--T", type=int, default=2048)
+    ap.add_argument("--B", type=int, default=None, help="sequences (default 8; 1 with --smoke)")
+    ap.add_argument("--T", type=int, default=None, help="tokens per sequence (default 2048; 48 with --smoke)")
     ap.add_argument("--models", nargs="*", default=list(MODELS))
     ap.add_argument("--keeps", nargs="*", type=float, default=list(KEEPS))
     ap.add_argument("--strategies", nargs="*", default=["separate"])
@@ -177,7 +177,8 @@ def main(argv=None):
 
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    B, T = args.B, args.T
+    B = args.B or (1 if args.smoke else 8)
+    T = args.T or (48 if args.smoke else 2048)
     gen = torch.Generator(device=device).manual_seed(0)
     rows, meta = [], {}
     default_strategy = tab.DQ_STRATEGY
@@ -266,9 +267,10 @@ def main(argv=None):
     }
     result = {"info": info, "models": meta, "rows": rows}
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "attention_h200.json"), "w") as f:
+    stem = "attention_smoke" if args.smoke else "attention_h200"
+    with open(os.path.join(args.out_dir, f"{stem}.json"), "w") as f:
         json.dump(result, f, indent=1)
-    with open(os.path.join(args.out_dir, "attention_h200.md"), "w") as f:
+    with open(os.path.join(args.out_dir, f"{stem}.md"), "w") as f:
         f.write(_markdown(result))
     print(_markdown(result))
 
