@@ -3,12 +3,14 @@ Design page, ``docs/design.rst``).
 
 Inputs are the dense causal forward (``q, k, v, out, lse``) and the output gradient of the kept
 query rows only. Kept rows are read through ``index``, and the output gradient of filtered queries
-is never touched. Launches:
+is never touched. The steps:
 
-1. ``_attn_bwd_preprocess``: ``delta_i = rowsum(dO_i * O_i)`` for kept rows; with
-   :data:`COMPACT_Q` (default) also a compact copy of the kept queries and of their lse, so the
-   dK/dV pass reads them row by row instead of through the index; in the ``"atomic"`` strategy
-   it zeroes the fp32 dQ accumulator.
+1. ``delta_i = rowsum(dO_i * O_i)`` for kept rows and, with :data:`COMPACT_Q` (default), a
+   compact copy of the kept queries and of their lse, so the dK/dV pass reads them row by row
+   instead of through the index. Under the default ``"separate"`` strategy the dQ pass (3)
+   computes them on its way and runs first; the ``"atomic"`` strategy runs
+   ``_attn_bwd_preprocess`` first instead, which also zeroes the fp32 dQ accumulator, and runs its
+   dQ pass last.
 2. ``_attn_bwd_dkdv``: one program per (sequence, KV head, share of the group's query heads,
    block of kept keys); it loops over its query heads and the kept queries of the sequence from
    the key block on (kept queries at positions >= the keys'), accumulating dK, dV in fp32.
@@ -99,10 +101,9 @@ def _attn_bwd_preprocess(
     stride_don, stride_doh, stride_dod,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_lb, stride_lh, stride_lt,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-    ZERO_DQ: tl.constexpr, COMPACT_Q: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, COMPACT_Q: tl.constexpr,
 ):
-    # grid (cdiv(n, BLOCK_M), Hq); DELTA (Hq, n) fp32; DQ_ACC (n, Hq, HEAD_DIM) fp32;
+    # grid (cdiv(n, BLOCK_M), Hq); DELTA (Hq, n) fp32; DQ_ACC (n, Hq, HEAD_DIM) fp32, zeroed;
     # with COMPACT_Q: QC (n, Hq, HEAD_DIM) the kept queries, LSEC (Hq, n) fp32 their lse·log2(e)
     h = tl.program_id(1)
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -123,9 +124,8 @@ def _attn_bwd_preprocess(
         tl.store(QC + rows[:, None] * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :], q, mask=m2)
         lse = tl.load(LSE + b * stride_lb + h * stride_lh + t * stride_lt, mask=mrow, other=0.0)
         tl.store(LSEC + h.to(tl.int64) * n + rows, lse * 1.4426950408889634, mask=mrow)
-    if ZERO_DQ:
-        tl.store(DQ_ACC + rows[:, None] * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :],
-                 tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=m2)
+    tl.store(DQ_ACC + rows[:, None] * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :],
+             tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=m2)
 
 
 @triton.jit
@@ -354,7 +354,7 @@ def _dq_step(
 @Launcher
 @triton.jit(do_not_specialize=["n", "T", "GROUP", "NUM_HEADS", "stride_lb", "stride_lh"])
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, DQ_ACC, INDEX, OFFSETS, FPOS, LO,
+    Q, K, V, DO, LSE, DELTA, DQ, DQ_ACC, INDEX, OFFSETS, FPOS, LO, O, QC, LSEC,
     qk_scale, scale, n, T, GROUP, NUM_HEADS,
     stride_qb, stride_qt, stride_qh, stride_qd,
     stride_kb, stride_kt, stride_kh, stride_kd,
@@ -362,12 +362,17 @@ def _attn_bwd_dq(
     stride_don, stride_doh, stride_dod,
     stride_lb, stride_lh, stride_lt,
     stride_dqn, stride_dqh,
+    stride_ob, stride_ot, stride_oh, stride_od,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FILTERED_KEYS: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_LO: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, HAS_LO: tl.constexpr, PREPROCESS: tl.constexpr,
+    COMPACT_Q: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # grid (B * Hq, cdiv(T, BLOCK_M)); query blocks run last-first (the later, the more keys).
     # HAS_LO: LO (n,) is each kept row's first visible key position (window / document start).
+    # PREPROCESS (the dK/dV pass runs after this one): the program computes its rows' delta from O
+    # (B, T, Hq, D) and dO and writes it to DELTA (Hq, n), as _attn_bwd_preprocess does, and with
+    # COMPACT_Q also the compact copies QC (n, Hq, D) and LSEC (Hq, n) the dK/dV pass reads.
     pid_bh = tl.program_id(0)
     b = pid_bh // NUM_HEADS
     h = pid_bh % NUM_HEADS
@@ -398,7 +403,16 @@ def _attn_bwd_dq(
                      mask=mqd, other=0.0)
         lse = tl.load(LSE + b64 * stride_lb + h * stride_lh + qpos * stride_lt, mask=mq,
                       other=float("inf")) * 1.4426950408889634
-        delta = tl.load(DELTA + h.to(tl.int64) * n + rq64, mask=mq, other=0.0)
+        if PREPROCESS:
+            o = tl.load(O + b64 * stride_ob + h * stride_oh + qpos[:, None] * stride_ot
+                        + d[None, :] * stride_od, mask=mqd, other=0.0).to(tl.float32)
+            delta = tl.sum(o * do.to(tl.float32), axis=1)
+            tl.store(DELTA + h.to(tl.int64) * n + rq64, delta, mask=mq)
+            if COMPACT_Q:
+                tl.store(QC + rq64[:, None] * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :], q, mask=mqd)
+                tl.store(LSEC + h.to(tl.int64) * n + rq64, lse, mask=mq)
+        else:
+            delta = tl.load(DELTA + h.to(tl.int64) * n + rq64, mask=mq, other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -636,18 +650,38 @@ def masked_attention_backward_triton(
     has_lo = window is not None or key_start is not None
     lo, kend = _mask_rows(index, B, T, window, key_start) if has_lo else (delta, delta)
 
-    pre_m = 32 if INTERPRET else 64
-    _attn_bwd_preprocess[(settings.cdiv(n, pre_m), Hq)](
-        out, grad_out, delta, dq_acc, index, q, lse, q_c, lse_c,
-        n, T, Hq,
-        *out.stride(), *grad_out.stride(), *q.stride(), *lse.stride(),
-        HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, ZERO_DQ=atomic, COMPACT_Q=compact,
-    )
-
     common = (
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(),
     )
     fp32 = q.dtype == torch.float32
+
+    def dq_pass(meta):  # "separate": first, with the preprocess fused in; "atomic": last
+        _attn_bwd_dq[(B * Hq, settings.cdiv(T, meta["BLOCK_M"]))](
+            q, k, v, grad_out, lse, delta, dq, dq_acc, index, offsets, fpos, lo, out, q_c, lse_c,
+            qk_scale, float(scale), n, T, group, Hq,
+            *common,
+            dq.stride(0), dq.stride(1), *out.stride(),
+            HEAD_DIM=D, BLOCK_D=block_d, FILTERED_KEYS=atomic, UPCAST=upcast, PREC=prec, HAS_LO=has_lo,
+            PREPROCESS=not atomic, COMPACT_Q=compact,
+            **meta,
+        )
+
+    forced = {} if blocks is None else {which: _meta(which, tuple(b)) for which, b in blocks.items()}
+    dq_key = (D, group, atomic, has_lo, q.dtype)
+
+    def run_dq():
+        dq_pass(forced.get("dq") or _pass_meta("masked_attention_backward.dq", "dq", dq_key, D, fp32, dq_pass))
+
+    if atomic:  # delta and the compact queries first; the dK/dV pass adds into a zeroed accumulator
+        pre_m = 32 if INTERPRET else 64
+        _attn_bwd_preprocess[(settings.cdiv(n, pre_m), Hq)](
+            out, grad_out, delta, dq_acc, index, q, lse, q_c, lse_c,
+            n, T, Hq,
+            *out.stride(), *grad_out.stride(), *q.stride(), *lse.stride(),
+            HEAD_DIM=D, BLOCK_M=pre_m, BLOCK_D=block_d, COMPACT_Q=compact,
+        )
+    else:  # the dQ pass computes delta and the compact queries on its way
+        run_dq()
 
     def dkdv_launch(meta, acc, tma):
         # tma: acc (n, Hq, D) fp32 is reduced into through a descriptor of (BLOCK_M, D) tiles
@@ -681,7 +715,6 @@ def masked_attention_backward_triton(
             scratch.append(dq_acc.clone())
         dkdv(meta, scratch[0] if atomic else dq_acc)
 
-    forced = {} if blocks is None else {which: _meta(which, tuple(b)) for which, b in blocks.items()}
     key = (D, group, atomic, compact, split, has_lo, q.dtype)
     dkdv(forced.get("dkdv") or _pass_meta("masked_attention_backward.dkdv", "dkdv", key, D, fp32, trial), dq_acc)
     if split > 1:
@@ -692,18 +725,8 @@ def masked_attention_backward_triton(
             HEAD_DIM=D, BLOCK_D=block_d, SPLIT=split, BLOCK_R=red_r,
         )
 
-    def dq_pass(meta):
-        _attn_bwd_dq[(B * Hq, settings.cdiv(T, meta["BLOCK_M"]))](
-            q, k, v, grad_out, lse, delta, dq, dq_acc, index, offsets, fpos, lo,
-            qk_scale, float(scale), n, T, group, Hq,
-            *common,
-            dq.stride(0), dq.stride(1),
-            HEAD_DIM=D, BLOCK_D=block_d, FILTERED_KEYS=atomic, UPCAST=upcast, PREC=prec, HAS_LO=has_lo,
-            **meta,
-        )
-
-    dq_key = (D, group, atomic, has_lo, q.dtype)
-    dq_pass(forced.get("dq") or _pass_meta("masked_attention_backward.dq", "dq", dq_key, D, fp32, dq_pass))
+    if atomic:
+        run_dq()
     return dq, dk, dv
 
 
