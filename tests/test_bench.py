@@ -91,7 +91,8 @@ def test_timeline_unions_overlapping_kernels_and_names_the_gaps():
     assert line["kernel_count"] == 4
     assert line["span_ms"] == 0.370 and line["busy_ms"] == 0.210 and abs(line["idle_ms"] - 0.160) < 1e-12
     assert line["gaps"] == [{"us": 150.0, "after": "b", "before": "c"}]
-    assert _timeline(SimpleNamespace(events=lambda: []), gaps=3)["busy_ms"] == 0.0
+    empty = _timeline(SimpleNamespace(events=lambda: []), gaps=3)
+    assert empty["busy_ms"] == empty["idle_ms"] == 0.0 and empty["gaps"] == []
 
 
 def test_full_step_on_cpu_selects_the_share_and_times_the_optimizer(tmp_path):

@@ -69,7 +69,7 @@ def _timeline(prof, gaps: int) -> dict:
                    if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
                    and _SPIN_KERNEL not in e.name)
     if not spans:
-        return {"span_ms": 0.0, "busy_ms": 0.0, "kernel_count": 0, "gaps": []}
+        return {"span_ms": 0.0, "busy_ms": 0.0, "kernel_count": 0, "idle_ms": 0.0, "gaps": []}
     busy, idle, reach, previous = 0.0, [], spans[0][0], spans[0][2]
     for start, end, name in spans:  # union of the kernels' intervals (µs)
         if start > reach:
@@ -109,7 +109,8 @@ def profile_phases(forward: Callable[[], torch.Tensor], top: int = 8) -> dict:
 
 
 def _spin_cycles_per_ms() -> float:
-    """Cycles of ``torch.cuda._sleep`` per millisecond on the current GPU (timed once, unprofiled)."""
+    """Cycles of ``torch.cuda._sleep`` per millisecond on the current GPU, timed now (unprofiled:
+    the clock it counts varies with the GPU's load)."""
     cycles = 20_000_000
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
