@@ -31,7 +31,7 @@ import torch
 
 from collider_autograd._autocast import autocast_off, cast_for_matmul
 from collider_autograd.layers._rows import index_derived, is_partial, layer_grad
-from collider_autograd.layers.rotary import check_tables, flat_tables, kept_table_rows, rotate_tokens, table_rows
+from collider_autograd.layers.rotary import check_tables, flat_tables, kept_table_rows, rotate_tokens, unrotate_tokens
 from collider_autograd.sparse_grad import TokenSparseTensor
 from collider_kernels import (
     check_attention_masks,
@@ -222,9 +222,7 @@ class CausalAttentionFunction(torch.autograd.Function):
         dk, dv = _reduce_kv(dk, ctx.group), _reduce_kv(dv, ctx.group)
         dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)  # (B, T, H, D)
         if ctx.rotary:
-            rows = table_rows(torch.arange(B * T, device=dq.device), ctx.period)
-            dq, dk = (rotary_backward(t.reshape(B * T, t.shape[2], D), *tables, rows, validate=False).view(t.shape)
-                      for t in (dq, dk))
+            dq, dk = (unrotate_tokens(t, *tables, ctx.period) for t in (dq, dk))
         return dq, dk, dv, None, None, None, None, None
 
 

@@ -66,6 +66,14 @@ def rotate_tokens(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, period:
     return rotary_forward(x.reshape(B * T, H, D), cos, sin, rows, validate=False).view(B, T, H, D)
 
 
+def unrotate_tokens(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, period: int | None) -> torch.Tensor:
+    """The gradient of :func:`rotate_tokens` for every token: (B, T, H, D) ``g`` rotated back, in
+    ``g``'s dtype."""
+    B, T, H, D = g.shape
+    rows = table_rows(torch.arange(B * T, device=g.device), period)
+    return rotary_backward(g.reshape(B * T, H, D), cos, sin, rows, validate=False).view(B, T, H, D)
+
+
 class RotaryFunction(torch.autograd.Function):
     """(B, T, H, D) with (P, R) tables and their period (:func:`flat_tables`) → (B, T, H, D)."""
 

@@ -92,6 +92,20 @@ _FP32_GPU_BLOCKS = {"dkdv": (64, 32, 4, 2), "dq": (64, 32, 4, 2)}
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _stash_row_stats(DELTA, QC, LSEC, h, rows, mrow, m2, d, o, do, q, lse2, n, NUM_HEADS,
+                     HEAD_DIM: tl.constexpr, COMPACT_Q: tl.constexpr):
+    # Kept rows `rows` (BM,) of head h: delta = rowsum(o * do) in fp32 into DELTA (Hq, n); with
+    # COMPACT_Q also q into QC (n, Hq, HEAD_DIM) and lse2 (lse·log2(e)) into LSEC (Hq, n), the
+    # copies the dK/dV pass reads row by row. Returns delta (BM,).
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + h.to(tl.int64) * n + rows, delta, mask=mrow)
+    if COMPACT_Q:
+        tl.store(QC + rows[:, None] * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :], q, mask=m2)
+        tl.store(LSEC + h.to(tl.int64) * n + rows, lse2, mask=mrow)
+    return delta
+
+
 @Launcher
 @triton.jit(do_not_specialize=["n", "T", "NUM_HEADS", "stride_lb", "stride_lh"])
 def _attn_bwd_preprocess(
@@ -114,16 +128,14 @@ def _attn_bwd_preprocess(
     b = tok // T
     t = tok - b * T
     o = tl.load(O + b[:, None] * stride_ob + t[:, None] * stride_ot + h * stride_oh
-                + d[None, :] * stride_od, mask=m2, other=0.0).to(tl.float32)
+                + d[None, :] * stride_od, mask=m2, other=0.0)
     do = tl.load(DO + rows[:, None] * stride_don + h * stride_doh + d[None, :] * stride_dod,
-                 mask=m2, other=0.0).to(tl.float32)
-    tl.store(DELTA + h.to(tl.int64) * n + rows, tl.sum(o * do, axis=1), mask=mrow)
-    if COMPACT_Q:
-        q = tl.load(Q + b[:, None] * stride_qb + t[:, None] * stride_qt + h * stride_qh
-                    + d[None, :] * stride_qd, mask=m2, other=0.0)
-        tl.store(QC + rows[:, None] * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :], q, mask=m2)
-        lse = tl.load(LSE + b * stride_lb + h * stride_lh + t * stride_lt, mask=mrow, other=0.0)
-        tl.store(LSEC + h.to(tl.int64) * n + rows, lse * 1.4426950408889634, mask=mrow)
+                 mask=m2, other=0.0)
+    q = tl.load(Q + b[:, None] * stride_qb + t[:, None] * stride_qt + h * stride_qh
+                + d[None, :] * stride_qd, mask=m2, other=0.0)  # stored only with COMPACT_Q
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + t * stride_lt, mask=mrow, other=0.0)
+    _stash_row_stats(DELTA, QC, LSEC, h, rows, mrow, m2, d, o, do, q, lse * 1.4426950408889634, n, NUM_HEADS,
+                     HEAD_DIM, COMPACT_Q)
     tl.store(DQ_ACC + rows[:, None] * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :],
              tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), mask=m2)
 
@@ -405,12 +417,9 @@ def _attn_bwd_dq(
                       other=float("inf")) * 1.4426950408889634
         if PREPROCESS:
             o = tl.load(O + b64 * stride_ob + h * stride_oh + qpos[:, None] * stride_ot
-                        + d[None, :] * stride_od, mask=mqd, other=0.0).to(tl.float32)
-            delta = tl.sum(o * do.to(tl.float32), axis=1)
-            tl.store(DELTA + h.to(tl.int64) * n + rq64, delta, mask=mq)
-            if COMPACT_Q:
-                tl.store(QC + rq64[:, None] * (NUM_HEADS * HEAD_DIM) + h * HEAD_DIM + d[None, :], q, mask=mqd)
-                tl.store(LSEC + h.to(tl.int64) * n + rq64, lse, mask=mq)
+                        + d[None, :] * stride_od, mask=mqd, other=0.0)
+            delta = _stash_row_stats(DELTA, QC, LSEC, h, rq64, mq, mqd, d, o, do, q, lse, n, NUM_HEADS,
+                                     HEAD_DIM, COMPACT_Q)
         else:
             delta = tl.load(DELTA + h.to(tl.int64) * n + rq64, mask=mq, other=0.0)
         if UPCAST:
