@@ -201,15 +201,15 @@ class CausalAttentionFunction(torch.autograd.Function):
             n, Hkv, index = grad.index.numel(), k.shape[2], grad.index
             offsets = index_derived(index, ("offsets", B, T), lambda: sequence_offsets(index, B, T))
             # One (n, Hq + 2 Hkv, D) buffer: the rows of a fused q/k/v projection's gradient.
-            dq, dk, dv = q.new_empty((n, Hq + 2 * Hkv, D)).split([Hq, Hkv, Hkv], dim=1)
+            qkv = q.new_empty((n, Hq + 2 * Hkv, D))
+            dq, dk, dv = qkv.split([Hq, Hkv, Hkv], dim=1)
             masked_attention_backward(
                 q, k, v, result, lse, grad.values.reshape(n, Hq, D), index, offsets=offsets,
                 scale=ctx.scale, window=window, key_start=key_start, validate=False, into=(dq, dk, dv),
             )
-            if ctx.rotary:  # back through the rotation, in place
-                rows = kept_table_rows(index, ctx.period)
-                for t in (dq, dk):
-                    rotary_backward(t, *tables, rows, validate=False, into=t)
+            if ctx.rotary:  # back through the rotation, in place, dQ and dK (adjacent heads) at once
+                dqk = qkv[:, : Hq + Hkv]  # (n, Hq + Hkv, D)
+                rotary_backward(dqk, *tables, kept_table_rows(index, ctx.period), validate=False, into=dqk)
             sparse = (grad.rows_like(dq, q.shape, 2), grad.rows_like(dk, k.shape, 2), grad.rows_like(dv, v.shape, 2))
             return *sparse, None, None, None, None, None
         if isinstance(grad, TokenSparseTensor):  # every row kept: the ordinary dense backward
