@@ -105,16 +105,13 @@ def check_indexed(backend, logits, lse, labels, scale, index, ignore_index=-100)
 @settings(deadline=None, max_examples=10)
 @given(M=st.integers(1, 40), V=st.integers(1, 200), picks=st.integers(0, 30), seed=st.integers(0, 2**16))
 def test_torch_index_rows_fp64_against_reference(M, V, picks, seed):
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(M, V, generator=gen, dtype=torch.float64)
-    index = torch.randint(0, M, (picks,), generator=gen)
-    _, lse_all = ck.cross_entropy_forward(logits, torch.zeros(M, dtype=torch.long), backend="torch")
-    labels = torch.randint(0, V, (picks,), generator=gen)
-    scale = torch.rand(picks, generator=gen, dtype=torch.float64) + 0.5
-    got = ck.cross_entropy_backward(logits, lse_all[index], labels, scale, index=index, backend="torch")
+    logits, lse_all, labels_all, scale_all = bwd_case(M, V, torch.float64, "cpu", seed)
+    index = torch.randint(0, M, (picks,), generator=torch.Generator().manual_seed(seed))
+    lse, labels, scale = lse_all[index], labels_all[index], scale_all[index].double()
+    got = ck.cross_entropy_backward(logits, lse, labels, scale, index=index, backend="torch")
     want = reference.cross_entropy_backward_reference(logits[index], labels, scale)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    check_indexed("torch", logits, lse_all[index], labels, scale, index)
+    check_indexed("torch", logits, lse, labels, scale, index)
 
 
 @needs_triton
